@@ -1,0 +1,226 @@
+"""`tproxy`: check, plan, apply, down and status for one tproxy.toml, in this network namespace.
+
+Exit codes: 0 success (plan: nothing to change; status: all in sync), 1 error, 2 plan has
+changes pending / status is not in sync (as `terraform plan -detailed-exitcode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Sequence
+
+from tproxyd.state import preflight
+from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
+from tproxyd.state.desired import render
+from tproxyd.state.errors import ConfigError
+from tproxyd.state.loader import load
+from tproxyd.state.plan import op_to_json
+from tproxyd.state.status import IN_SYNC, in_sync
+
+from .errors import KernelError, PreflightError
+
+EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _summary(config: Config) -> List[str]:
+    desired = render(config)
+    r, m, t = config.routing, config.marks, desired.nft
+    lines = [
+        f"relay port {config.relay.port}",
+        f"marks: intercept {m.intercept:#x}, relay {m.relay:#x}",
+        f"routing: fwmark {m.intercept:#x}/{m.intercept:#x} lookup {r.table} pref {r.priority} "
+        f"proto {r.protocol} (ipv4, ipv6)",
+        f"nft table inet {t.name}: {len(t.chains)} chains, {t.rule_count()} rules, {len(t.sets)} sets",
+    ]
+    for i in config.intercepts:
+        ports = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in i.ports) or "all ports"
+        lines.append(f"intercept {i.name}: {'/'.join(i.protocols)} entering "
+                     f"{', '.join(i.interfaces)} to {len(i.destinations)} destinations, "
+                     f"{len(i.exclude)} excluded, {ports}")
+    if desired.sysctls:
+        lines.append("sysctls: " + ", ".join(f"{k} = {v}" for k, v in desired.sysctls.items()))
+    return lines
+
+
+def _reconciler(config: Config):
+    from .reconcile import (
+        Reconciler,  # imports pyroute2 and nftables only when the kernel is needed
+    )
+
+    return Reconciler(config)
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    findings: List[preflight.Finding] = []
+    host_error: str | None = None
+    if not args.config_only:
+        try:
+            rec = _reconciler(config)
+            try:
+                findings = rec.preflight()
+            finally:
+                rec.close()
+        except (KernelError, OSError) as exc:
+            host_error = str(exc)
+    errors = preflight.errors(findings)
+    if args.json:
+        _print_json({"config": config.source, "valid": True, "summary": _summary(config),
+                     "findings": [f.to_json() for f in findings], "host_error": host_error})
+    else:
+        print(f"{config.source}: valid")
+        for line in _summary(config):
+            print(f"  {line}")
+        if host_error:
+            print(f"host checks skipped: {host_error}")
+        for f in findings:
+            print(f)
+        if not args.config_only and not findings and not host_error:
+            print("host: no problems found")
+    return EXIT_ERROR if errors or host_error else EXIT_OK
+
+
+def cmd_plan(config: Config, args: argparse.Namespace) -> int:
+    rec = _reconciler(config)
+    try:
+        ops = rec.plan()
+    finally:
+        rec.close()
+    if args.json:
+        _print_json({"config": config.source, "changes": [op_to_json(op) for op in ops]})
+    elif ops:
+        for op in ops:
+            print(op)
+        print(f"{len(ops)} changes pending")
+    else:
+        print("no changes: the host matches the config")
+    return EXIT_PENDING if ops else EXIT_OK
+
+
+def cmd_apply(config: Config, args: argparse.Namespace) -> int:
+    rec = _reconciler(config)
+    try:
+        result = rec.apply(force=args.force)
+    finally:
+        rec.close()
+    if args.json:
+        _print_json({"config": config.source, "changes": [op_to_json(op) for op in result.ops],
+                     "writes": result.writes, "findings": [f.to_json() for f in result.findings]})
+        return EXIT_OK
+    for f in result.findings:
+        print(f, file=sys.stderr)
+    for op in result.ops:
+        print(op)
+    if result.ops:
+        print(f"applied {len(result.ops)} changes ({result.writes} kernel writes)")
+    else:
+        print("no changes: the host already matches the config")
+    return EXIT_OK
+
+
+def cmd_down(config: Config, args: argparse.Namespace) -> int:
+    rec = _reconciler(config)
+    try:
+        result = rec.down()
+    finally:
+        rec.close()
+    if args.json:
+        _print_json({"config": config.source, "changes": [op_to_json(op) for op in result.ops],
+                     "writes": result.writes})
+        return EXIT_OK
+    for op in result.ops:
+        print(op)
+    print(f"removed: {len(result.ops)} changes" if result.ops else "nothing to remove")
+    return EXIT_OK
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    rec = _reconciler(config)
+    try:
+        statuses = rec.status()
+        try:
+            findings = rec.preflight()
+        except KernelError as exc:
+            findings = [preflight.Finding(preflight.WARNING, f"host checks failed: {exc}", "")]
+    finally:
+        rec.close()
+    ok = in_sync(statuses)
+    if args.json:
+        _print_json({"config": config.source, "in_sync": ok,
+                     "objects": [s.to_json() for s in statuses],
+                     "findings": [f.to_json() for f in findings]})
+    else:
+        width = max(len(s.kind) for s in statuses)
+        for s in statuses:
+            detail = f"  ({s.detail})" if s.detail else ""
+            print(f"{s.state.upper() if s.state != IN_SYNC else s.state:9} {s.kind:{width}}  "
+                  f"{s.name}{detail}")
+        for f in findings:
+            print(f)
+        print("in sync" if ok else "not in sync: `tproxy apply` converges it")
+    return EXIT_OK if ok else EXIT_PENDING
+
+
+COMMANDS = {
+    "check": (cmd_check, "validate the config and inspect the host"),
+    "plan": (cmd_plan, "print what apply would change (exit 2 when changes are pending)"),
+    "apply": (cmd_apply, "converge the host to the config"),
+    "down": (cmd_down, "remove everything tproxyd owns and restore the sysctls it changed"),
+    "status": (cmd_status, "desired against live, per object"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH,
+                        help=f"path of tproxy.toml (default {DEFAULT_CONFIG_PATH})")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    p = argparse.ArgumentParser(prog="tproxy", description="tproxyd's control-plane tool")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        sp = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name == "check":
+            sp.add_argument("--config-only", action="store_true",
+                            help="validate the file only; do not inspect the host")
+        if name == "apply":
+            sp.add_argument("--force", action="store_true",
+                            help="apply even when preflight reports errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        if args.json:
+            _print_json({"config": args.config, "valid": False, "errors": [
+                _problem_json(p, exc.source) for p in exc.problems]})
+        print(exc, file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return COMMANDS[args.command][0](config, args)
+    except PreflightError as exc:
+        print(exc, file=sys.stderr)
+        print("tproxy: apply stopped by preflight errors (nothing was changed); "
+              "--force applies anyway", file=sys.stderr)
+    except KernelError as exc:
+        print(f"tproxy: {exc}", file=sys.stderr)
+    except PermissionError as exc:
+        print(f"tproxy: {exc}: run as root (CAP_NET_ADMIN)", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _problem_json(problem, source: str) -> Dict[str, Any]:
+    return {"file": source, "path": problem.path, "line": problem.line,
+            "column": problem.column, "message": problem.message}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

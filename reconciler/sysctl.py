@@ -1,0 +1,73 @@
+"""sysctls through /proc/sys of the calling process's network namespace, and the memory of the
+values tproxyd replaced, so that `down` can put them back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Dict
+
+from .errors import KernelError
+
+PROC_SYS = "/proc/sys"
+
+
+def sysctl_path(key: str) -> str:
+    """/proc/sys path of a dotted key; interface names may hold dots (eth0.100), so the
+    per-interface part of net.ipv{4,6}.conf.IFNAME.LEAF is kept whole."""
+    parts = key.split(".")
+    if len(parts) > 4 and parts[:1] == ["net"] and parts[2] in ("conf", "neigh"):
+        parts = [*parts[:3], ".".join(parts[3:-1]), parts[-1]]
+    return os.path.join(PROC_SYS, *parts)
+
+
+def read(key: str) -> str | None:
+    """The value, or None when the key does not exist here (module not loaded, no such interface)."""
+    try:
+        with open(sysctl_path(key)) as f:
+            return f.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise KernelError(f"read sysctl {key}", exc.strerror or str(exc)) from exc
+
+
+def write(key: str, value: str) -> None:
+    try:
+        with open(sysctl_path(key), "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise KernelError(f"sysctl {key} = {value}", exc.strerror or str(exc)) from exc
+
+
+class SysctlMemory:
+    """Values tproxyd replaced, per network namespace, in state_dir (on /run: cleared at boot,
+    as the sysctls themselves are)."""
+
+    def __init__(self, state_dir: str):
+        netns = os.stat("/proc/self/ns/net").st_ino
+        self.path = os.path.join(state_dir, f"sysctl-netns-{netns}.json")
+
+    def load(self) -> Dict[str, str]:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise KernelError(f"read {self.path}", str(exc)) from exc
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def save(self, values: Dict[str, str]) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(values, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

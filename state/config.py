@@ -1,0 +1,77 @@
+"""The validated configuration: what a person asked for in tproxy.toml, with defaults filled in.
+
+Values here are already checked (see loader.py); everything downstream may trust them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Tuple, Union
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+PortRange = Tuple[int, int]  # inclusive; a single port is (p, p)
+
+DEFAULT_CONFIG_PATH = "/etc/tproxyd/tproxy.toml"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    port: int = 12345
+
+
+@dataclass(frozen=True)
+class Marks:
+    intercept: int = 0x1
+    relay: int = 0x2
+
+
+@dataclass(frozen=True)
+class Routing:
+    table: int = 100
+    priority: int = 10000
+    protocol: int = 201  # rtnetlink protocol tag on our rules and routes: the ownership test
+    forwarding: bool = True  # set IPv4 (and, when IPv6 is intercepted, IPv6) forwarding on
+
+
+@dataclass(frozen=True)
+class Nftables:
+    table: str = "tproxyd"
+    priority: int = -150  # "mangle": before conntrack's and NAT's prerouting hooks
+
+
+@dataclass(frozen=True)
+class Daemon:
+    state_dir: str = "/run/tproxyd"  # sysctl values to restore on `down`; /run: gone on reboot, as they are
+
+
+@dataclass(frozen=True)
+class Intercept:
+    name: str
+    interfaces: Tuple[str, ...]
+    protocols: Tuple[str, ...] = ("tcp", "udp")
+    destinations: Tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("0.0.0.0/0"),
+        ipaddress.ip_network("::/0"),
+    )
+    ports: Tuple[PortRange, ...] = ()  # empty: every port
+    exclude: Tuple[IPNetwork, ...] = ()
+
+    def families(self) -> Tuple[int, ...]:
+        """IP versions this entry captures (4, 6), from its destinations."""
+        return tuple(sorted({n.version for n in self.destinations}))
+
+
+@dataclass(frozen=True)
+class Config:
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    marks: Marks = field(default_factory=Marks)
+    routing: Routing = field(default_factory=Routing)
+    nftables: Nftables = field(default_factory=Nftables)
+    daemon: Daemon = field(default_factory=Daemon)
+    intercepts: Tuple[Intercept, ...] = ()
+    source: str = "<config>"
+
+    def families(self) -> Tuple[int, ...]:
+        """IP versions captured by any intercept entry."""
+        return tuple(sorted({v for i in self.intercepts for v in i.families()}))

@@ -1,0 +1,140 @@
+"""Render a Config into the kernel objects tproxyd wants: rules, routes, one nft table, sysctls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
+
+from .config import Config, Intercept
+from .intervals import from_networks, merge
+from .nft import NftChain, NftRule, NftSet, NftTable
+from .routing import Route, Rule
+
+DEFAULT_DST = {4: "0.0.0.0/0", 6: "::/0"}
+# IPv6 routes get metric 1024 from the kernel when none is given; state it so live compares equal.
+ROUTE_METRIC = {4: 0, 6: 1024}
+FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+NFT_ADDR = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What tproxyd owns, by name: the ownership test for everything it may delete."""
+
+    protocol: int
+    table: int
+    priority: int
+    nft_table: str
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    owner: Owner
+    rules: FrozenSet[Rule]
+    routes: FrozenSet[Route]
+    nft: NftTable
+    sysctls: Mapping[str, str]
+
+
+def owner_of(config: Config) -> Owner:
+    r = config.routing
+    return Owner(protocol=r.protocol, table=r.table, priority=r.priority,
+                 nft_table=config.nftables.table)
+
+
+# --- nft expression helpers (libnftables JSON) ----------------------------------------------------
+
+def _match(left: Any, right: Any, op: str = "==") -> Dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _one_or_set(values: Tuple[Any, ...]) -> Any:
+    return values[0] if len(values) == 1 else {"set": list(values)}
+
+
+def _set_mark(mark: int) -> Dict[str, Any]:
+    # OR our bit in rather than overwrite: other bits of the mark may belong to someone else.
+    return {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), mark]}}}
+
+
+def _chain_name(entry: Intercept) -> str:
+    return f"intercept_{entry.name}"
+
+
+def _intercept_chain(entry: Intercept, config: Config) -> Tuple[NftChain, List[NftSet]]:
+    sets: List[NftSet] = []
+    rules: List[NftRule] = []
+    for version in entry.families():
+        proto, addr_type = NFT_ADDR[version]
+        excl = [n for n in entry.exclude if n.version == version]
+        if excl:
+            name = f"{entry.name}_exclude{version}"
+            sets.append(NftSet(name=name, type=addr_type, elements=from_networks(excl)))
+            rules.append(NftRule.make(
+                f"{entry.name}: never capture exclude (ipv{version})",
+                [_match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{name}"),
+                 {"return": None}]))
+    if entry.ports:
+        ports = NftSet(name=f"{entry.name}_ports", type="inet_service", elements=merge(entry.ports))
+        sets.append(ports)
+    for version in entry.families():
+        proto, addr_type = NFT_ADDR[version]
+        dst = f"{entry.name}_dst{version}"
+        sets.append(NftSet(name=dst, type=addr_type, elements=from_networks(
+            n for n in entry.destinations if n.version == version)))
+        expr: List[Dict[str, Any]] = [
+            _match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{dst}"),
+            _match(_meta("l4proto"), _one_or_set(entry.protocols)),
+        ]
+        if entry.ports:
+            expr.append(_match({"payload": {"protocol": "th", "field": "dport"}},
+                               f"@{entry.name}_ports"))
+        expr += [{"tproxy": {"family": proto, "port": config.relay.port}},
+                 _set_mark(config.marks.intercept), {"accept": None}]
+        rules.append(NftRule.make(
+            f"{entry.name}: capture {'/'.join(entry.protocols)} (ipv{version})", expr))
+    return NftChain(name=_chain_name(entry), rules=tuple(rules)), sets
+
+
+def render_nft(config: Config) -> NftTable:
+    marks = config.marks
+    pre: List[NftRule] = [
+        NftRule.make("the relay's own packets are never captured", [
+            _match({"&": [_meta("mark"), marks.relay]}, marks.relay), {"return": None}]),
+        NftRule.make("replies to the relay's transparent sockets", [
+            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+            _match({"socket": {"key": "transparent"}}, 1),
+            _set_mark(marks.intercept), {"accept": None}]),
+        # DHCP to 255.255.255.255, mDNS to 224.0.0.251 and the gateway's own services stay local.
+        NftRule.make("traffic to the gateway itself, broadcast and multicast", [
+            _match({"fib": {"result": "type", "flags": ["daddr"]}},
+                   {"set": ["local", "broadcast", "multicast"]}), {"return": None}]),
+    ]
+    chains: List[NftChain] = []
+    sets: List[NftSet] = []
+    for entry in config.intercepts:
+        chain, entry_sets = _intercept_chain(entry, config)
+        chains.append(chain)
+        sets += entry_sets
+        pre.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
+            _match(_meta("iifname"), _one_or_set(entry.interfaces)),
+            {"jump": {"target": chain.name}}]))
+    base = NftChain(name="prerouting", type="filter", hook="prerouting",
+                    prio=config.nftables.priority, policy="accept", rules=tuple(pre))
+    return NftTable(name=config.nftables.table, chains=(base, *chains), sets=tuple(sets))
+
+
+def render(config: Config) -> DesiredState:
+    owner = owner_of(config)
+    r, m = config.routing, config.marks
+    rules = frozenset(Rule(family=v, priority=r.priority, table=r.table, fwmark=m.intercept,
+                           fwmask=m.intercept, protocol=r.protocol) for v in (4, 6))
+    routes = frozenset(Route(family=v, table=r.table, dst=DEFAULT_DST[v], type="local", dev="lo",
+                             protocol=r.protocol, metric=ROUTE_METRIC[v]) for v in (4, 6))
+    sysctls = {FORWARDING_SYSCTL[v]: "1" for v in config.families() if r.forwarding}
+    return DesiredState(owner=owner, rules=rules, routes=routes, nft=render_nft(config),
+                        sysctls=sysctls)

@@ -1,0 +1,125 @@
+"""Canonical contents of nft interval sets: sorted, merged, inclusive integer ranges.
+
+Desired CIDR lists and the kernel's listing (prefixes, ranges, single values, merged or not)
+both reduce to this form, so "same contents" is plain tuple equality.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Iterable, List, Tuple
+
+Range = Tuple[int, int]
+Intervals = Tuple[Range, ...]
+
+ADDR_TYPES = {"ipv4_addr": 4, "ipv6_addr": 6}
+
+
+def merge(ranges: Iterable[Range]) -> Intervals:
+    """Sort and merge overlapping or adjacent ranges."""
+    merged: List[List[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            if hi > merged[-1][1]:
+                merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in merged)
+
+
+def from_networks(networks: Iterable[Any]) -> Intervals:
+    return merge((int(n.network_address), int(n.broadcast_address)) for n in networks)
+
+
+def subtract(a: Intervals, b: Intervals) -> Intervals:
+    """Ranges of a not covered by b (both canonical)."""
+    result: List[Range] = []
+    j = 0
+    for lo, hi in a:
+        cur = lo
+        while j < len(b) and b[j][1] < cur:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] <= hi:
+            if b[k][0] > cur:
+                result.append((cur, b[k][0] - 1))
+            cur = max(cur, b[k][1] + 1)
+            k += 1
+        if cur <= hi:
+            result.append((cur, hi))
+    return tuple(result)
+
+
+def _addr(version: int, value: int) -> str:
+    return str(ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value))
+
+
+def to_elements(set_type: str, intervals: Intervals) -> List[Any]:
+    """nft JSON elements for canonical ranges: CIDR prefixes for addresses, ranges for ports.
+
+    Summarized prefixes never overlap, so the set needs no auto-merge to accept them.
+    """
+    elements: List[Any] = []
+    version = ADDR_TYPES.get(set_type)
+    if version is None:
+        for lo, hi in intervals:
+            elements.append(lo if lo == hi else {"range": [lo, hi]})
+        return elements
+    cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    bits = 32 if version == 4 else 128
+    for lo, hi in intervals:
+        for net in ipaddress.summarize_address_range(cls(lo), cls(hi)):
+            if net.prefixlen == bits:
+                elements.append(str(net.network_address))
+            else:
+                elements.append({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
+    return elements
+
+
+class ElementError(ValueError):
+    """An element in the kernel's listing that this model cannot read."""
+
+
+def _value(set_type: str, value: Any) -> int:
+    if set_type in ADDR_TYPES:
+        if not isinstance(value, str):
+            raise ElementError(f"expected an address, got {value!r}")
+        return int(ipaddress.ip_address(value))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ElementError(f"expected an integer, got {value!r}")
+    return value
+
+
+def from_elements(set_type: str, elements: Iterable[Any]) -> Intervals:
+    """Canonical ranges from the elements of an nft JSON listing."""
+    ranges: List[Range] = []
+    for element in elements:
+        if isinstance(element, dict) and "elem" in element:
+            element = element["elem"]["val"]
+        if isinstance(element, dict) and "prefix" in element:
+            net = ipaddress.ip_network(
+                f"{element['prefix']['addr']}/{element['prefix']['len']}", strict=False)
+            ranges.append((int(net.network_address), int(net.broadcast_address)))
+        elif isinstance(element, dict) and "range" in element:
+            lo, hi = element["range"]
+            ranges.append((_value(set_type, lo), _value(set_type, hi)))
+        else:
+            v = _value(set_type, element)
+            ranges.append((v, v))
+    return merge(ranges)
+
+
+def describe(set_type: str, intervals: Intervals, limit: int = 4) -> str:
+    """A short human form: '198.18.0.0/15, 2001:db8::/32' or '443, 8000-8999', truncated."""
+    version = ADDR_TYPES.get(set_type)
+    parts: List[str] = []
+    for lo, hi in intervals[:limit]:
+        if version is None:
+            parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
+        else:
+            nets = list(ipaddress.summarize_address_range(
+                ipaddress.ip_address(_addr(version, lo)), ipaddress.ip_address(_addr(version, hi))))
+            parts.append(str(nets[0]) if len(nets) == 1 else f"{_addr(version, lo)}-{_addr(version, hi)}")
+    if len(intervals) > limit:
+        parts.append(f"... ({len(intervals)} ranges)")
+    return ", ".join(parts)
