@@ -7,6 +7,7 @@ from typing import Dict, FrozenSet, List
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
 from tproxyd.state.routing import Route, Rule
 
 from .errors import KernelError
@@ -33,6 +34,17 @@ class Netlink:
 
     def links(self) -> Dict[int, str]:
         return {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links()}
+
+    def bridged(self) -> FrozenSet[str]:
+        """Names of bridges and of interfaces enslaved to a bridge."""
+        links = self.ipr.get_links()
+        kinds = {}
+        for link in links:
+            info = link.get_attr("IFLA_LINKINFO")
+            kinds[link["index"]] = info.get_attr("IFLA_INFO_KIND") if info else None
+        return frozenset(link.get_attr("IFLA_IFNAME") for link in links
+                         if kinds[link["index"]] == "bridge"
+                         or kinds.get(link.get_attr("IFLA_MASTER")) == "bridge")
 
     def policy_routing(self) -> Dict[int, bool]:
         """Whether `ip rule` works per family (kernel CONFIG_IP{,V6}_MULTIPLE_TABLES)."""

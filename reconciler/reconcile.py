@@ -91,6 +91,7 @@ class Reconciler:
         return preflight.HostFacts(
             sysctls=values,
             interfaces=frozenset(self.netlink.links().values()),
+            bridged=self.netlink.bridged(),
             policy_routing=self.netlink.policy_routing(),
             rules=self.netlink.rules(),
             table_routes=self.netlink.routes(self.config.routing.table),

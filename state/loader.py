@@ -117,6 +117,9 @@ def _network(value: Any, path: str, out: _Collector) -> IPNetwork | None:
     text = _str(value, path, out)
     if text is None:
         return None
+    if "%" in text:  # Python accepts "fe80::1%eth0"; nftables sets cannot hold a zone
+        out.add(path, f"'{text}' is not an IPv4 or IPv6 address or CIDR (no %zone allowed)")
+        return None
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:

@@ -36,6 +36,7 @@ class HostFacts:
 
     sysctls: Mapping[str, str] = field(default_factory=dict)  # forwarding, rp_filter, bridge-nf
     interfaces: FrozenSet[str] = frozenset()
+    bridged: FrozenSet[str] = frozenset()  # bridges and bridge ports
     policy_routing: Mapping[int, bool] = field(default_factory=lambda: {4: True, 6: True})
     rules: FrozenSet[Rule] = frozenset()
     table_routes: FrozenSet[Route] = frozenset()
@@ -101,11 +102,13 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
                                             "may drop intercepted or replied packets",
                                    f"sysctl -w {key}=2 net.ipv4.conf.all.rp_filter=2 (loose)"))
 
-    bridged = [k for k in BRIDGE_SYSCTLS if facts.sysctls.get(k) == "1"]
-    if bridged:
-        out.append(Finding(WARNING, "br_netfilter passes bridged frames through the IP hooks "
-                                    f"({', '.join(bridged)} = 1): bridged traffic may be captured",
-                           f"sysctl -w {'=0 '.join(bridged)}=0, or rmmod br_netfilter"))
+    on = [k for k in BRIDGE_SYSCTLS if facts.sysctls.get(k) == "1"]
+    captured = sorted({i for e in config.intercepts for i in e.interfaces} & facts.bridged)
+    if on and captured:
+        out.append(Finding(WARNING, f"br_netfilter passes frames bridged on {', '.join(captured)} "
+                                    f"through the IP hooks ({', '.join(on)} = 1): traffic that is "
+                                    "only bridged, not routed, may be captured",
+                           f"sysctl -w {'=0 '.join(on)}=0, or rmmod br_netfilter"))
 
     for rule in sorted(facts.rules):
         if rule.protocol == routing.protocol:

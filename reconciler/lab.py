@@ -1,0 +1,297 @@
+"""A lab of network namespaces: client -- gateway -- server, for tests, the demo and benchmarks.
+
+Only the namespaces it creates are touched (unique names, removed on exit, also on failure or
+Ctrl-C); the machine's own namespace never sees a rule, route, table or sysctl. Addresses come
+from the benchmarking ranges 198.18.0.0/15 and 2001:db8::/32.
+
+    python -m tproxyd.reconciler.lab demo      # the README's main job
+    python -m tproxyd.reconciler.lab listen PORT   # a transparent listener (inside a namespace)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+PREFIX = "tpx"
+IP_TRANSPARENT = 19  # <linux/in.h>; the socket module does not name it on every Python
+IPV6_TRANSPARENT = 75  # <linux/in6.h>
+
+
+@dataclass(frozen=True)
+class Side:
+    """One veth link: the gateway's end and the peer's end."""
+
+    gw_if: str
+    peer_if: str
+    gw4: str
+    peer4: str
+    gw6: str
+    peer6: str
+
+
+LAN = Side("lan0", "eth0", "198.18.1.1", "198.18.1.2", "2001:db8:1::1", "2001:db8:1::2")
+WAN = Side("wan0", "eth0", "198.18.2.1", "198.18.2.2", "2001:db8:2::1", "2001:db8:2::2")
+
+
+def _sh(*cmd: str, check: bool = True, timeout: float = 30,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, timeout=timeout, text=True, input=input,
+                          capture_output=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> List[str]:
+    """Remove lab namespaces left by processes that no longer exist (a killed earlier run)."""
+    removed = []
+    for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(PREFIX) or "x" not in name:
+            continue
+        pid_text = name[len(PREFIX):].split("x", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            _sh("ip", "netns", "del", name, check=False)
+            removed.append(name)
+    return removed
+
+
+class Lab:
+    """client (eth0) -- (lan0) gw (wan0) -- (eth0) server, IPv4 and IPv6, routed through gw."""
+
+    def __init__(self, forwarding: bool = False):
+        tag = f"{PREFIX}{os.getpid()}x{secrets.token_hex(3)}"
+        self.client, self.gw, self.server = f"{tag}-c", f"{tag}-gw", f"{tag}-s"
+        self.forwarding = forwarding
+        self.procs: List[subprocess.Popen] = []
+        self.created: List[str] = []
+        self.tmp = tempfile.mkdtemp(prefix=f"{tag}-")
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self) -> None:
+        sweep_stale()
+        for ns in (self.client, self.gw, self.server):
+            _sh("ip", "netns", "add", ns)
+            self.created.append(ns)
+            self.ip(ns, "link", "set", "lo", "up")
+        for side, peer in ((LAN, self.client), (WAN, self.server)):
+            # Created directly inside the namespaces: names never meet the host's own interfaces.
+            _sh("ip", "-n", self.gw, "link", "add", side.gw_if, "type", "veth",
+                "peer", "name", side.peer_if, "netns", peer)
+            self.ip(self.gw, "addr", "add", f"{side.gw4}/24", "dev", side.gw_if)
+            self.ip(self.gw, "-6", "addr", "add", f"{side.gw6}/64", "dev", side.gw_if, "nodad")
+            self.ip(peer, "addr", "add", f"{side.peer4}/24", "dev", side.peer_if)
+            self.ip(peer, "-6", "addr", "add", f"{side.peer6}/64", "dev", side.peer_if, "nodad")
+            self.ip(self.gw, "link", "set", side.gw_if, "up")
+            self.ip(peer, "link", "set", side.peer_if, "up")
+            self.ip(peer, "route", "add", "default", "via", side.gw4)
+            self.ip(peer, "-6", "route", "add", "default", "via", side.gw6)
+        if self.forwarding:
+            self.sysctl(self.gw, "net.ipv4.ip_forward", "1")
+            self.sysctl(self.gw, "net.ipv6.conf.all.forwarding", "1")
+
+    def down(self) -> None:
+        """Stop what the lab started and remove its namespaces. Runs once, never raises."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self.procs.clear()
+        for ns in self.created:
+            _sh("ip", "netns", "del", ns, check=False)
+        self.created.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- running things inside ---------------------------------------------------------------
+
+    def ip(self, ns: str, *args: str) -> subprocess.CompletedProcess:
+        return _sh("ip", "-n", ns, *args)
+
+    def sysctl(self, ns: str, key: str, value: str) -> None:
+        self.run(ns, "sysctl", "-q", "-w", f"{key}={value}")
+
+    def run(self, ns: str, *cmd: str, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        return _sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout, input=input)
+
+    def spawn(self, ns: str, *cmd: str, env: Dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def write_config(self, text: str, name: str = "tproxy.toml") -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def config(self, extra: str = "", **intercept: str) -> str:
+        """A tproxy.toml for this lab: capture what enters lan0; state kept in the lab's tmp dir."""
+        fields = {"name": '"lan"', "interfaces": '["lan0"]', **intercept}
+        body = "\n".join(f"{k} = {v}" for k, v in fields.items())
+        return (f'[daemon]\nstate_dir = "{self.tmp}/state"\n{extra}\n'
+                f"[[intercept]]\n{body}\n")
+
+
+def wait_for_port(lab: Lab, ns: str, port: int, proto: str = "tcp", timeout: float = 10) -> None:
+    """Poll `ss` inside ns until something listens on port."""
+    deadline = time.monotonic() + timeout
+    flag = "-ltnH" if proto == "tcp" else "-lunH"
+    while time.monotonic() < deadline:
+        out = lab.run(ns, "ss", flag, f"sport = :{port}", check=False).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {proto} port {port} in {ns}")
+
+
+# --- a transparent listener: what the relay will be, reduced to reporting addresses ----------------
+
+def listen(port: int) -> None:
+    """Accept TCP connections for any address on port (IPv4 and IPv6, IP_TRANSPARENT) and answer
+    each HTTP request with the original destination (getsockname) and the client (getpeername)."""
+    import selectors
+    import socket
+
+    sel = selectors.DefaultSelector()
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        s.bind((host, port))
+        s.listen(128)
+        sel.register(s, selectors.EVENT_READ)
+    print(f"listening on port {port}", flush=True)
+    while True:
+        for key, _ in sel.select():
+            conn, peer = key.fileobj.accept()  # type: ignore[union-attr]
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    local = conn.getsockname()
+                    body = f"original-destination {local[0]} {local[1]}\nclient {peer[0]} {peer[1]}\n"
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body.encode())
+                    print(body.replace("\n", "; "), flush=True)
+                except OSError as exc:
+                    print(f"connection from {peer}: {exc}", flush=True)
+
+
+# --- the README's main job -----------------------------------------------------------------------
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "tproxy.toml.example")
+
+
+def _step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _show(proc: subprocess.CompletedProcess) -> None:
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    sys.stdout.flush()
+
+
+def demo(example: str = EXAMPLE, port: int = 12345) -> int:
+    """Build a lab, converge its gateway to the example config, intercept a client's request."""
+    tproxy = [sys.executable, "-m", "tproxyd.reconciler.cli"]
+    with open(example) as f:
+        text = f.read()
+    with Lab() as lab:
+        # The example, adapted to the lab: the state directory lives with the lab.
+        config = lab.write_config(text.replace('state_dir = "/run/tproxyd"',
+                                               f'state_dir = "{lab.tmp}/state"'))
+        print(f"lab: client {lab.client} ({LAN.peer4}) -- gateway {lab.gw} -- server "
+              f"{lab.server} ({WAN.peer4}); config {config}")
+        _step("tproxy check")
+        _show(lab.run(lab.gw, *tproxy, "check", "-c", config, check=False))
+        _step("tproxy plan")
+        _show(lab.run(lab.gw, *tproxy, "plan", "-c", config, check=False))
+        _step("tproxy apply")
+        _show(lab.run(lab.gw, *tproxy, "apply", "-c", config))
+        _step("tproxy apply, again: nothing to change")
+        _show(lab.run(lab.gw, *tproxy, "apply", "-c", config))
+        _step(f"a transparent listener on port {port} in the gateway; the client asks the server")
+        lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.reconciler.lab", "listen", str(port))
+        wait_for_port(lab, lab.gw, port)
+        for url in (f"http://{WAN.peer4}:8080/", f"http://[{WAN.peer6}]:8080/"):
+            print(f"client$ curl {url}")
+            _show(lab.run(lab.client, "curl", "-sS", "--max-time", "5", url, check=False))
+        print("(nothing listens on the server: the gateway answered for it, and getsockname() "
+              "gave the server's address)")
+        _step("tproxy status")
+        _show(lab.run(lab.gw, *tproxy, "status", "-c", config, check=False))
+        _step("someone flushes the table by hand; status sees it, apply repairs it")
+        lab.run(lab.gw, "nft", "flush", "table", "inet", "tproxyd")
+        _show(lab.run(lab.gw, *tproxy, "plan", "-c", config, check=False))
+        _show(lab.run(lab.gw, *tproxy, "apply", "-c", config))
+        _step("tproxy down: the gateway is a plain router again")
+        _show(lab.run(lab.gw, *tproxy, "down", "-c", config))
+        _step("tearing the lab down")
+    print("done: the namespaces are gone")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends the demo as Ctrl-C does: through the `with Lab()` teardown."""
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args[:1] == ["listen"] and len(args) == 2:
+        listen(int(args[1]))
+        return 0
+    if args[:1] in (["demo"], []):
+        if os.geteuid() != 0:
+            print("the lab needs root (it creates network namespaces)", file=sys.stderr)
+            return 1
+        try:
+            return demo()
+        except KeyboardInterrupt:
+            print("\ninterrupted: the lab was removed", file=sys.stderr)
+            return 130
+    print("usage: python -m tproxyd.reconciler.lab [demo | listen PORT]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The loader: defaults, every refusal with its key path, syntax positions, and that it raises
+only ConfigError whatever it is fed."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tproxyd.state.config import Config
+from tproxyd.state.errors import ConfigError
+from tproxyd.state.loader import load, loads, parse_document
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MINIMAL = '[[intercept]]\ninterfaces = ["lan0"]\n'
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        loads(text, "t.toml")
+    return str(info.value).splitlines()
+
+
+def test_empty_file_is_valid_and_captures_nothing():
+    config = loads("")
+    assert config.intercepts == ()
+    assert config.relay.port == 12345
+    assert (config.marks.intercept, config.marks.relay) == (1, 2)
+    assert (config.routing.table, config.routing.priority) == (100, 10000)
+
+
+def test_minimal_intercept_gets_defaults():
+    (entry,) = loads(MINIMAL).intercepts
+    assert entry.name == "intercept0"
+    assert entry.interfaces == ("lan0",)
+    assert entry.protocols == ("tcp", "udp")
+    assert entry.destinations == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    assert entry.ports == () and entry.exclude == ()
+
+
+def test_example_file_is_valid():
+    config = load(os.path.join(ROOT, "tproxy.toml.example"))
+    assert isinstance(config, Config)
+    assert [i.name for i in config.intercepts] == ["lan"]
+
+
+def test_example_documents_every_key():
+    """Every key the loader knows appears in the example, with a comment above it."""
+    with open(os.path.join(ROOT, "tproxy.toml.example")) as f:
+        lines = f.read().splitlines()
+    from tproxyd.state import loader
+
+    keys = {"port", "intercept", "relay", "table", "priority", "protocol", "forwarding",
+            "state_dir", *loader.INTERCEPT_KEYS}
+    for key in keys:
+        index = next((i for i, ln in enumerate(lines) if ln.startswith(f"{key} =")), None)
+        assert index is not None, f"{key} missing from the example"
+        assert lines[index - 1].startswith("#"), f"{key} has no comment"
+
+
+def test_ports_and_ranges():
+    (entry,) = loads(MINIMAL + 'ports = [443, "8000-8999", "22"]\n').intercepts
+    assert entry.ports == ((443, 443), (8000, 8999), (22, 22))
+
+
+@pytest.mark.parametrize("snippet, where, words", [
+    ('[relay]\nport = 0\n', "relay.port", "out of range"),
+    ('[relay]\nport = "x"\n', "relay.port", "must be an integer"),
+    ('[relay]\nprot = 1\n', "relay.prot", "did you mean 'port'"),
+    ('[marks]\nintercept = 0\n', "marks.intercept", "out of range"),
+    ('[marks]\nintercept = 3\nrelay = 2\n', "marks", "share bits 0x2"),
+    ('[routing]\ntable = 254\n', "routing.table", "'main' table"),
+    ('[routing]\ntable = 0\n', "routing.table", "out of range"),
+    ('[routing]\ntable = 255\n', "routing.table", "'local' table"),
+    ('[routing]\npriority = 32766\n', "routing.priority", "out of range"),
+    ('[routing]\nprotocol = 4\n', "routing.protocol", "reserved"),
+    ('[routing]\nforwarding = 1\n', "routing.forwarding", "true or false"),
+    ('[nftables]\ntable = "tproxy"\n', "nftables.table", "keyword"),
+    ('[nftables]\ntable = "a b"\n', "nftables.table", "must be a letter"),
+    ('[daemon]\nstate_dir = "run"\n', "daemon.state_dir", "absolute"),
+    ('[bogus]\n', "bogus", "unknown key"),
+    ('relay = 1\n', "relay", "must be a table"),
+])
+def test_refusals_name_the_key(snippet, where, words):
+    lines = problems(snippet)
+    assert any(ln.startswith(f"t.toml: {where}:") and words in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("body, where, words", [
+    ('ports = [1, 2, 70000]', "intercept[0].ports[2]", "out of range"),
+    ('ports = ["9-3"]', "intercept[0].ports[0]", "backwards"),
+    ('ports = ["http"]', "intercept[0].ports[0]", "not a port"),
+    ('ports = [true]', "intercept[0].ports[0]", "must be a port"),
+    ('destinations = ["10.0.0.0/33"]', "intercept[0].destinations[0]", "not an IPv4 or IPv6"),
+    ('destinations = ["10.0.0.1/8"]', "intercept[0].destinations[0]", "did you mean '10.0.0.0/8'"),
+    ('destinations = []', "intercept[0].destinations", "at least one"),
+    ('exclude = ["fe80::1%eth0"]', "intercept[0].exclude[0]", "not an IPv4 or IPv6"),
+    ('protocols = ["icmp"]', "intercept[0].protocols[0]", "not a protocol"),
+    ('protocols = []', "intercept[0].protocols", "at least one"),
+    ('name = "Bad-Name"', "intercept[0].name", "lowercase"),
+    ('colour = "red"', "intercept[0].colour", "unknown key"),
+])
+def test_intercept_refusals_name_the_key(body, where, words):
+    lines = problems(f'[[intercept]]\ninterfaces = ["lan0"]\n{body}\n')
+    assert any(ln.startswith(f"t.toml: {where}:") and words in ln for ln in lines), lines
+
+
+def test_interfaces_required_and_checked():
+    assert any("intercept[0].interfaces: is required" in ln for ln in problems("[[intercept]]\n"))
+    lines = problems('[[intercept]]\ninterfaces = ["lan0", "lan0", "way-too-long-name0"]\n')
+    assert any("intercept[0].interfaces[1]" in ln and "twice" in ln for ln in lines)
+    assert any("intercept[0].interfaces[2]" in ln and "not a valid" in ln for ln in lines)
+
+
+def test_duplicate_names():
+    text = '[[intercept]]\nname = "a"\ninterfaces = ["x"]\n[[intercept]]\nname = "a"\ninterfaces = ["y"]\n'
+    assert any("intercept[1].name" in ln and "already the name of intercept[0]" in ln
+               for ln in problems(text))
+
+
+def test_all_problems_reported_at_once():
+    lines = problems('[relay]\nport = 0\n[routing]\ntable = 254\n')
+    assert len(lines) == 2
+
+
+def test_syntax_error_has_line_and_column():
+    (line,) = problems('[relay]\nport = 1\nmarks = [1,\n  ]]\n')
+    assert line.startswith("t.toml:4:"), line
+    assert "TOML syntax" in line
+
+
+def test_syntax_error_at_end_of_file():
+    (line,) = problems('a = 1\nb =')
+    assert line.startswith("t.toml:2:"), line
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(str(tmp_path / "absent.toml"))
+    assert "absent.toml: cannot read" in str(info.value)
+    bad = tmp_path / "bin.toml"
+    bad.write_bytes(b"a = 1\n\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        load(str(bad))
+    assert "bin.toml:2:" in str(info.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_arbitrary_text_raises_only_config_error(text):
+    with contextlib.suppress(ConfigError):
+        loads(text)
+
+
+TOML_SCALARS = st.one_of(st.integers(min_value=-(2**64), max_value=2**64), st.text(max_size=20),
+                         st.booleans(), st.floats(allow_nan=False))
+TOML_VALUES = st.recursive(TOML_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=20)
+KEYS = st.sampled_from(["relay", "marks", "routing", "nftables", "daemon", "intercept", "port",
+                        "table", "interfaces", "ports", "destinations", "name", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(KEYS, st.one_of(TOML_VALUES, st.lists(
+    st.dictionaries(KEYS, TOML_VALUES, max_size=5), max_size=3)), max_size=6))
+def test_arbitrary_documents_raise_only_config_error(doc):
+    with contextlib.suppress(ConfigError):
+        parse_document(doc)
