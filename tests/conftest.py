@@ -1,0 +1,56 @@
+"""Shared fixtures: the namespace lab for kernel tests (root only; removed even when a test fails)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Iterator
+
+import pytest
+
+from tproxyd.reconciler.lab import Lab
+
+
+def _kernel_unavailable() -> str:
+    if os.geteuid() != 0:
+        return "needs root: creates network namespaces"
+    if not shutil.which("ip") or not shutil.which("nft"):
+        return "needs iproute2 and nftables (sh .ci/setup installs them)"
+    return ""
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    reason = _kernel_unavailable()
+    if reason:
+        if os.environ.get("CI"):  # CI runs as root: a skipped kernel test there is a failure
+            pytest.fail(f"kernel test cannot run in CI: {reason}")
+        pytest.skip(reason)
+    with Lab(forwarding=True) as the_lab:
+        yield the_lab
+
+
+class Tproxy:
+    """The `tproxy` command, run inside the lab's gateway namespace as an operator would."""
+
+    def __init__(self, lab: Lab, config: str):
+        self.lab, self.config = lab, config
+
+    def __call__(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return self.lab.run(self.lab.gw, sys.executable, "-m", "tproxyd.reconciler.cli", *args,
+                            "-c", self.config, check=check)
+
+    def json(self, *args: str) -> dict:
+        proc = self(*args, "--json")
+        assert proc.stdout, proc.stderr
+        return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def tproxy(lab: Lab) -> Tproxy:
+    """`tproxy` against a config capturing lan0 to the lab's server network (v4 and v6)."""
+    return Tproxy(lab, lab.write_config(lab.config(
+        destinations='["198.18.2.0/24", "2001:db8:2::/64"]')))

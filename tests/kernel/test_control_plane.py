@@ -1,0 +1,185 @@
+"""`tproxy` against the real kernel, inside the lab's gateway namespace: convergence, idempotency
+(counted kernel writes), drift reported and repaired, ownership, and a clean `down`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import Tproxy
+from tproxyd.reconciler.lab import Lab
+
+pytestmark = pytest.mark.kernel
+
+BASE_RULES = {4: {0, 32766, 32767}, 6: {0, 32766}}
+
+
+def rules(lab: Lab, family: int) -> list:
+    return json.loads(lab.run(lab.gw, "ip", "-j", f"-{family}", "rule", "show").stdout)
+
+
+def routes(lab: Lab, family: int, table: str) -> list:
+    return json.loads(lab.run(lab.gw, "ip", "-j", f"-{family}", "route", "show", "table", table).stdout)
+
+
+def ruleset(lab: Lab) -> str:
+    return lab.run(lab.gw, "nft", "list", "ruleset").stdout
+
+
+def sysctl(lab: Lab, key: str) -> str:
+    return lab.run(lab.gw, "sysctl", "-n", key).stdout.strip()
+
+
+def test_apply_converges_and_a_second_apply_writes_nothing(lab: Lab, tproxy: Tproxy):
+    assert tproxy("plan").returncode == 2
+    first = tproxy.json("apply")
+    # the lab turned forwarding on already: 2 rules, 2 routes, 1 nft transaction
+    assert [c["op"] for c in first["changes"]] == ["AddRoute", "AddRoute", "AddRule", "AddRule",
+                                                    "ReplaceNftTable"]
+    assert first["writes"] == 5
+
+    for family in (4, 6):
+        ours = [r for r in rules(lab, family) if r["priority"] == 10000]
+        assert ours == [{"priority": 10000, "src": "all", "fwmark": "0x1", "fwmask": "0x1", "table": "100",
+                         "protocol": "201"}]
+        (route,) = routes(lab, family, "100")
+        assert (route["type"], route["dst"], route["dev"], route["protocol"]) == (
+            "local", "default", "lo", "201")
+    text = ruleset(lab)
+    assert "table inet tproxyd" in text and "tproxy ip to :12345" in text
+    assert "tproxy ip6 to :12345" in text and "socket transparent 1" in text
+
+    second = tproxy.json("apply")
+    assert second == {**second, "changes": [], "writes": 0}
+    assert tproxy("plan").returncode == 0
+    status = tproxy.json("status")
+    assert status["in_sync"] and all(o["state"] == "in sync" for o in status["objects"])
+
+
+DRIFT = {
+    "rule deleted": (["ip", "rule", "del", "pref", "10000"], "rule"),
+    "ipv6 rule deleted": (["ip", "-6", "rule", "del", "pref", "10000"], "rule"),
+    "route changed": (["ip", "route", "replace", "local", "default", "dev", "lo", "table", "100",
+                       "proto", "static"], "route"),
+    "route deleted": (["ip", "-6", "route", "del", "local", "::/0", "dev", "lo", "table", "100"],
+                      "route"),
+    "table flushed": (["nft", "flush", "table", "inet", "tproxyd"], "nft table"),
+    "table deleted": (["nft", "delete", "table", "inet", "tproxyd"], "nft table"),
+    "rule added to our chain": (["nft", "add", "rule", "inet", "tproxyd", "prerouting", "counter"],
+                                "nft table"),
+    "set element added": (["nft", "add", "element", "inet", "tproxyd", "lan_dst4",
+                           "{ 198.18.9.0/24 }"], "nft set"),
+    "set flushed": (["nft", "flush", "set", "inet", "tproxyd", "lan_dst6"], "nft set"),
+    "forwarding turned off": (["sysctl", "-qw", "net.ipv4.ip_forward=0"], "sysctl"),
+}
+
+
+@pytest.mark.parametrize("name", list(DRIFT))
+def test_drift_is_reported_and_repaired(lab: Lab, tproxy: Tproxy, name: str):
+    command, kind = DRIFT[name]
+    tproxy("apply", check=True)
+    lab.run(lab.gw, *command)
+
+    status = tproxy("status")
+    assert status.returncode == 2, status.stdout
+    report = tproxy.json("status")
+    assert not report["in_sync"]
+    assert any(o["kind"] == kind and o["state"] != "in sync" for o in report["objects"]), report
+    assert tproxy("plan").returncode == 2
+
+    repaired = tproxy.json("apply")
+    assert repaired["changes"] and repaired["writes"] >= 1
+    assert tproxy.json("status")["in_sync"]
+    assert tproxy.json("apply")["writes"] == 0
+
+
+def test_someone_elses_rules_routes_and_tables_survive_apply_and_down(lab: Lab, tproxy: Tproxy):
+    lab.run(lab.gw, "ip", "rule", "add", "fwmark", "0x10", "lookup", "200", "pref", "500")
+    lab.run(lab.gw, "ip", "-6", "rule", "add", "from", "2001:db8:1::/64", "lookup", "300",
+            "pref", "600", "proto", "static")
+    lab.run(lab.gw, "ip", "route", "add", "198.18.77.0/24", "dev", "lo", "table", "200")
+    lab.run(lab.gw, "ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "300",
+            "proto", "201")  # our protocol tag, but not our table: not ours
+    lab.run(lab.gw, "nft", "add", "table", "inet", "firewall")
+    lab.run(lab.gw, "nft", "add", "chain", "inet", "firewall", "input",
+            "{ type filter hook input priority 0; policy accept; }")
+    before = {f: rules(lab, f) for f in (4, 6)}, routes(lab, 4, "200"), routes(lab, 6, "300")
+
+    tproxy("apply", check=True)
+    assert "table inet firewall" in ruleset(lab)
+    tproxy("down", check=True)
+
+    after = {f: rules(lab, f) for f in (4, 6)}, routes(lab, 4, "200"), routes(lab, 6, "300")
+    assert after == before
+    assert "table inet firewall" in ruleset(lab) and "tproxyd" not in ruleset(lab)
+
+
+def test_down_leaves_nothing_behind_and_restores_sysctls(lab: Lab, tproxy: Tproxy):
+    lab.sysctl(lab.gw, "net.ipv4.ip_forward", "0")
+    lab.sysctl(lab.gw, "net.ipv6.conf.all.forwarding", "0")
+    tproxy("apply", check=True)
+    assert sysctl(lab, "net.ipv4.ip_forward") == "1"
+    assert sysctl(lab, "net.ipv6.conf.all.forwarding") == "1"
+
+    down = tproxy("down", check=True)
+    assert "- nft table inet tproxyd" in down.stdout
+    for family in (4, 6):
+        assert {r["priority"] for r in rules(lab, family)} == BASE_RULES[family]
+        assert routes(lab, family, "100") == []
+    assert ruleset(lab).strip() == ""
+    assert sysctl(lab, "net.ipv4.ip_forward") == "0"
+    assert sysctl(lab, "net.ipv6.conf.all.forwarding") == "0"
+    assert "nothing to remove" in tproxy("down", check=True).stdout
+
+
+def test_down_keeps_a_sysctl_that_was_already_on(lab: Lab, tproxy: Tproxy):
+    """The lab turned forwarding on before tproxyd: down must not turn it off."""
+    assert sysctl(lab, "net.ipv4.ip_forward") == "1"
+    tproxy("apply", check=True)
+    tproxy("down", check=True)
+    assert sysctl(lab, "net.ipv4.ip_forward") == "1"
+
+
+def test_preflight_error_stops_apply_before_any_change(lab: Lab, tproxy: Tproxy):
+    lab.run(lab.gw, "ip", "route", "add", "198.18.77.0/24", "dev", "lo", "table", "100")
+    result = tproxy("apply")
+    assert result.returncode == 1
+    assert "table 100 holds a route tproxyd does not own" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert ruleset(lab).strip() == ""
+    assert {r["priority"] for r in rules(lab, 4)} == BASE_RULES[4]
+    check = tproxy("check")
+    assert check.returncode == 1 and "fix:" in check.stdout
+
+
+def test_config_errors_change_nothing(lab: Lab, tproxy: Tproxy):
+    tproxy("apply", check=True)
+    before = ruleset(lab)
+    bad = Tproxy(lab, lab.write_config('[routing]\ntable = 254\n', "bad.toml"))
+    for command in ("check", "plan", "apply", "down"):
+        result = bad(command)
+        assert result.returncode == 1
+        assert "bad.toml: routing.table: table 254 is the kernel's 'main' table" in result.stderr
+    assert ruleset(lab) == before
+
+
+def test_set_changes_add_elements_or_flush_and_reload(lab: Lab):
+    cidrs = [f"198.18.{i // 256}.{i % 256}/32" for i in range(2, 3002)]
+
+    def config(items):
+        listed = ", ".join(f'"{c}"' for c in items)
+        return Tproxy(lab, lab.write_config(lab.config(destinations=f"[{listed}]")))
+
+    config(cidrs).json("apply")
+    grown = config([*cidrs, "198.19.0.0/24"])
+    plan = grown.json("plan")["changes"]
+    assert [(c["op"], c["added"], c["flush"]) for c in plan] == [("UpdateNftSet", 1, False)]
+    assert grown.json("apply")["writes"] == 1
+
+    shrunk = config(cidrs[:-30])
+    plan = shrunk.json("plan")["changes"]
+    assert [(c["op"], c["removed"], c["flush"]) for c in plan] == [("UpdateNftSet", 2, True)]
+    assert shrunk.json("apply")["writes"] == 1
+    assert shrunk.json("status")["in_sync"]
+    assert shrunk.json("apply")["writes"] == 0
