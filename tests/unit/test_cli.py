@@ -1,0 +1,41 @@
+"""`tproxy check --config-only` needs no root: exit codes and messages as a person sees them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tproxyd.reconciler.cli import main
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "tproxy.toml.example")
+
+
+def test_check_example(capsys):
+    assert main(["check", "--config-only", "-c", EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{EXAMPLE}: valid")
+    assert "intercept lan: tcp/udp entering lan0" in out
+
+
+def test_check_refuses_with_key_paths(tmp_path, capsys):
+    bad = tmp_path / "t.toml"
+    bad.write_text('[[intercept]]\ninterfaces = ["lan0"]\nports = [1, 2, 70000]\n')
+    assert main(["check", "--config-only", "-c", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: intercept[0].ports[2]: 70000 is out of range 1..65535" in err
+
+
+def test_check_json_errors(tmp_path, capsys):
+    bad = tmp_path / "t.toml"
+    bad.write_text("[relay]\nport = [\n")
+    assert main(["check", "--config-only", "--json", "-c", str(bad)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] is False
+    (error,) = report["errors"]
+    assert error["line"] == 3 and "TOML syntax" in error["message"]
+
+
+def test_missing_config(tmp_path, capsys):
+    assert main(["plan", "-c", str(tmp_path / "nope.toml")]) == 1
+    assert "nope.toml: cannot read" in capsys.readouterr().err
