@@ -15,9 +15,17 @@ PortRange = Tuple[int, int]  # inclusive; a single port is (p, p)
 DEFAULT_CONFIG_PATH = "/etc/tproxyd/tproxy.toml"
 
 
+TPROXY, REDIRECT = "tproxy", "redirect"
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     port: int = 12345
+    mode: str = TPROXY  # tproxy: nft tproxy + getsockname; redirect: nft redirect + SO_ORIGINAL_DST
+    spoof_source: bool = True  # outbound sockets bind to the client's address (IP_TRANSPARENT)
+    max_connections: int = 16384
+    connect_timeout: float = 10.0  # seconds
+    idle_timeout: float = 3600.0  # seconds without a byte either way; 0: never
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
-from .config import Config, Intercept
+from .config import REDIRECT, Config, Intercept
 from .intervals import from_networks, merge
 from .nft import NftChain, NftRule, NftSet, NftTable
 from .routing import Route, Rule
@@ -93,39 +93,52 @@ def _intercept_chain(entry: Intercept, config: Config) -> Tuple[NftChain, List[N
         if entry.ports:
             expr.append(_match({"payload": {"protocol": "th", "field": "dport"}},
                                f"@{entry.name}_ports"))
-        expr += [{"tproxy": {"family": proto, "port": config.relay.port}},
-                 _set_mark(config.marks.intercept), {"accept": None}]
+        if config.relay.mode == REDIRECT:
+            expr.append({"redirect": {"port": config.relay.port}})
+        else:
+            expr += [{"tproxy": {"family": proto, "port": config.relay.port}},
+                     _set_mark(config.marks.intercept), {"accept": None}]
         rules.append(NftRule.make(
             f"{entry.name}: capture {'/'.join(entry.protocols)} (ipv{version})", expr))
     return NftChain(name=_chain_name(entry), rules=tuple(rules)), sets
 
 
 def render_nft(config: Config) -> NftTable:
+    """The table. In tproxy mode one mangle-priority chain captures; in redirect mode the capture
+    moves to a nat chain (REDIRECT needs one), and the mangle chain keeps only what delivers
+    replies to the relay's spoofed sockets."""
     marks = config.marks
-    pre: List[NftRule] = [
-        NftRule.make("the relay's own packets are never captured", [
-            _match({"&": [_meta("mark"), marks.relay]}, marks.relay), {"return": None}]),
+    relay_own = NftRule.make("the relay's own packets are never captured", [
+        _match({"&": [_meta("mark"), marks.relay]}, marks.relay), {"return": None}])
+    mangle: List[NftRule] = [
+        relay_own,
         NftRule.make("replies to the relay's transparent sockets", [
             _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
             _match({"socket": {"key": "transparent"}}, 1),
             _set_mark(marks.intercept), {"accept": None}]),
-        # DHCP to 255.255.255.255, mDNS to 224.0.0.251 and the gateway's own services stay local.
-        NftRule.make("traffic to the gateway itself, broadcast and multicast", [
-            _match({"fib": {"result": "type", "flags": ["daddr"]}},
-                   {"set": ["local", "broadcast", "multicast"]}), {"return": None}]),
     ]
+    capture: List[NftRule] = [] if config.relay.mode == REDIRECT else mangle
+    if config.relay.mode == REDIRECT:
+        capture.append(relay_own)
+    # DHCP to 255.255.255.255, mDNS to 224.0.0.251 and the gateway's own services stay local.
+    capture.append(NftRule.make("traffic to the gateway itself, broadcast and multicast", [
+        _match({"fib": {"result": "type", "flags": ["daddr"]}},
+               {"set": ["local", "broadcast", "multicast"]}), {"return": None}]))
     chains: List[NftChain] = []
     sets: List[NftSet] = []
     for entry in config.intercepts:
         chain, entry_sets = _intercept_chain(entry, config)
         chains.append(chain)
         sets += entry_sets
-        pre.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
+        capture.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
             _match(_meta("iifname"), _one_or_set(entry.interfaces)),
             {"jump": {"target": chain.name}}]))
-    base = NftChain(name="prerouting", type="filter", hook="prerouting",
-                    prio=config.nftables.priority, policy="accept", rules=tuple(pre))
-    return NftTable(name=config.nftables.table, chains=(base, *chains), sets=tuple(sets))
+    base = [NftChain(name="prerouting", type="filter", hook="prerouting",
+                     prio=config.nftables.priority, policy="accept", rules=tuple(mangle))]
+    if config.relay.mode == REDIRECT:
+        base.append(NftChain(name="redirect", type="nat", hook="prerouting", prio=-100,
+                             policy="accept", rules=tuple(capture)))
+    return NftTable(name=config.nftables.table, chains=(*base, *chains), sets=tuple(sets))
 
 
 def render(config: Config) -> DesiredState:

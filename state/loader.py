@@ -9,6 +9,8 @@ import sys
 from typing import Any, Callable, Dict, List, Tuple
 
 from .config import (
+    REDIRECT,
+    TPROXY,
     Config,
     Daemon,
     Intercept,
@@ -218,7 +220,7 @@ def _protocols(value: Any, path: str, out: _Collector) -> Tuple[str, ...] | None
 INTERCEPT_KEYS = ("name", "interfaces", "protocols", "destinations", "ports", "exclude")
 
 
-def _intercept(raw: Any, index: int, out: _Collector) -> Intercept | None:
+def _intercept(raw: Any, index: int, out: _Collector, mode: str) -> Intercept | None:
     path = f"intercept[{index}]"
     if not isinstance(raw, dict):
         out.add(path, f"must be a table ([[intercept]]), not {_type_name(raw)}")
@@ -235,7 +237,12 @@ def _intercept(raw: Any, index: int, out: _Collector) -> Intercept | None:
     else:
         interfaces = _interfaces(raw["interfaces"], f"{path}.interfaces", out)
     defaults = Intercept(name="", interfaces=())
-    protocols = _protocols(raw.get("protocols", list(defaults.protocols)), f"{path}.protocols", out)
+    # REDIRECT rewrites the destination and only TCP can ask for it back (SO_ORIGINAL_DST).
+    default_protocols = ["tcp"] if mode == REDIRECT else list(defaults.protocols)
+    protocols = _protocols(raw.get("protocols", default_protocols), f"{path}.protocols", out)
+    if mode == REDIRECT and protocols and "udp" in protocols:
+        out.add(f"{path}.protocols", "relay.mode = \"redirect\" carries TCP only; "
+                                     "remove \"udp\" or use mode = \"tproxy\"")
     dests = (_networks(raw["destinations"], f"{path}.destinations", out)
              if "destinations" in raw else defaults.destinations)
     ports = _ports(raw.get("ports", []), f"{path}.ports", out)
@@ -258,6 +265,11 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
 
     relay = RelayConfig(**_fields(_section(doc, "relay", out), "relay", out, {
         "port": lambda v, p: _int(v, p, out, 1, 65535),
+        "mode": lambda v, p: _choice(v, p, out, (TPROXY, REDIRECT)),
+        "spoof_source": lambda v, p: _bool(v, p, out),
+        "max_connections": lambda v, p: _int(v, p, out, 1, 1_000_000),
+        "connect_timeout": lambda v, p: _seconds(v, p, out, 0.001, 3600),
+        "idle_timeout": lambda v, p: _seconds(v, p, out, 0, 30 * 86400),
     }, RelayConfig()))
 
     marks = Marks(**_fields(_section(doc, "marks", out), "marks", out, {
@@ -292,7 +304,7 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         raw_list = []
     seen: Dict[str, int] = {}
     for i, raw in enumerate(raw_list):
-        entry = _intercept(raw, i, out)
+        entry = _intercept(raw, i, out, relay.mode)
         if entry is None:
             continue
         if entry.name in seen:
@@ -306,6 +318,23 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(source, out.problems)
     return Config(relay=relay, marks=marks, routing=routing, nftables=nft, daemon=daemon,
                   intercepts=tuple(intercepts), source=source)
+
+
+def _choice(value: Any, path: str, out: _Collector, choices: tuple[str, ...]) -> str | None:
+    if value not in choices:
+        out.add(path, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return None
+    return value
+
+
+def _seconds(value: Any, path: str, out: _Collector, lo: float, hi: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        out.add(path, f"must be a number of seconds, not {_type_name(value)}")
+        return None
+    if not lo <= value <= hi:
+        out.add(path, f"{value} is out of range {lo:g}..{hi:g} seconds")
+        return None
+    return float(value)
 
 
 def _table(value: Any, path: str, out: _Collector) -> int | None:

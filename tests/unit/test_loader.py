@@ -54,7 +54,8 @@ def test_example_documents_every_key():
         lines = f.read().splitlines()
     from tproxyd.state import loader
 
-    keys = {"port", "intercept", "relay", "table", "priority", "protocol", "forwarding",
+    keys = {"port", "mode", "spoof_source", "max_connections", "connect_timeout", "idle_timeout",
+            "intercept", "relay", "table", "priority", "protocol", "forwarding",
             "state_dir", *loader.INTERCEPT_KEYS}
     for key in keys:
         index = next((i for i, ln in enumerate(lines) if ln.startswith(f"{key} =")), None)

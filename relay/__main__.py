@@ -1,0 +1,78 @@
+"""`python -m tproxyd.relay --config F`: the relay alone, in the foreground. SIGTERM or SIGINT
+stops it cleanly; SIGUSR1 logs its counters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+from tproxyd.state.config import DEFAULT_CONFIG_PATH, TPROXY, Config
+from tproxyd.state.errors import ConfigError
+from tproxyd.state.loader import load
+
+from .loop import FDS_PER_CONNECTION, Relay, Settings, log
+from .sockopts import raise_nofile
+
+
+def settings_from(config: Config, stats_path: str | None) -> Settings:
+    r = config.relay
+    return Settings(port=r.port, mode=r.mode, spoof_source=r.spoof_source, mark=config.marks.relay,
+                    max_connections=r.max_connections, connect_timeout=r.connect_timeout,
+                    idle_timeout=r.idle_timeout, transparent=r.mode == TPROXY,
+                    stats_path=stats_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tproxyd.relay",
+                                description="tproxyd's TCP relay, in the foreground")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+    p.add_argument("--stats", help="Unix socket answering the counters as JSON "
+                                   "(default: STATE_DIR/relay.sock)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection's end")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s relay[%(process)d] %(levelname)s %(message)s")
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    stats = args.stats or os.path.join(config.daemon.state_dir, "relay.sock")
+    os.makedirs(os.path.dirname(stats), mode=0o700, exist_ok=True)
+    settings = settings_from(config, stats)
+    need = settings.max_connections * FDS_PER_CONNECTION + 64
+    limit = raise_nofile(need)
+    if limit < need:
+        log.warning("open-file limit is %s, not the %s that max_connections = %s needs: past "
+                    "about %s busy connections, accepts pause", limit, need,
+                    settings.max_connections, (limit - 64) // FDS_PER_CONNECTION)
+    relay = Relay(settings)
+    try:
+        bound = relay.open()
+    except OSError as exc:
+        log.error("cannot listen on port %s: %s", settings.port, exc)
+        return 1
+
+    def stop(signum: int, frame: object) -> None:
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s",
+                                                      json.dumps(relay.counters.to_json())))
+    signal.set_wakeup_fd(relay.wakeup_fd(), warn_on_full_buffer=False)
+    log.info("relaying on %s (mode %s, spoof_source %s, max_connections %s, open files %s); "
+             "stats on %s", ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
+             settings.spoof_source, settings.max_connections, limit, stats)
+    relay.run()
+    log.info("stopped: %s", json.dumps(relay.counters.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

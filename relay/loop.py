@@ -1,0 +1,410 @@
+"""The relay: one thread, one selectors loop, every intercepted TCP connection carried to its
+original destination.
+
+Only BlockingIOError means "later"; any other error ends that one connection (reset both ways),
+never the loop. Timers (connect and idle timeouts, accept pauses) live in one heap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import json
+import logging
+import os
+import selectors
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from tproxyd.state.config import REDIRECT, TPROXY
+
+from .connection import CLIENT, READ, SERVER, Connection, State
+from .flow import SPLICE
+from .sockopts import (
+    SO_MARK,
+    Address,
+    is_local_address,
+    original_dst_redirect,
+    original_dst_tproxy,
+    set_reset_on_close,
+    set_transparent,
+)
+
+log = logging.getLogger("tproxyd.relay")
+
+ACCEPTS_PER_EVENT = 64
+ACCEPT_PAUSE = 0.25  # seconds without accepting after EMFILE/ENFILE: no 100% CPU spin
+FDS_PER_CONNECTION = 6  # two sockets, two pipes of two ends each
+LISTENER, WAKER, STATS = "listener", "waker", "stats"
+
+
+@dataclass
+class Settings:
+    port: int = 12345
+    mode: str = TPROXY
+    spoof_source: bool = True
+    mark: int = 0  # SO_MARK on outbound sockets; 0: none (needs CAP_NET_ADMIN otherwise)
+    max_connections: int = 16384
+    connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    hosts: tuple[str, ...] = ("0.0.0.0", "::")
+    transparent: bool = True  # IP_TRANSPARENT on listeners (tproxy mode)
+    stats_path: str | None = None  # Unix socket answering the counters as JSON
+    splice: bool = SPLICE
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    active: int = 0
+    refused: int = 0  # over max_connections
+    loops: int = 0  # original destination was the relay itself
+    failed: int = 0  # connect refused, unreachable or timed out
+    connect_timeouts: int = 0
+    idle_timeouts: int = 0
+    resets: int = 0  # connections ended by an error or a peer's reset
+    closed: int = 0
+    bytes_up: int = 0  # client -> server
+    bytes_down: int = 0  # server -> client
+    accept_errors: int = 0
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "pid": os.getpid()}
+
+
+class Relay:
+    def __init__(self, settings: Settings,
+                 original_dst: Callable[[socket.socket], Address] | None = None):
+        self.settings = settings
+        self.original_dst = original_dst or (
+            original_dst_redirect if settings.mode == REDIRECT else original_dst_tproxy)
+        self.selector = selectors.DefaultSelector()
+        self.counters = Counters()
+        self.listeners: list[socket.socket] = []
+        self.connections: set[Connection] = set()
+        self.timers: list[tuple[float, int, Callable[[object], None], object]] = []
+        self._seq = itertools.count()
+        self.now = time.monotonic()
+        self.running = False
+        self.accepting = True
+        self._last_warning: dict[str, float] = {}
+        self._waker_r, self._waker_w = socket.socketpair()
+        self._waker_r.setblocking(False)
+        self._waker_w.setblocking(False)
+        self.selector.register(self._waker_r, READ, (WAKER, None))
+        self.stats_listener: socket.socket | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def open(self) -> list[Address]:
+        """Bind the listeners (and the stats socket). Returns the bound addresses."""
+        for host in self.settings.hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.settings.transparent:
+                set_transparent(s)
+            s.bind((host, self.settings.port))
+            s.listen(4096)
+            s.setblocking(False)
+            self.listeners.append(s)
+            self.selector.register(s, READ, (LISTENER, s))
+        if self.settings.stats_path:
+            self._open_stats(self.settings.stats_path)
+        return [s.getsockname()[:2] for s in self.listeners]
+
+    def _open_stats(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # 0600: root only
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(16)
+        s.setblocking(False)
+        self.stats_listener = s
+        self.selector.register(s, READ, (STATS, s))
+
+    def wake(self) -> None:
+        """Make select() return now (from a signal handler or another thread)."""
+        with contextlib.suppress(OSError):
+            self._waker_w.send(b"\0")
+
+    def wakeup_fd(self) -> int:
+        """For signal.set_wakeup_fd: a signal wakes the loop."""
+        return self._waker_w.fileno()
+
+    def stop(self) -> None:
+        self.running = False
+        self.wake()
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.running = True
+        while self.running:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            events = self.selector.select(timeout)
+            self.now = time.monotonic()
+            for key, mask in events:
+                kind, obj = key.data
+                if isinstance(kind, Connection):
+                    self._on_connection(kind, obj, mask)
+                elif kind == LISTENER:
+                    self._accept(obj)
+                elif kind == STATS:
+                    self._serve_stats(obj)
+                else:
+                    self._drain_waker()
+            self._run_timers()
+        self.close()
+
+    def close(self) -> None:
+        """Close listeners and every connection (FIN, not RST: a clean stop)."""
+        for conn in list(self.connections):
+            self._end(conn, reset=False)
+        for s in self.listeners:
+            self._unregister(s)
+            s.close()
+        self.listeners.clear()
+        if self.stats_listener is not None:
+            self._unregister(self.stats_listener)
+            self.stats_listener.close()
+            self.stats_listener = None
+            if self.settings.stats_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.settings.stats_path)
+
+    def _drain_waker(self) -> None:
+        try:
+            while self._waker_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def _at(self, when: float, fn: Callable[[object], None], arg: object) -> None:
+        heapq.heappush(self.timers, (when, next(self._seq), fn, arg))
+
+    def _run_timers(self) -> None:
+        while self.timers and self.timers[0][0] <= self.now:
+            _, _, fn, arg = heapq.heappop(self.timers)
+            fn(arg)
+
+    def _check_deadlines(self, conn: object) -> None:
+        """One timer per connection: connect deadline, then idle deadline (rescheduled lazily:
+        traffic only moves last_active, it never touches the heap)."""
+        assert isinstance(conn, Connection)
+        if conn.state is State.CLOSED:
+            return
+        if conn.state is State.CONNECTING:
+            if self.now >= conn.deadline:
+                self.counters.connect_timeouts += 1
+                self.counters.failed += 1
+                log.info("connect to %s port %s timed out after %gs", *conn.dst,
+                         self.settings.connect_timeout)
+                self._end(conn, reset=True)
+                return
+            self._at(conn.deadline, self._check_deadlines, conn)
+            return
+        idle = self.settings.idle_timeout
+        if not idle:
+            return
+        if self.now - conn.last_active >= idle:
+            self.counters.idle_timeouts += 1
+            self._end(conn, reset=True)
+        else:
+            self._at(conn.last_active + idle, self._check_deadlines, conn)
+
+    # --- accepting -----------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                client, addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.counters.accept_errors += 1
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._warn("accept", f"accept failed: {exc.strerror}; pausing accepts "
+                                         f"for {ACCEPT_PAUSE}s")
+                    self._pause_accepting()
+                    return
+                continue  # ECONNABORTED and kin: that one connection is gone already
+            self.counters.accepted += 1
+            self._start(client, addr[:2])
+
+    def _pause_accepting(self) -> None:
+        if not self.accepting:
+            return
+        self.accepting = False
+        for s in self.listeners:
+            self._unregister(s)
+        self._at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
+
+    def _resume_accepting(self, _: object) -> None:
+        self.accepting = True
+        for s in self.listeners:
+            self.selector.register(s, READ, (LISTENER, s))
+
+    def _refuse(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            set_reset_on_close(client)
+        client.close()
+
+    def _start(self, client: socket.socket, client_addr: Address) -> None:
+        if self.counters.active >= self.settings.max_connections:
+            self.counters.refused += 1
+            self._warn("max", f"max_connections ({self.settings.max_connections}) reached: "
+                              "resetting new connections")
+            self._refuse(client)
+            return
+        server: socket.socket | None = None
+        try:
+            dst = self.original_dst(client)
+            if dst[1] == self.settings.port and is_local_address(dst[0]):
+                self.counters.loops += 1
+                self._warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
+                                   f"asked for the relay itself ({dst[0]} port {dst[1]})")
+                self._refuse(client)
+                return
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server = self._outbound(client.family, client_addr, dst)
+        except OSError as exc:
+            self.counters.failed += 1
+            log.info("connection from %s port %s: %s", *client_addr, exc)
+            if server is not None:
+                server.close()
+            self._refuse(client)
+            return
+        conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice)
+        conn.deadline = self.now + self.settings.connect_timeout
+        self.connections.add(conn)
+        self.counters.active += 1
+        self._update(conn)
+        self._at(conn.deadline, self._check_deadlines, conn)
+
+    def _outbound(self, family: int, client_addr: Address, dst: Address) -> socket.socket:
+        server = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            server.setblocking(False)
+            if self.settings.mark:
+                server.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.mark)
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.settings.spoof_source:
+                set_transparent(server)
+                server.bind((client_addr[0], 0))
+            err = server.connect_ex(dst)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, f"connect to {dst[0]} port {dst[1]}: {os.strerror(err)}")
+        except BaseException:
+            server.close()
+            raise
+        return server
+
+    # --- connections ---------------------------------------------------------------------------
+
+    def _on_connection(self, conn: Connection, side: int, mask: int) -> None:
+        if conn.state is State.CLOSED:
+            return  # already ended by the other side's event in this same batch
+        connecting = conn.state is State.CONNECTING  # its timer turns into the idle timer
+        up, down = conn.up.bytes, conn.down.bytes
+        try:
+            conn.on_event(side, mask, self.now)
+        except OSError as exc:
+            if connecting:
+                self.counters.failed += 1
+                log.info("%s (client %s port %s)", exc, *conn.client_addr)
+            else:
+                self.counters.resets += 1
+                log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
+            self._count(conn, up, down)
+            self._end(conn, reset=True)
+            return
+        self._count(conn, up, down)
+        if conn.state is State.CLOSED:
+            self._end(conn, reset=False)
+        else:
+            self._update(conn)
+
+    def _count(self, conn: Connection, up: int, down: int) -> None:
+        self.counters.bytes_up += conn.up.bytes - up
+        self.counters.bytes_down += conn.down.bytes - down
+
+    def _update(self, conn: Connection) -> None:
+        """Tell the selector what each socket waits for, only where that changed."""
+        for side, (sock, want) in enumerate(zip((conn.client, conn.server), conn.wanted_masks())):
+            have = conn.masks[side]
+            if want == have:
+                continue
+            if not have:
+                self.selector.register(sock, want, (conn, side))
+            elif not want:
+                self.selector.unregister(sock)
+            else:
+                self.selector.modify(sock, want, (conn, side))
+            conn.masks[side] = want
+
+    def _end(self, conn: Connection, reset: bool) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        for side, sock in ((CLIENT, conn.client), (SERVER, conn.server)):
+            if conn.masks[side]:
+                self._unregister(sock)
+                conn.masks[side] = 0
+        conn.close(reset)
+        self.counters.active -= 1
+        self.counters.closed += 1
+
+    def _unregister(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
+
+    # --- stats and logs ------------------------------------------------------------------------
+
+    def _serve_stats(self, listener: socket.socket) -> None:
+        try:
+            peer, _ = listener.accept()
+        except OSError:
+            return
+        with peer:
+            try:
+                peer.setblocking(False)
+                peer.send(json.dumps(self.counters.to_json()).encode() + b"\n")
+            except OSError:
+                pass  # a reader that does not read loses its answer, not our loop
+
+    def _warn(self, kind: str, message: str) -> None:
+        """Warnings that could repeat per connection, at most one a second each."""
+        if self.now - self._last_warning.get(kind, -1e9) >= 1.0:
+            self._last_warning[kind] = self.now
+            log.warning(message)
+
+
+def read_stats(path: str, timeout: float = 2.0) -> dict:
+    """The counters of the relay whose stats socket is at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
