@@ -35,7 +35,7 @@ class ConnectFailed(OSError):
 
 class Connection:
     __slots__ = ("client", "client_addr", "deadline", "down", "dst", "last_active", "masks",
-                 "server", "state", "up")
+                 "server", "state", "timer_at", "up")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool):
@@ -46,6 +46,7 @@ class Connection:
         self.state = State.CONNECTING
         self.last_active = now
         self.deadline = 0.0  # connect deadline while CONNECTING
+        self.timer_at = 0.0  # when this connection's live timer fires (see Relay._schedule)
         self.masks = [0, 0]  # what the selector watches now, per side
 
     def wanted_masks(self) -> tuple[int, int]:

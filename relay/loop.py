@@ -87,10 +87,12 @@ class Relay:
         self.counters = Counters()
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
-        self.timers: list[tuple[float, int, Callable[[object], None], object]] = []
+        self.timers: list[tuple[float, int, Callable[[object, float], None], object]] = []
         self._seq = itertools.count()
         self.now = time.monotonic()
         self.running = False
+        self.iterations = 0  # loop turns: a test's proof that the loop is not spinning
+        self.ports: set[int] = set()  # bound listener ports, for loop detection
         self.accepting = True
         self._last_warning: dict[str, float] = {}
         self._waker_r, self._waker_w = socket.socketpair()
@@ -118,7 +120,9 @@ class Relay:
             self.selector.register(s, READ, (LISTENER, s))
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
-        return [s.getsockname()[:2] for s in self.listeners]
+        bound = [s.getsockname()[:2] for s in self.listeners]
+        self.ports = {port for _, port in bound}
+        return bound
 
     def _open_stats(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -157,6 +161,7 @@ class Relay:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
             events = self.selector.select(timeout)
             self.now = time.monotonic()
+            self.iterations += 1
             for key, mask in events:
                 kind, obj = key.data
                 if isinstance(kind, Connection):
@@ -195,19 +200,25 @@ class Relay:
 
     # --- timers --------------------------------------------------------------------------------
 
-    def _at(self, when: float, fn: Callable[[object], None], arg: object) -> None:
+    def _at(self, when: float, fn: Callable[[object, float], None], arg: object) -> None:
         heapq.heappush(self.timers, (when, next(self._seq), fn, arg))
 
     def _run_timers(self) -> None:
         while self.timers and self.timers[0][0] <= self.now:
-            _, _, fn, arg = heapq.heappop(self.timers)
-            fn(arg)
+            when, _, fn, arg = heapq.heappop(self.timers)
+            fn(arg, when)
 
-    def _check_deadlines(self, conn: object) -> None:
-        """One timer per connection: connect deadline, then idle deadline (rescheduled lazily:
-        traffic only moves last_active, it never touches the heap)."""
+    def _schedule(self, conn: Connection, when: float) -> None:
+        """Each connection has one live timer; entries superseded by a later _schedule are
+        skipped when they come up (a heap cannot cheaply delete)."""
+        conn.timer_at = when
+        self._at(when, self._check_deadlines, conn)
+
+    def _check_deadlines(self, conn: object, when: float) -> None:
+        """Connect deadline, then idle deadline, rescheduled lazily: traffic only moves
+        last_active, it never touches the heap."""
         assert isinstance(conn, Connection)
-        if conn.state is State.CLOSED:
+        if conn.state is State.CLOSED or when != conn.timer_at:
             return
         if conn.state is State.CONNECTING:
             if self.now >= conn.deadline:
@@ -217,7 +228,7 @@ class Relay:
                          self.settings.connect_timeout)
                 self._end(conn, reset=True)
                 return
-            self._at(conn.deadline, self._check_deadlines, conn)
+            self._schedule(conn, conn.deadline)
             return
         idle = self.settings.idle_timeout
         if not idle:
@@ -226,7 +237,7 @@ class Relay:
             self.counters.idle_timeouts += 1
             self._end(conn, reset=True)
         else:
-            self._at(conn.last_active + idle, self._check_deadlines, conn)
+            self._schedule(conn, conn.last_active + idle)
 
     # --- accepting -----------------------------------------------------------------------------
 
@@ -255,7 +266,7 @@ class Relay:
             self._unregister(s)
         self._at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
 
-    def _resume_accepting(self, _: object) -> None:
+    def _resume_accepting(self, _: object, when: float) -> None:
         self.accepting = True
         for s in self.listeners:
             self.selector.register(s, READ, (LISTENER, s))
@@ -275,7 +286,7 @@ class Relay:
         server: socket.socket | None = None
         try:
             dst = self.original_dst(client)
-            if dst[1] == self.settings.port and is_local_address(dst[0]):
+            if dst[1] in self.ports and is_local_address(dst[0]):
                 self.counters.loops += 1
                 self._warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
                                    f"asked for the relay itself ({dst[0]} port {dst[1]})")
@@ -296,7 +307,7 @@ class Relay:
         self.connections.add(conn)
         self.counters.active += 1
         self._update(conn)
-        self._at(conn.deadline, self._check_deadlines, conn)
+        self._schedule(conn, conn.deadline)
 
     def _outbound(self, family: int, client_addr: Address, dst: Address) -> socket.socket:
         server = socket.socket(family, socket.SOCK_STREAM)
@@ -321,12 +332,12 @@ class Relay:
     def _on_connection(self, conn: Connection, side: int, mask: int) -> None:
         if conn.state is State.CLOSED:
             return  # already ended by the other side's event in this same batch
-        connecting = conn.state is State.CONNECTING  # its timer turns into the idle timer
         up, down = conn.up.bytes, conn.down.bytes
+        connecting = conn.state is State.CONNECTING
         try:
             conn.on_event(side, mask, self.now)
         except OSError as exc:
-            if connecting:
+            if conn.state is State.CONNECTING:  # the connect itself failed
                 self.counters.failed += 1
                 log.info("%s (client %s port %s)", exc, *conn.client_addr)
             else:
@@ -336,6 +347,8 @@ class Relay:
             self._end(conn, reset=True)
             return
         self._count(conn, up, down)
+        if connecting and self.settings.idle_timeout:  # connect deadline -> idle deadline
+            self._schedule(conn, self.now + self.settings.idle_timeout)
         if conn.state is State.CLOSED:
             self._end(conn, reset=False)
         else:

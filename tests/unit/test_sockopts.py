@@ -1,0 +1,43 @@
+"""Parsing the sockaddr that SO_ORIGINAL_DST returns: synthetic bytes, and arbitrary bytes raise
+only SockaddrError."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tproxyd.relay.sockopts import SockaddrError, parse_sockaddr
+
+
+def sockaddr_in(host: str, port: int) -> bytes:
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(host) + bytes(8)
+
+
+def sockaddr_in6(host: str, port: int) -> bytes:
+    return (struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", port, 0)
+            + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", 0))
+
+
+def test_ipv4_and_ipv6():
+    assert parse_sockaddr(sockaddr_in("198.18.2.2", 8080)) == ("198.18.2.2", 8080)
+    assert parse_sockaddr(sockaddr_in6("2001:db8:2::2", 443)) == ("2001:db8:2::2", 443)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x02", sockaddr_in("198.18.0.1", 1)[:10],
+                                 sockaddr_in6("2001:db8::1", 1)[:20], b"\x07\x00" + bytes(14)])
+def test_short_or_foreign_bytes_are_refused(raw):
+    with pytest.raises(SockaddrError):
+        parse_sockaddr(raw)
+
+
+@given(st.binary(max_size=40))
+def test_arbitrary_bytes_raise_only_sockaddr_error(raw):
+    try:
+        host, port = parse_sockaddr(raw)
+    except SockaddrError:
+        return
+    assert 0 <= port <= 65535 and isinstance(host, str)
