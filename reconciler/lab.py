@@ -81,6 +81,7 @@ class Lab:
         self.client, self.gw, self.server = f"{tag}-c", f"{tag}-gw", f"{tag}-s"
         self.forwarding = forwarding
         self.procs: List[subprocess.Popen] = []
+        self.logs: Dict[int, str] = {}
         self.created: List[str] = []
         self.tmp = tempfile.mkdtemp(prefix=f"{tag}-")
 
@@ -145,10 +146,25 @@ class Lab:
         return _sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout, input=input)
 
     def spawn(self, ns: str, *cmd: str, env: Dict[str, str] | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        """Start a long-running program in ns. Its output goes to a log file (a pipe nobody
+        reads would block it): read it with log_of()."""
+        log_path = os.path.join(self.tmp, f"proc{len(self.procs)}.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log,
+                                    stderr=subprocess.STDOUT, text=True, env=env)
         self.procs.append(proc)
+        self.logs[proc.pid] = log_path
         return proc
+
+    def log_of(self, proc: subprocess.Popen) -> str:
+        with open(self.logs[proc.pid]) as f:
+            return f.read()
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 10) -> int:
+        """SIGTERM one program this lab started, and wait for it."""
+        if proc.poll() is None:
+            proc.terminate()
+        return proc.wait(timeout=timeout)
 
     def write_config(self, text: str, name: str = "tproxy.toml") -> str:
         path = os.path.join(self.tmp, name)

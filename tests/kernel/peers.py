@@ -1,0 +1,104 @@
+"""Small TCP peers with one behaviour each, run inside the lab's namespaces by the relay tests.
+
+    peers.py digest PORT        read to EOF, answer "<bytes> <sha256>", close (half-close peer)
+    peers.py reset PORT         read a little, then close with RST
+    peers.py echo PORT          echo every connection, many at once (selectors)
+    peers.py hold HOST PORT N SECONDS   open N connections, check an echo on each, hold them
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import selectors
+import socket
+import struct
+import sys
+import threading
+import time
+
+
+def listener(port: int) -> socket.socket:
+    s = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=4096)
+    print(f"listening on {port}", flush=True)
+    return s
+
+
+def digest(port: int) -> None:
+    s = listener(port)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            h, n = hashlib.sha256(), 0
+            while data := conn.recv(65536):
+                h.update(data)
+                n += len(data)
+            conn.sendall(f"{n} {h.hexdigest()}\n".encode())
+
+    while True:
+        conn, peer = s.accept()
+        print(f"peer {peer[0]} {peer[1]}", flush=True)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def reset(port: int) -> None:
+    s = listener(port)
+    while True:
+        conn, peer = s.accept()
+        conn.recv(100)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        print(f"reset {peer[0]}", flush=True)
+
+
+def echo(port: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    s = listener(port)
+    s.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(s, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is s:
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            conn = key.fileobj
+            try:
+                data = conn.recv(65536)
+            except (BlockingIOError, ConnectionError):
+                data = b""
+            if data:
+                conn.send(data)  # small messages: the socket buffer takes them whole
+            else:
+                sel.unregister(conn)
+                conn.close()
+
+
+def hold(host: str, port: int, count: int, seconds: float) -> None:
+    """Open count connections, check each echoes, keep them all open for seconds."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    conns = []
+    for i in range(count):
+        c = socket.create_connection((host, port), timeout=10)
+        conns.append(c)
+        c.sendall(f"{i}\n".encode())
+    for i, c in enumerate(conns):
+        assert c.recv(64) == f"{i}\n".encode(), f"connection {i}: wrong echo"
+    print(f"held {len(conns)}", flush=True)
+    time.sleep(seconds)
+    for c in conns:
+        c.close()
+    print("closed", flush=True)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "hold":
+        hold(args[0], int(args[1]), int(args[2]), float(args[3]))
+    else:
+        {"digest": digest, "reset": reset, "echo": echo}[mode](int(args[0]))
