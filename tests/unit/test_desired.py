@@ -90,3 +90,17 @@ def test_set_update_adds_or_flushes():
     flush = update_set_commands("tproxyd", s, (), flush=True)
     assert flush[0] == {"flush": {"set": {"family": "inet", "table": "tproxyd", "name": "lan_dst4"}}}
     assert len(flush) == 2
+
+
+def test_redirect_mode_captures_in_a_nat_chain():
+    d = render(loads('[relay]\nmode = "redirect"\n[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'))
+    chains = {c.name: c for c in d.nft.chains}
+    assert (chains["redirect"].type, chains["redirect"].hook, chains["redirect"].prio) == (
+        "nat", "prerouting", -100)
+    capture = nft_rules(d.nft)["intercept_lan"]
+    assert all({"redirect": {"port": 12345}} in rule for rule in capture)
+    assert not any("tproxy" in json.dumps(rule) for rule in capture)
+    # replies to spoofed sockets still need the mangle chain's socket rule
+    assert any("socket" in json.dumps(r) for r in nft_rules(d.nft)["prerouting"])
+    (entry,) = loads('[relay]\nmode = "redirect"\n[[intercept]]\ninterfaces = ["x"]\n').intercepts
+    assert entry.protocols == ("tcp",)

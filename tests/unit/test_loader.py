@@ -84,6 +84,13 @@ def test_ports_and_ranges():
     ('[nftables]\ntable = "a b"\n', "nftables.table", "must be a letter"),
     ('[daemon]\nstate_dir = "run"\n', "daemon.state_dir", "absolute"),
     ('[bogus]\n', "bogus", "unknown key"),
+    ('[relay]\nmode = "nat"\n', "relay.mode", "not one of 'tproxy', 'redirect'"),
+    ('[relay]\nspoof_source = "yes"\n', "relay.spoof_source", "true or false"),
+    ('[relay]\nmax_connections = 0\n', "relay.max_connections", "out of range"),
+    ('[relay]\nconnect_timeout = 0\n', "relay.connect_timeout", "out of range"),
+    ('[relay]\nidle_timeout = "1h"\n', "relay.idle_timeout", "number of seconds"),
+    ('[relay]\nmode = "redirect"\n[[intercept]]\ninterfaces = ["a"]\nprotocols = ["udp"]\n',
+     "intercept[0].protocols", "TCP only"),
     ('relay = 1\n', "relay", "must be a table"),
 ])
 def test_refusals_name_the_key(snippet, where, words):
