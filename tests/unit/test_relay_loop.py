@@ -287,26 +287,34 @@ def test_backpressure_stops_reading_a_client_whose_server_does_not_read():
 def test_running_out_of_descriptors_pauses_accepting_without_spinning():
     up = Upstream(echo)
     with running(up.addr) as (relay, addr):
+        clients = [socket.socket() for _ in range(4)]  # made first: connect needs no new fd
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        used = len(os.listdir("/proc/self/fd"))
-        clients = []
+        fillers = []
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 8, hard))
-            for _ in range(8):  # each costs a descriptor here and, once accepted, in the relay
-                with contextlib.suppress(OSError):
-                    clients.append(socket.create_connection(addr, timeout=1))
+            # Not one descriptor more for anybody in this process: the limit caps fd numbers,
+            # so the holes below the highest one are filled too. Then the relay's accept fails.
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1, hard))
+            with contextlib.suppress(OSError):
+                while True:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+            for c in clients:
+                c.settimeout(DEADLINE)
+                c.connect(addr)  # completes in the kernel's backlog
             wait_for(lambda: relay.counters.accept_errors > 0, "accept to fail with EMFILE")
             turns = relay.iterations
             time.sleep(1.0)
             assert relay.iterations - turns < 100, "the loop spins while accept fails"
         finally:
+            for fd in fillers:
+                os.close(fd)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-            for c in clients:
-                c.close()
+        for i, c in enumerate(clients):  # once descriptors are back, the waiting ones go through
+            c.sendall(bytes([i]))
+            assert c.recv(1) == bytes([i])
+            c.close()
         wait_for(lambda: relay.counters.active == 0, "the connections to close")
-        with socket.create_connection(addr, timeout=DEADLINE) as c:  # and it recovers
-            c.sendall(b"ok")
-            assert c.recv(2) == b"ok"
+        assert relay.counters.accepted == 4
 
 
 def test_stats_socket_answers_while_relaying(tmp_path):
