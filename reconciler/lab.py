@@ -246,7 +246,7 @@ def _show(proc: subprocess.CompletedProcess) -> None:
 
 
 def demo(example: str = EXAMPLE, port: int = 12345) -> int:
-    """Build a lab, converge its gateway to the example config, intercept a client's request."""
+    """Build a lab, converge its gateway to the example config, relay a client's requests."""
     tproxy = [sys.executable, "-m", "tproxyd.reconciler.cli"]
     with open(example) as f:
         text = f.read()
@@ -254,8 +254,8 @@ def demo(example: str = EXAMPLE, port: int = 12345) -> int:
         # The example, adapted to the lab: the state directory lives with the lab.
         config = lab.write_config(text.replace('state_dir = "/run/tproxyd"',
                                                f'state_dir = "{lab.tmp}/state"'))
-        print(f"lab: client {lab.client} ({LAN.peer4}) -- gateway {lab.gw} -- server "
-              f"{lab.server} ({WAN.peer4}); config {config}")
+        print(f"lab: client {lab.client} ({LAN.peer4}, {LAN.peer6}) -- gateway {lab.gw} -- "
+              f"server {lab.server} ({WAN.peer4}, {WAN.peer6}); config {config}")
         _step("tproxy check")
         _show(lab.run(lab.gw, *tproxy, "check", "-c", config, check=False))
         _step("tproxy plan")
@@ -264,21 +264,34 @@ def demo(example: str = EXAMPLE, port: int = 12345) -> int:
         _show(lab.run(lab.gw, *tproxy, "apply", "-c", config))
         _step("tproxy apply, again: nothing to change")
         _show(lab.run(lab.gw, *tproxy, "apply", "-c", config))
-        _step(f"a transparent listener on port {port} in the gateway; the client asks the server")
-        lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.reconciler.lab", "listen", str(port))
+
+        _step("the relay in the gateway, an HTTP server on the server; the client fetches a page")
+        with open(os.path.join(lab.tmp, "index.html"), "w") as f:
+            f.write("hello from the server\n")
+        web = lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::",
+                        "--directory", lab.tmp, "80")
+        relay = lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.relay", "-c", config)
+        wait_for_port(lab, lab.server, 80)
         wait_for_port(lab, lab.gw, port)
-        for url in (f"http://{WAN.peer4}:8080/", f"http://[{WAN.peer6}]:8080/"):
+        for url in (f"http://{WAN.peer4}/index.html", f"http://[{WAN.peer6}]/index.html"):
             print(f"client$ curl {url}")
             _show(lab.run(lab.client, "curl", "-sS", "--max-time", "5", url, check=False))
-        print("(nothing listens on the server: the gateway answered for it, and getsockname() "
-              "gave the server's address)")
+        print("the server's log: it saw the client's own address, not the gateway's")
+        print("".join(f"  {line}\n" for line in lab.log_of(web).splitlines() if "GET" in line))
+        from tproxyd.relay.loop import read_stats
+
+        stats = read_stats(os.path.join(lab.tmp, "state", "relay.sock"))
+        print("the relay's counters: " + ", ".join(
+            f"{k} {stats[k]}" for k in ("accepted", "active", "bytes_up", "bytes_down")))
         _step("tproxy status")
         _show(lab.run(lab.gw, *tproxy, "status", "-c", config, check=False))
-        _step("someone flushes the table by hand; status sees it, apply repairs it")
+        _step("someone flushes the table by hand; plan sees it, apply repairs it")
         lab.run(lab.gw, "nft", "flush", "table", "inet", "tproxyd")
         _show(lab.run(lab.gw, *tproxy, "plan", "-c", config, check=False))
         _show(lab.run(lab.gw, *tproxy, "apply", "-c", config))
-        _step("tproxy down: the gateway is a plain router again")
+        _step("stopping the relay (SIGTERM); tproxy down: the gateway is a plain router again")
+        lab.stop(relay)
+        print(lab.log_of(relay).strip().splitlines()[-1])
         _show(lab.run(lab.gw, *tproxy, "down", "-c", config))
         _step("tearing the lab down")
     print("done: the namespaces are gone")

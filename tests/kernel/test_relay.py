@@ -130,6 +130,18 @@ def test_refused_by_the_server_the_client_sees_a_reset(lab: Lab):
     assert read_stats(relay.stats)["failed"] == 1
 
 
+def test_unroutable_destination_resets_the_client(lab: Lab):
+    """The gateway has no route to 198.19.0.0/16: connect fails at once (ENETUNREACH)."""
+    config = lab.write_config(lab.config(destinations='["198.19.0.0/16"]', protocols='["tcp"]'))
+    Tproxy(lab, config)("apply", check=True)
+    lab.ip(lab.client, "route", "add", "198.19.0.0/16", "via", LAN.gw4)
+    proc = lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.relay", "-c", config)
+    wait_for_port(lab, lab.gw, 12345)
+    assert_reset(curl(lab, "http://198.19.0.1/"))
+    assert read_stats(f"{lab.tmp}/state/relay.sock")["failed"] == 1
+    assert "unreachable" in lab.log_of(proc).lower()
+
+
 def test_connect_timeout_to_a_blackholed_destination(lab: Lab):
     lab.run(lab.server, "nft", "add table inet blackhole; "
             "add chain inet blackhole input { type filter hook input priority 0; }; "
