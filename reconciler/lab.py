@@ -104,6 +104,10 @@ class Lab:
             _sh("ip", "netns", "add", ns)
             self.created.append(ns)
             self.ip(ns, "link", "set", "lo", "up")
+            # No duplicate address detection: link-local addresses usable at once, so the
+            # first IPv6 neighbour discovery does not wait out a tentative address (~1 s).
+            for scope in ("all", "default"):
+                self.sysctl(ns, f"net.ipv6.conf.{scope}.accept_dad", "0")
         for side, peer in ((LAN, self.client), (WAN, self.server)):
             # Created directly inside the namespaces: names never meet the host's own interfaces.
             _sh("ip", "-n", self.gw, "link", "add", side.gw_if, "type", "veth",

@@ -21,10 +21,12 @@ from .sockopts import raise_nofile
 
 def settings_from(config: Config, stats_path: str | None) -> Settings:
     r = config.relay
+    udp = r.mode == TPROXY and any("udp" in i.protocols for i in config.intercepts)
     return Settings(port=r.port, mode=r.mode, spoof_source=r.spoof_source, mark=config.marks.relay,
                     max_connections=r.max_connections, connect_timeout=r.connect_timeout,
                     idle_timeout=r.idle_timeout, transparent=r.mode == TPROXY,
-                    stats_path=stats_path)
+                    stats_path=stats_path, udp=udp, udp_idle_timeout=r.udp_idle_timeout,
+                    max_udp_sessions=r.max_udp_sessions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = args.stats or os.path.join(config.daemon.state_dir, "relay.sock")
     os.makedirs(os.path.dirname(stats), mode=0o700, exist_ok=True)
     settings = settings_from(config, stats)
-    need = settings.max_connections * FDS_PER_CONNECTION + 64
+    # a UDP session holds its outbound socket and, at worst, a reply socket of its own
+    need = (settings.max_connections * FDS_PER_CONNECTION
+            + (2 * settings.max_udp_sessions if settings.udp else 0) + 64)
     limit = raise_nofile(need)
     if limit < need:
         log.warning("open-file limit is %s, not the %s that max_connections = %s needs: past "
@@ -66,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s",
                                                       json.dumps(relay.counters.to_json())))
     signal.set_wakeup_fd(relay.wakeup_fd(), warn_on_full_buffer=False)
-    log.info("relaying on %s (mode %s, spoof_source %s, max_connections %s, open files %s); "
-             "stats on %s", ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
+    log.info("relaying TCP%s on %s (mode %s, spoof_source %s, max_connections %s, open files %s); "
+             "stats on %s", " and UDP" if settings.udp else "",
+             ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
              settings.spoof_source, settings.max_connections, limit, stats)
     relay.run()
     log.info("stopped: %s", json.dumps(relay.counters.to_json()))

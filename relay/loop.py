@@ -33,6 +33,7 @@ from .sockopts import (
     set_reset_on_close,
     set_transparent,
 )
+from .udp import UDP_IN, UDP_SESSION, UdpRelay
 
 log = logging.getLogger("tproxyd.relay")
 
@@ -55,6 +56,9 @@ class Settings:
     transparent: bool = True  # IP_TRANSPARENT on listeners (tproxy mode)
     stats_path: str | None = None  # Unix socket answering the counters as JSON
     splice: bool = SPLICE
+    udp: bool = False  # also relay UDP (tproxy mode only)
+    udp_idle_timeout: float = 60.0
+    max_udp_sessions: int = 16384
 
 
 @dataclass
@@ -71,6 +75,18 @@ class Counters:
     bytes_up: int = 0  # client -> server
     bytes_down: int = 0  # server -> client
     accept_errors: int = 0
+    udp_sessions: int = 0  # open now
+    udp_sessions_opened: int = 0
+    udp_expired: int = 0
+    udp_evicted: int = 0  # over max_udp_sessions, least recently used first
+    udp_failed: int = 0  # could not open the outbound socket
+    udp_icmp_errors: int = 0  # sessions ended by the server side's ICMP error
+    udp_datagrams_up: int = 0
+    udp_datagrams_down: int = 0
+    udp_bytes_up: int = 0
+    udp_bytes_down: int = 0
+    udp_drops: int = 0  # datagrams we dropped: full buffers, unreadable, no session
+    udp_kernel_drops: int = 0  # datagrams the kernel dropped on our full receive queues
     started: float = field(default_factory=time.time)
 
     def to_json(self) -> dict:
@@ -100,6 +116,7 @@ class Relay:
         self._waker_w.setblocking(False)
         self.selector.register(self._waker_r, READ, (WAKER, None))
         self.stats_listener: socket.socket | None = None
+        self.udp = UdpRelay(self)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -118,9 +135,11 @@ class Relay:
             s.setblocking(False)
             self.listeners.append(s)
             self.selector.register(s, READ, (LISTENER, s))
+        bound = [s.getsockname()[:2] for s in self.listeners]
+        if self.settings.udp:
+            self.udp.open()
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
-        bound = [s.getsockname()[:2] for s in self.listeners]
         self.ports = {port for _, port in bound}
         return bound
 
@@ -168,6 +187,10 @@ class Relay:
                     self._on_connection(kind, obj, mask)
                 elif kind == LISTENER:
                     self._accept(obj)
+                elif kind == UDP_IN:
+                    self.udp.on_datagrams(obj)
+                elif kind == UDP_SESSION:
+                    self.udp.on_reply(obj)
                 elif kind == STATS:
                     self._serve_stats(obj)
                 else:
@@ -179,12 +202,13 @@ class Relay:
         """Close listeners and every connection (FIN, not RST: a clean stop)."""
         for conn in list(self.connections):
             self._end(conn, reset=False)
+        self.udp.close()
         for s in self.listeners:
-            self._unregister(s)
+            self.unregister(s)
             s.close()
         self.listeners.clear()
         if self.stats_listener is not None:
-            self._unregister(self.stats_listener)
+            self.unregister(self.stats_listener)
             self.stats_listener.close()
             self.stats_listener = None
             if self.settings.stats_path:
@@ -200,7 +224,7 @@ class Relay:
 
     # --- timers --------------------------------------------------------------------------------
 
-    def _at(self, when: float, fn: Callable[[object, float], None], arg: object) -> None:
+    def at(self, when: float, fn: Callable[[object, float], None], arg: object) -> None:
         heapq.heappush(self.timers, (when, next(self._seq), fn, arg))
 
     def _run_timers(self) -> None:
@@ -212,7 +236,7 @@ class Relay:
         """Each connection has one live timer; entries superseded by a later _schedule are
         skipped when they come up (a heap cannot cheaply delete)."""
         conn.timer_at = when
-        self._at(when, self._check_deadlines, conn)
+        self.at(when, self._check_deadlines, conn)
 
     def _check_deadlines(self, conn: object, when: float) -> None:
         """Connect deadline, then idle deadline, rescheduled lazily: traffic only moves
@@ -250,7 +274,7 @@ class Relay:
             except OSError as exc:
                 self.counters.accept_errors += 1
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._warn("accept", f"accept failed: {exc.strerror}; pausing accepts "
+                    self.warn("accept", f"accept failed: {exc.strerror}; pausing accepts "
                                          f"for {ACCEPT_PAUSE}s")
                     self._pause_accepting()
                     return
@@ -263,8 +287,8 @@ class Relay:
             return
         self.accepting = False
         for s in self.listeners:
-            self._unregister(s)
-        self._at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
+            self.unregister(s)
+        self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
 
     def _resume_accepting(self, _: object, when: float) -> None:
         self.accepting = True
@@ -279,7 +303,7 @@ class Relay:
     def _start(self, client: socket.socket, client_addr: Address) -> None:
         if self.counters.active >= self.settings.max_connections:
             self.counters.refused += 1
-            self._warn("max", f"max_connections ({self.settings.max_connections}) reached: "
+            self.warn("max", f"max_connections ({self.settings.max_connections}) reached: "
                               "resetting new connections")
             self._refuse(client)
             return
@@ -288,7 +312,7 @@ class Relay:
             dst = self.original_dst(client)
             if dst[1] in self.ports and is_local_address(dst[0]):
                 self.counters.loops += 1
-                self._warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
+                self.warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
                                    f"asked for the relay itself ({dst[0]} port {dst[1]})")
                 self._refuse(client)
                 return
@@ -378,13 +402,13 @@ class Relay:
         self.connections.discard(conn)
         for side, sock in ((CLIENT, conn.client), (SERVER, conn.server)):
             if conn.masks[side]:
-                self._unregister(sock)
+                self.unregister(sock)
                 conn.masks[side] = 0
         conn.close(reset)
         self.counters.active -= 1
         self.counters.closed += 1
 
-    def _unregister(self, sock: socket.socket) -> None:
+    def unregister(self, sock: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(sock)
 
@@ -402,7 +426,7 @@ class Relay:
             except OSError:
                 pass  # a reader that does not read loses its answer, not our loop
 
-    def _warn(self, kind: str, message: str) -> None:
+    def warn(self, kind: str, message: str) -> None:
         """Warnings that could repeat per connection, at most one a second each."""
         if self.now - self._last_warning.get(kind, -1e9) >= 1.0:
             self._last_warning[kind] = self.now

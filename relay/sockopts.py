@@ -14,6 +14,9 @@ IPV6_TRANSPARENT = 75  # <linux/in6.h>
 SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>, level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv6/ip6_tables.h>, level SOL_IPV6
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_RECVORIGDSTADDR = IP_ORIGDSTADDR = 20  # <linux/in.h>: a UDP datagram's original destination
+IPV6_RECVORIGDSTADDR = IPV6_ORIGDSTADDR = 74  # <linux/in6.h>
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # cmsg: datagrams the kernel dropped so far
 SOCKADDR_IN_LEN, SOCKADDR_IN6_LEN = 16, 28
 
 Address = Tuple[str, int]
@@ -39,6 +42,28 @@ def parse_sockaddr(raw: bytes) -> Address:
         port, _flow, addr = struct.unpack_from("!HI16s", raw, 2)
         return socket.inet_ntop(socket.AF_INET6, addr), port
     raise SockaddrError(f"unknown address family {family}")
+
+
+def parse_udp_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[Address | None, int | None]:
+    """From recvmsg's ancillary data: the original destination (IP_ORIGDSTADDR or
+    IPV6_ORIGDSTADDR) and the receive queue's drop count (SO_RXQ_OVFL), each None if absent."""
+    dst: Address | None = None
+    dropped: int | None = None
+    for level, kind, data in ancdata:
+        if (level, kind) in ((socket.SOL_IP, IP_ORIGDSTADDR), (socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR)):
+            dst = parse_sockaddr(data)
+        elif (level, kind) == (socket.SOL_SOCKET, SO_RXQ_OVFL) and len(data) >= 4:
+            (dropped,) = struct.unpack_from("=I", data)
+    return dst, dropped
+
+
+def set_recv_origdst(sock: socket.socket) -> None:
+    """Ask recvmsg for each datagram's original destination, and for the drop counter."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
 
 
 def original_dst_redirect(sock: socket.socket) -> Address:

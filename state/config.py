@@ -26,6 +26,8 @@ class RelayConfig:
     max_connections: int = 16384
     connect_timeout: float = 10.0  # seconds
     idle_timeout: float = 3600.0  # seconds without a byte either way; 0: never
+    udp_idle_timeout: float = 60.0  # seconds without a datagram either way ends a UDP session
+    max_udp_sessions: int = 16384  # past it, the least recently used session is evicted
 
 
 @dataclass(frozen=True)

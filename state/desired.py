@@ -112,6 +112,14 @@ def render_nft(config: Config) -> NftTable:
         _match({"&": [_meta("mark"), marks.relay]}, marks.relay), {"return": None}])
     mangle: List[NftRule] = [
         relay_own,
+        # An ICMP error about a connection the relay opened from a client's address is routed
+        # toward that client like any forwarded packet: deliver it to the relay's socket
+        # instead (its conntrack entry carries the relay mark, set in the output chain).
+        NftRule.make("ICMP errors about the relay's own connections", [
+            _match(_meta("l4proto"), {"set": ["icmp", "ipv6-icmp"]}),
+            _match({"ct": {"key": "state"}}, "related"),
+            _match({"&": [{"ct": {"key": "mark"}}, marks.relay]}, marks.relay),
+            _set_mark(marks.intercept), {"accept": None}]),
         NftRule.make("replies to the relay's transparent sockets", [
             _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
             _match({"socket": {"key": "transparent"}}, 1),
@@ -133,8 +141,14 @@ def render_nft(config: Config) -> NftTable:
         capture.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
             _match(_meta("iifname"), _one_or_set(entry.interfaces)),
             {"jump": {"target": chain.name}}]))
+    output = NftRule.make("remember the relay's own connections in conntrack", [
+        _match({"&": [_meta("mark"), marks.relay]}, marks.relay),
+        {"mangle": {"key": {"ct": {"key": "mark"}},
+                    "value": {"|": [{"ct": {"key": "mark"}}, marks.relay]}}}])
     base = [NftChain(name="prerouting", type="filter", hook="prerouting",
-                     prio=config.nftables.priority, policy="accept", rules=tuple(mangle))]
+                     prio=config.nftables.priority, policy="accept", rules=tuple(mangle)),
+            NftChain(name="output", type="filter", hook="output", prio=config.nftables.priority,
+                     policy="accept", rules=(output,))]
     if config.relay.mode == REDIRECT:
         base.append(NftChain(name="redirect", type="nat", hook="prerouting", prio=-100,
                              policy="accept", rules=tuple(capture)))

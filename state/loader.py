@@ -270,6 +270,8 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "max_connections": lambda v, p: _int(v, p, out, 1, 1_000_000),
         "connect_timeout": lambda v, p: _seconds(v, p, out, 0.001, 3600),
         "idle_timeout": lambda v, p: _seconds(v, p, out, 0, 30 * 86400),
+        "udp_idle_timeout": lambda v, p: _seconds(v, p, out, 0.001, 86400),
+        "max_udp_sessions": lambda v, p: _int(v, p, out, 1, 1_000_000),
     }, RelayConfig()))
 
     marks = Marks(**_fields(_section(doc, "marks", out), "marks", out, {

@@ -4,6 +4,8 @@
     peers.py reset PORT         read a little, then close with RST
     peers.py echo PORT          echo every connection, many at once (selectors)
     peers.py hold HOST PORT N SECONDS   open N connections, check an echo on each, hold them
+    peers.py udpecho PORT       echo every UDP datagram to its sender
+    peers.py udpmany HOST PORT SOCKETS ROUNDS   each socket sends ROUNDS checked datagrams
 """
 
 from __future__ import annotations
@@ -96,9 +98,62 @@ def hold(host: str, port: int, count: int, seconds: float) -> None:
     print("closed", flush=True)
 
 
+def udpecho(port: int) -> None:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind(("::", port))
+    print(f"listening on {port}", flush=True)
+    while True:
+        data, peer = s.recvfrom(65536)
+        s.sendto(data, peer)
+
+
+def udpmany(host: str, port: int, sockets: int, rounds: int) -> None:
+    """Many client sockets at once, each expecting back exactly its own datagrams."""
+    import os
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(sockets)]
+    sel = selectors.DefaultSelector()
+    for i, s in enumerate(socks):
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+    mixed = lost = 0
+    for r in range(rounds):
+        sent = {}
+        for i in range(len(socks)):
+            body = f"{i} {r} ".encode() + os.urandom(32)
+            sent[i] = body + hashlib.sha256(body).digest()
+        pending = set(sent)
+        for _attempt in range(3):
+            for i in pending:
+                socks[i].sendto(sent[i], (host, port))
+            deadline = time.monotonic() + 1.0
+            while pending and time.monotonic() < deadline:
+                for key, _ in sel.select(0.1):
+                    i = key.data
+                    try:
+                        data = socks[i].recv(65536)
+                    except BlockingIOError:
+                        continue
+                    sid, rnd = data.split(b" ", 2)[:2]
+                    if data == sent[i]:
+                        pending.discard(i)
+                    elif int(sid) != i or int(rnd) == r:
+                        mixed += 1  # another socket's datagram, or this round's corrupted
+                    # else: a late copy from an earlier round's retry
+            if not pending:
+                break
+        lost += len(pending)
+    print(f"mixed {mixed} lost {lost}", flush=True)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "hold":
         hold(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif mode == "udpmany":
+        udpmany(args[0], int(args[1]), int(args[2]), int(args[3]))
     else:
-        {"digest": digest, "reset": reset, "echo": echo}[mode](int(args[0]))
+        {"digest": digest, "reset": reset, "echo": echo, "udpecho": udpecho}[mode](int(args[0]))

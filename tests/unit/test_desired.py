@@ -48,9 +48,10 @@ def test_exemptions_come_first_and_ports_use_a_set():
                      'protocols = ["tcp"]\nports = [443, "8000-8999"]\nexclude = ["198.18.5.0/24"]\n'))
     pre = nft_rules(d.nft)["prerouting"]
     assert pre[0][0]["match"]["right"] == 4  # relay mark
-    assert {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 1}} in pre[1]
-    assert pre[2][0]["match"]["left"] == {"fib": {"result": "type", "flags": ["daddr"]}}
-    assert pre[3] == [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+    assert {"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "related"}} in pre[1]
+    assert {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 1}} in pre[2]
+    assert pre[3][0]["match"]["left"] == {"fib": {"result": "type", "flags": ["daddr"]}}
+    assert pre[4] == [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
                                  "right": {"set": ["lan0", "lan1"]}}},
                       {"jump": {"target": "intercept_lan"}}]
     chain = nft_rules(d.nft)["intercept_lan"]

@@ -55,6 +55,7 @@ def test_example_documents_every_key():
     from tproxyd.state import loader
 
     keys = {"port", "mode", "spoof_source", "max_connections", "connect_timeout", "idle_timeout",
+            "udp_idle_timeout", "max_udp_sessions",
             "intercept", "relay", "table", "priority", "protocol", "forwarding",
             "state_dir", *loader.INTERCEPT_KEYS}
     for key in keys:

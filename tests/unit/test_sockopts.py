@@ -3,6 +3,7 @@ only SockaddrError."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -41,3 +42,25 @@ def test_arbitrary_bytes_raise_only_sockaddr_error(raw):
     except SockaddrError:
         return
     assert 0 <= port <= 65535 and isinstance(host, str)
+
+
+def test_udp_ancillary_data():
+    from tproxyd.relay.sockopts import IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_RXQ_OVFL, parse_udp_ancillary
+
+    anc = [(socket.SOL_IP, IP_ORIGDSTADDR, sockaddr_in("198.18.2.2", 53)),
+           (socket.SOL_SOCKET, SO_RXQ_OVFL, struct.pack("=I", 7))]
+    assert parse_udp_ancillary(anc) == (("198.18.2.2", 53), 7)
+    anc6 = [(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, sockaddr_in6("2001:db8:2::2", 443))]
+    assert parse_udp_ancillary(anc6) == (("2001:db8:2::2", 443), None)
+    assert parse_udp_ancillary([]) == (None, None)
+    with pytest.raises(SockaddrError):
+        parse_udp_ancillary([(socket.SOL_IP, IP_ORIGDSTADDR, b"\x02\x00")])
+
+
+@given(st.lists(st.tuples(st.sampled_from([socket.SOL_IP, socket.IPPROTO_IPV6, socket.SOL_SOCKET]),
+                          st.sampled_from([20, 74, 40, 1]), st.binary(max_size=32)), max_size=3))
+def test_arbitrary_ancillary_data_raises_only_sockaddr_error(anc):
+    from tproxyd.relay.sockopts import parse_udp_ancillary
+
+    with contextlib.suppress(SockaddrError):
+        parse_udp_ancillary(anc)

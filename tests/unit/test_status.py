@@ -41,6 +41,6 @@ def test_converged_is_in_sync_and_drift_is_named():
     assert by[("rule", str(Rule(4, 9, 100, 1, 1, 201)))].state == EXTRA
     assert by[("route", str(route))].state == DRIFTED and "eth0" in by[("route", str(route))].detail
     table = by[("nft table", "inet tproxyd")]
-    assert table.state == DRIFTED and "chain prerouting: 1 of 4 rules" in table.detail
+    assert table.state == DRIFTED and "chain prerouting: 1 of 5 rules" in table.detail
     assert by[("sysctl", "net.ipv4.ip_forward = 1")].state == DRIFTED
     assert by[("nft set", "lan_dst4")].state == IN_SYNC

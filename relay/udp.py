@@ -1,0 +1,262 @@
+"""Transparent UDP in the relay's loop: sessions keyed by (client, original destination).
+
+A datagram captured by TPROXY arrives on the UDP listener; recvmsg's ancillary data names its
+original destination. The first datagram of a (client, destination) pair opens a session: an
+outbound socket carrying the relay mark, bound (with spoof_source) to the client's address and
+connected to the destination, so the kernel filters replies and reports ICMP errors to it.
+Replies go back from a socket bound transparently to the destination's address and port, so
+the client sees the answer come from the server it asked. Those reply sockets are shared by
+every client of one destination; the kernel then also delivers the clients' next datagrams to
+them (TPROXY finds a bound socket first), so they are read like the listener.
+
+Bad input costs one datagram: any error on a datagram is counted and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from .sockopts import (
+    SO_MARK,
+    Address,
+    SockaddrError,
+    is_local_address,
+    parse_udp_ancillary,
+    set_recv_origdst,
+    set_transparent,
+)
+
+if TYPE_CHECKING:
+    from .loop import Relay
+
+log = logging.getLogger("tproxyd.relay")
+
+MAX_DATAGRAM = 65536  # IPv4 carries at most 65,507 bytes of UDP payload, IPv6 65,527
+CMSG_SPACE = socket.CMSG_SPACE(28) + socket.CMSG_SPACE(4)  # sockaddr_in6 + drop counter
+BATCH = 64  # datagrams per readiness event: one busy socket cannot starve the others
+UDP_IN, UDP_SESSION = "udp-in", "udp-session"
+
+
+class Session:
+    __slots__ = ("client", "dst", "last_active", "reply", "sock", "timer_at")
+
+    def __init__(self, client: Address, dst: Address, sock: socket.socket,
+                 reply: socket.socket, now: float):
+        self.client, self.dst, self.sock, self.reply = client, dst, sock, reply
+        self.last_active = now
+        self.timer_at = 0.0
+
+
+class UdpRelay:
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.settings = relay.settings
+        self.counters = relay.counters
+        self.listeners: list[socket.socket] = []
+        self.sessions: OrderedDict[tuple[Address, Address], Session] = OrderedDict()  # LRU first
+        self.replies: dict[Address, tuple[socket.socket, int]] = {}  # dst -> (socket, users)
+        self.kernel_drops: dict[int, int] = {}  # fd -> last SO_RXQ_OVFL value seen
+
+    # --- sockets -------------------------------------------------------------------------------
+
+    def open(self) -> list[Address]:
+        for host in self.settings.hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            set_transparent(s)
+            set_recv_origdst(s)
+            s.bind((host, self.settings.port))
+            s.setblocking(False)
+            self.listeners.append(s)
+            self.relay.selector.register(s, selectors.EVENT_READ, (UDP_IN, s))
+        return [s.getsockname()[:2] for s in self.listeners]
+
+    def close(self) -> None:
+        for session in list(self.sessions.values()):
+            self._end(session)
+        for s in self.listeners:
+            self.relay.unregister(s)
+            s.close()
+        self.listeners.clear()
+
+    def _reply_socket(self, dst: Address) -> socket.socket:
+        entry = self.replies.get(dst)
+        if entry is not None:
+            self.replies[dst] = (entry[0], entry[1] + 1)
+            return entry[0]
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            set_transparent(s)
+            set_recv_origdst(s)
+            s.bind(dst)
+        except BaseException:
+            s.close()
+            raise
+        self.replies[dst] = (s, 1)
+        self.relay.selector.register(s, selectors.EVENT_READ, (UDP_IN, s))
+        return s
+
+    def _release_reply(self, dst: Address) -> None:
+        s, users = self.replies[dst]
+        if users > 1:
+            self.replies[dst] = (s, users - 1)
+            return
+        del self.replies[dst]
+        self.kernel_drops.pop(s.fileno(), None)
+        self.relay.unregister(s)
+        s.close()
+
+    # --- client -> server ------------------------------------------------------------------------
+
+    def on_datagrams(self, sock: socket.socket) -> None:
+        """A listener or reply socket is readable: clients' datagrams, each to its session."""
+        c = self.counters
+        for _ in range(BATCH):
+            try:
+                data, anc, flags, client = sock.recvmsg(MAX_DATAGRAM, CMSG_SPACE)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. an ICMP error queued on a reply socket
+                c.udp_drops += 1
+                log.debug("udp receive: %s", exc)
+                continue
+            try:
+                dst, dropped = parse_udp_ancillary(anc)
+            except SockaddrError as exc:
+                c.udp_drops += 1
+                log.debug("udp datagram with unreadable ancillary data: %s", exc)
+                continue
+            if dropped is not None:
+                c.udp_kernel_drops += dropped - self.kernel_drops.get(sock.fileno(), 0)
+                self.kernel_drops[sock.fileno()] = dropped
+            if dst is None or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                c.udp_drops += 1
+                continue
+            self._forward(client[:2], dst, data)
+
+    def _forward(self, client: Address, dst: Address, data: bytes) -> None:
+        c = self.counters
+        key = (client, dst)
+        session = self.sessions.get(key)
+        if session is None:
+            session = self._open_session(client, dst)
+            if session is None:
+                c.udp_drops += 1
+                return
+        else:
+            self.sessions.move_to_end(key)
+        session.last_active = self.relay.now
+        try:
+            session.sock.send(data)
+        except BlockingIOError:
+            c.udp_drops += 1  # the outbound buffer is full: UDP may drop, and so do we
+            return
+        except OSError as exc:
+            self._icmp_error(session, exc)
+            return
+        c.udp_datagrams_up += 1
+        c.udp_bytes_up += len(data)
+
+    def _open_session(self, client: Address, dst: Address) -> Session | None:
+        c = self.counters
+        if dst[1] in self.relay.ports and is_local_address(dst[0]):
+            c.loops += 1
+            self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
+                                         f"to the relay itself ({dst[0]} port {dst[1]})")
+            return None
+        while len(self.sessions) >= self.settings.max_udp_sessions:
+            _, oldest = self.sessions.popitem(last=False)
+            c.udp_evicted += 1
+            self._close(oldest)
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.settings.mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.mark)
+            if self.settings.spoof_source:
+                set_transparent(sock)
+                sock.bind((client[0], 0))
+            sock.connect(dst)  # replies from elsewhere are filtered; ICMP errors reach us
+            reply = self._reply_socket(dst)
+        except OSError as exc:
+            sock.close()
+            c.udp_failed += 1
+            self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
+            return None
+        session = Session(client, dst, sock, reply, self.relay.now)
+        self.sessions[(client, dst)] = session
+        self.relay.selector.register(sock, selectors.EVENT_READ, (UDP_SESSION, session))
+        c.udp_sessions += 1
+        c.udp_sessions_opened += 1
+        self._schedule(session, self.relay.now + self.settings.udp_idle_timeout)
+        return session
+
+    # --- server -> client ------------------------------------------------------------------------
+
+    def on_reply(self, session: Session) -> None:
+        c = self.counters
+        if self.sessions.get((session.client, session.dst)) is not session:
+            return  # ended earlier in this batch of events
+        for _ in range(BATCH):
+            try:
+                data = session.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # ECONNREFUSED: the server's ICMP port unreachable
+                self._icmp_error(session, exc)
+                return
+            try:
+                session.reply.sendto(data, session.client)
+            except OSError:  # BlockingIOError included: a full buffer drops, as UDP does
+                c.udp_drops += 1
+                continue
+            c.udp_datagrams_down += 1
+            c.udp_bytes_down += len(data)
+        session.last_active = self.relay.now
+        self.sessions.move_to_end((session.client, session.dst))
+
+    def _icmp_error(self, session: Session, exc: OSError) -> None:
+        self.counters.udp_icmp_errors += 1
+        log.debug("udp session %s -> %s ended: %s", session.client, session.dst,
+                  errno.errorcode.get(exc.errno or 0, exc))
+        self._end(session)
+
+    # --- expiry ----------------------------------------------------------------------------------
+
+    def _schedule(self, session: Session, when: float) -> None:
+        session.timer_at = when
+        self.relay.at(when, self._check_idle, session)
+
+    def _check_idle(self, session: object, when: float) -> None:
+        assert isinstance(session, Session)
+        if when != session.timer_at or self.sessions.get((session.client, session.dst)) is not session:
+            return
+        deadline = session.last_active + self.settings.udp_idle_timeout
+        if self.relay.now >= deadline:
+            self.counters.udp_expired += 1
+            self._end(session)
+        else:
+            self._schedule(session, deadline)
+
+    def _end(self, session: Session) -> None:
+        if self.sessions.pop((session.client, session.dst), None) is session:
+            self._close(session)
+
+    def _close(self, session: Session) -> None:
+        """Release a session already removed from the table. Never raises."""
+        self.relay.unregister(session.sock)
+        session.sock.close()
+        self._release_reply(session.dst)
+        self.counters.udp_sessions -= 1
