@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any, Dict, List, Sequence
 
 from tproxyd.state import preflight
@@ -140,7 +141,43 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _daemon_view(config: Config) -> dict | None:
+    from .daemon import query
+
+    try:
+        return query(config.daemon.socket_path)
+    except (OSError, ValueError):
+        return None
+
+
+def _daemon_lines(path: str, view: dict | None) -> list[str]:
+    if view is None:
+        return [f"daemon: not running (nothing answers on {path})"]
+    last = view.get("last_reconcile") or {}
+    when = time.strftime("%H:%M:%S", time.localtime(last["time"])) if last.get("time") else "-"
+    lines = [f"daemon: running, pid {view['pid']}, up {time.time() - view['started']:.0f}s, "
+             f"{view['reconciles']} reconciles; last at {when}: {last.get('result', '-')}"
+             + (f" ({len(last.get('changes', []))} changes)" if last.get("result") == "ok"
+                else f": {last.get('error', '')}")]
+    if view.get("config_error"):
+        lines.append(f"config error (the last good config stays in force):\n  {view['config_error']}")
+    for w in view.get("workers", []):
+        lines.append(f"worker {w['slot']}: pid {w['pid']}, up {w['uptime']}s, {w['state']}, "
+                     f"{w['restarts']} restarts")
+    for slot in view.get("crash_loop", []):
+        lines.append(f"worker {slot}: CRASH LOOP ({view['last_exits'].get(str(slot), '')})")
+    c = view.get("counters") or {}
+    if c:
+        lines.append(f"relay: {c.get('active', 0):.0f} active, {c.get('accepted', 0):.0f} accepted, "
+                     f"{c.get('refused', 0):.0f} refused, {c.get('failed', 0):.0f} failed, "
+                     f"{c.get('bytes_up', 0) / 1e6:.1f} MB up, {c.get('bytes_down', 0) / 1e6:.1f} MB "
+                     f"down; udp {c.get('udp_sessions', 0):.0f} sessions, "
+                     f"{c.get('udp_drops', 0) + c.get('udp_kernel_drops', 0):.0f} drops")
+    return lines
+
+
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    view = _daemon_view(config)
     rec = _reconciler(config)
     try:
         statuses = rec.status()
@@ -150,12 +187,14 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             findings = [preflight.Finding(preflight.WARNING, f"host checks failed: {exc}", "")]
     finally:
         rec.close()
-    ok = in_sync(statuses)
+    ok = in_sync(statuses) and not (view and view.get("config_error"))
     if args.json:
-        _print_json({"config": config.source, "in_sync": ok,
+        _print_json({"config": config.source, "in_sync": in_sync(statuses),
                      "objects": [s.to_json() for s in statuses],
-                     "findings": [f.to_json() for f in findings]})
+                     "findings": [f.to_json() for f in findings], "daemon": view})
     else:
+        for line in _daemon_lines(config.daemon.socket_path, view):
+            print(line)
         width = max(len(s.kind) for s in statuses)
         for s in statuses:
             detail = f"  ({s.detail})" if s.detail else ""
@@ -163,7 +202,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
                   f"{s.name}{detail}")
         for f in findings:
             print(f)
-        print("in sync" if ok else "not in sync: `tproxy apply` converges it")
+        print("in sync" if in_sync(statuses) else "not in sync: `tproxy apply` converges it")
     return EXIT_OK if ok else EXIT_PENDING
 
 

@@ -1,17 +1,400 @@
-"""`tproxyd`: the daemon. For now it converges once and exits; watching the config, supervising
-the relay and repairing drift come with the daemon issue."""
+"""`tproxyd`: converge to tproxy.toml, keep converging, and supervise the relay.
+
+One loop (selectors) waits on: signals, config file events (watchdog, debounced), netlink
+notifications for rules, routes and nftables (drift), the status socket, and timers (debounce,
+periodic resync, worker restarts). A bad config is logged and shown in status while the last
+good one stays in force; a kernel error is retried with backoff.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import heapq
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
 import sys
-from typing import Sequence
+import time
+from collections.abc import Sequence
 
-from . import cli
+from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
+from tproxyd.state.desired import owner_of
+from tproxyd.state.errors import ConfigError
+from tproxyd.state.loader import load
+from tproxyd.state.status import in_sync
+
+from .errors import KernelError, PreflightError
+from .reconcile import Reconciler
+from .supervisor import Supervisor, listener_shape
+
+log = logging.getLogger("tproxyd")
+
+DEBOUNCE = 0.2  # seconds of quiet after a file or netlink event before reconciling
+DEBOUNCE_MAX = 1.0  # a steady stream of events still converges this soon
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+# rtnetlink groups: IPv4 routes, IPv4 rules, IPv6 routes; IPv6 rules is group 19
+RTNL_GROUPS = 0x40 | 0x80 | 0x400 | (1 << (19 - 1))
+NETLINK_NETFILTER, NFNLGRP_NFTABLES = 12, 7
+
+
+class Notifier:
+    """systemd's sd_notify protocol without a dependency: datagrams to $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        path = os.environ.get("NOTIFY_SOCKET", "")
+        self.addr = "\0" + path[1:] if path.startswith("@") else path
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self.watchdog = int(usec) / 2e6 if usec.isdigit() else None  # ping at half the interval
+
+    def send(self, message: str) -> None:
+        if not self.addr:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+            s.sendto(message.encode(), self.addr)
+
+
+class Daemon:
+    def __init__(self, path: str):
+        self.path = path
+        self.config: Config | None = None  # the last good config, in force
+        self.config_digest = ""
+        self.config_error: str | None = None
+        self.reconciler: Reconciler | None = None
+        self.supervisor = Supervisor(path)
+        self.notifier = Notifier()
+        self.selector = selectors.DefaultSelector()
+        self.timers: list[tuple[float, str]] = []
+        self.reconcile_due: tuple[float, float] | None = None  # (when, first event's time)
+        self.retry_delay = RETRY_FIRST
+        self.running = True
+        self.signals: list[int] = []
+        self.file_event = False
+        self.started = time.time()
+        self.reconciles = 0
+        self.last: dict = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.status_sock: socket.socket | None = None
+        self.observer = None
+
+    # --- start and stop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.config = load(self.path)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return 1
+        self.config_digest = self._digest()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._reconcile(initial=True)
+        try:
+            self.supervisor.start(self.config)
+        except OSError as exc:
+            log.error("cannot open the relay's listeners on port %s: %s", self.config.relay.port, exc)
+            self._exit_cleanup()
+            return 1
+        self._watch()
+        self._subscribe()
+        self._open_status()
+        self._at(time.monotonic() + self.config.daemon.resync_interval, "resync")
+        if self.notifier.watchdog:
+            self._at(time.monotonic() + self.notifier.watchdog, "watchdog")
+        self.notifier.send("READY=1\nSTATUS=converged")
+        log.info("tproxyd running (pid %s), config %s", os.getpid(), self.path)
+        while self.running:
+            self._turn()
+        self._exit_cleanup()
+        return 0
+
+    def _exit_cleanup(self) -> None:
+        self.notifier.send("STOPPING=1")
+        if self.observer is not None:
+            self.observer.stop()
+        assert self.config is not None
+        log.info("stopping: draining the relay workers")
+        self.supervisor.stop(self.config.relay.drain_timeout)
+        if self.config.daemon.on_exit == "remove":
+            rec = self.reconciler or Reconciler(self.config)
+            try:
+                result = rec.down()
+                log.info("removed what tproxyd owned (%d changes)", len(result.ops))
+            except KernelError as exc:
+                log.error("could not remove everything: %s", exc)
+        else:
+            log.info("on_exit = keep: rules left in force")
+        if self.status_sock is not None:
+            self.status_sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.daemon.socket_path)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)  # handled in the loop, not here
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        deadlines = [t for t, _ in self.timers[:1]]
+        if self.reconcile_due:
+            deadlines.append(self.reconcile_due[0])
+        nxt = self.supervisor.tick(now)
+        if nxt is not None:
+            deadlines.append(nxt)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        for key, _ in self.selector.select(timeout):
+            if key.data == "wake":
+                with contextlib.suppress(BlockingIOError):
+                    while self._wake_r.recv(4096):
+                        pass
+            elif key.data == "netlink":
+                self._drain_netlink(key.fileobj)
+                self._schedule_reconcile()
+            elif key.data == "status":
+                self._serve_status()
+        self._handle_signals()
+        if self.file_event:
+            self.file_event = False
+            self._schedule_reconcile()
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, what = heapq.heappop(self.timers)
+            if what == "resync":
+                self._schedule_reconcile(now=True)
+                assert self.config is not None
+                self._at(now + self.config.daemon.resync_interval, "resync")
+            elif what == "watchdog":
+                self.notifier.send("WATCHDOG=1")
+                self._at(now + (self.notifier.watchdog or 1), "watchdog")
+        if self.reconcile_due and now >= self.reconcile_due[0]:
+            self.reconcile_due = None
+            self._reconcile()
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("signal %s: stopping", signal.Signals(sig).name)
+                self.running = False
+            elif sig == signal.SIGHUP:
+                log.info("SIGHUP: reloading %s", self.path)
+                self.config_digest = ""  # reload even if the bytes did not change
+                self._schedule_reconcile(now=True)
+
+    def _at(self, when: float, what: str) -> None:
+        heapq.heappush(self.timers, (when, what))
+
+    def _schedule_reconcile(self, now: bool = False) -> None:
+        t = time.monotonic()
+        if now:
+            self.reconcile_due = (t, t)
+            return
+        first = self.reconcile_due[1] if self.reconcile_due else t
+        self.reconcile_due = (min(t + DEBOUNCE, first + DEBOUNCE_MAX), first)
+
+    # --- reconciling ---------------------------------------------------------------------------
+
+    def _digest(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return ""
+
+    def _reconcile(self, initial: bool = False) -> None:
+        """Pick up a changed file (keeping the last good config if it is bad), then converge."""
+        digest = self._digest()
+        if not initial and digest != self.config_digest:
+            self.config_digest = digest
+            try:
+                new = load(self.path)
+            except ConfigError as exc:
+                self.config_error = str(exc)
+                log.error("config not applied, the last good one stays in force:\n%s", exc)
+                self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
+                return
+            self.config_error = None
+            self._switch(new)
+        self._converge()
+
+    def _switch(self, new: Config) -> None:
+        old = self.config
+        assert old is not None
+        if new == old:
+            return
+        self.notifier.send("RELOADING=1")
+        log.info("config changed: converging to the new one")
+        if owner_of(new) != owner_of(old):  # a new table, protocol or nft table: leave the old
+            try:
+                (self.reconciler or Reconciler(old)).down(restore_sysctls=False)
+            except KernelError as exc:
+                log.error("removing the old config's objects: %s", exc)
+        if self.reconciler is not None:
+            self.reconciler.close()
+            self.reconciler = None
+        self.config = new
+        if relay_view(new) != relay_view(old):
+            log.info("relay settings changed: reloading the relay workers")
+            self.supervisor.reload(new)
+        self.notifier.send("READY=1")
+
+    def _converge(self) -> None:
+        assert self.config is not None
+        self.reconciles += 1
+        when = time.time()
+        try:
+            if self.reconciler is None:
+                self.reconciler = Reconciler(self.config)
+            result = self.reconciler.apply()
+        except PreflightError as exc:
+            self._failed(when, f"preflight: {exc}")
+            return
+        except (KernelError, OSError) as exc:
+            self._failed(when, str(exc))
+            if self.reconciler is not None:  # a fresh connection to the kernel next time
+                self.reconciler.close()
+                self.reconciler = None
+            return
+        self.retry_delay = RETRY_FIRST
+        changes = [str(op) for op in result.ops]
+        for line in changes:
+            log.info("%s", line)
+        if changes:
+            log.info("converged: %d changes, %d kernel writes", len(changes), result.writes)
+        self.last = {"time": when, "result": "ok", "changes": changes, "writes": result.writes}
+
+    def _failed(self, when: float, error: str) -> None:
+        log.error("reconcile failed (retrying in %.1fs): %s", self.retry_delay, error)
+        self.last = {"time": when, "result": "error", "error": error, "changes": []}
+        t = time.monotonic()
+        self.reconcile_due = (t + self.retry_delay, t)
+        self.retry_delay = min(RETRY_MAX, self.retry_delay * 2)
+
+    # --- watching ------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """watchdog on the config's directory: in-place writes, rename-over saves, sed -i and
+        Kubernetes' ..data symlink swaps all show up as some event there."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        daemon = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # watchdog's thread: only flag and wake
+                daemon.file_event = True
+                with contextlib.suppress(OSError):
+                    daemon._wake_w.send(b"f")
+
+        self.observer = Observer()
+        self.observer.schedule(Handler(), os.path.dirname(os.path.abspath(self.path)) or ".",
+                               recursive=False)
+        self.observer.daemon = True
+        self.observer.start()
+
+    def _subscribe(self) -> None:
+        """Netlink notifications as a drift signal: any rule, route or nftables change makes a
+        (debounced) reconcile, which reads the state and does nothing if ours is intact."""
+        for proto, groups in ((socket.NETLINK_ROUTE, RTNL_GROUPS),
+                              (NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))):
+            try:
+                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
+                s.bind((0, groups))
+                s.setblocking(False)
+            except OSError as exc:
+                log.warning("no netlink notifications (%s): drift is found by the periodic "
+                            "resync only", exc)
+                continue
+            self.selector.register(s, selectors.EVENT_READ, "netlink")
+
+    @staticmethod
+    def _drain_netlink(sock: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while sock.recv(65536):
+                pass
+
+    # --- status --------------------------------------------------------------------------------
+
+    def _open_status(self) -> None:
+        assert self.config is not None
+        path = self.config.daemon.socket_path
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(8)
+        s.setblocking(False)
+        self.status_sock = s
+        self.selector.register(s, selectors.EVENT_READ, "status")
+
+    def status(self) -> dict:
+        assert self.config is not None
+        now = time.monotonic()
+        objects: list = []
+        sync = None
+        try:
+            if self.reconciler is None:
+                self.reconciler = Reconciler(self.config)
+            statuses = self.reconciler.status()
+            objects = [s.to_json() for s in statuses]
+            sync = in_sync(statuses)
+        except (KernelError, OSError) as exc:
+            objects = [{"kind": "error", "name": str(exc), "state": "unknown", "detail": ""}]
+        return {"pid": os.getpid(), "config": self.path, "started": self.started,
+                "config_error": self.config_error, "last_reconcile": self.last,
+                "reconciles": self.reconciles, "in_sync": sync, "objects": objects,
+                **self.supervisor.info(now), "counters": self.supervisor.counters()}
+
+    def _serve_status(self) -> None:
+        assert self.status_sock is not None
+        try:
+            peer, _ = self.status_sock.accept()
+        except OSError:
+            return
+        with peer:
+            peer.settimeout(2)
+            with contextlib.suppress(OSError):
+                peer.sendall(json.dumps(self.status()).encode() + b"\n")
+
+
+def relay_view(config: Config) -> tuple:
+    """What the relay workers read from the config: a change here reloads them."""
+    return (config.relay, config.marks.relay, listener_shape(config), config.daemon.state_dir)
+
+
+def query(path: str, timeout: float = 5.0) -> dict:
+    """The running daemon's status, from its socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    return cli.main(["apply", *args])
+    p = argparse.ArgumentParser(prog="tproxyd", description="tproxyd: converge, watch, relay")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s tproxyd[%(process)d] %(levelname)s %(message)s")
+    return Daemon(args.config).run()
 
 
 if __name__ == "__main__":

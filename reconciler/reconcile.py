@@ -119,14 +119,16 @@ class Reconciler:
                                           + "; ".join(str(op) for op in left))
         return Result(ops=ops, writes=self.writes - before, findings=findings)
 
-    def down(self) -> Result:
-        """Remove everything this config owns and restore the sysctls tproxyd replaced."""
+    def down(self, restore_sysctls: bool = True) -> Result:
+        """Remove everything this config owns and (unless told not to, as when another config
+        takes over) restore the sysctls tproxyd replaced."""
         before = self.writes
-        saved = self.memory.load()
+        saved = self.memory.load() if restore_sysctls else {}
         live = self.live()
         ops = plan_down(self.desired.owner, live, saved)
         self._run(ops, remember=False)
-        self.memory.clear()
+        if restore_sysctls:
+            self.memory.clear()
         return Result(ops=ops, writes=self.writes - before)
 
     def _run(self, ops: Tuple[Op, ...], remember: bool = True) -> None:

@@ -1,5 +1,7 @@
-"""`python -m tproxyd.relay --config F`: the relay alone, in the foreground. SIGTERM or SIGINT
-stops it cleanly; SIGUSR1 logs its counters."""
+"""`python -m tproxyd.relay --config F`: the relay alone, in the foreground, or as one of the
+daemon's workers (--listen-fd: listening sockets it inherits). SIGTERM or SIGINT stops it
+(connections closed); SIGUSR2 drains it (no new connections; it exits when the open ones end);
+SIGUSR1 logs its counters."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Sequence
 
@@ -35,10 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
     p.add_argument("--stats", help="Unix socket answering the counters as JSON "
                                    "(default: STATE_DIR/relay.sock)")
+    p.add_argument("--listen-fd", type=int, action="append", default=[], metavar="FD",
+                   help="an inherited listening socket (TCP or UDP) to serve; repeatable")
+    p.add_argument("--name", default="relay", help="the name in log lines (worker names)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection's end")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s relay[%(process)d] %(levelname)s %(message)s")
+                        format=f"%(asctime)s {args.name}[%(process)d] %(levelname)s %(message)s")
     try:
         config = load(args.config)
     except ConfigError as exc:
@@ -57,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     settings.max_connections, (limit - 64) // FDS_PER_CONNECTION)
     relay = Relay(settings)
     try:
-        bound = relay.open()
+        inherited = [socket.socket(fileno=fd) for fd in args.listen_fd] or None
+        bound = relay.open(inherited)
     except OSError as exc:
         log.error("cannot listen on port %s: %s", settings.port, exc)
         return 1
@@ -67,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR2, lambda *_: relay.request_drain())
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s",
                                                       json.dumps(relay.counters.to_json())))
     signal.set_wakeup_fd(relay.wakeup_fd(), warn_on_full_buffer=False)

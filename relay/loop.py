@@ -24,6 +24,7 @@ from tproxyd.state.config import REDIRECT, TPROXY
 
 from .connection import CLIENT, READ, SERVER, Connection, State
 from .flow import SPLICE
+from .listeners import open_listeners
 from .sockopts import (
     SO_MARK,
     Address,
@@ -107,6 +108,8 @@ class Relay:
         self._seq = itertools.count()
         self.now = time.monotonic()
         self.running = False
+        self.drain_requested = False
+        self.draining = False
         self.iterations = 0  # loop turns: a test's proof that the loop is not spinning
         self.ports: set[int] = set()  # bound listener ports, for loop detection
         self.accepting = True
@@ -120,28 +123,36 @@ class Relay:
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def open(self) -> list[Address]:
-        """Bind the listeners (and the stats socket). Returns the bound addresses."""
-        for host in self.settings.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if self.settings.transparent:
-                set_transparent(s)
-            s.bind((host, self.settings.port))
-            s.listen(4096)
+    def open(self, sockets: list[socket.socket] | None = None) -> list[Address]:
+        """Start listening: on sockets handed over (by the daemon), or on new ones. Returns the
+        TCP listeners' addresses."""
+        if sockets is None:
+            sockets = open_listeners(self.settings.port, self.settings.hosts,
+                                     self.settings.transparent, self.settings.udp)
+        for s in sockets:
             s.setblocking(False)
-            self.listeners.append(s)
-            self.selector.register(s, READ, (LISTENER, s))
+            if s.type == socket.SOCK_STREAM:
+                self.listeners.append(s)
+                self.selector.register(s, READ, (LISTENER, s))
+            else:
+                self.udp.adopt(s)
         bound = [s.getsockname()[:2] for s in self.listeners]
-        if self.settings.udp:
-            self.udp.open()
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
         self.ports = {port for _, port in bound}
         return bound
+
+    def request_drain(self) -> None:
+        """Safe from a signal handler: the loop drains at its next turn."""
+        self.drain_requested = True
+        self.wake()
+
+    def _drain(self) -> None:
+        """Stop taking new connections and datagrams; run until the open connections end."""
+        self.draining = True
+        self._pause_listening()
+        self.udp.stop_listening()
+        log.info("draining: %d connections open", len(self.connections))
 
     def _open_stats(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -196,6 +207,10 @@ class Relay:
                 else:
                     self._drain_waker()
             self._run_timers()
+            if self.drain_requested and not self.draining:
+                self._drain()
+            if self.draining and not self.connections:
+                self.running = False
         self.close()
 
     def close(self) -> None:
@@ -205,7 +220,7 @@ class Relay:
         self.udp.close()
         for s in self.listeners:
             self.unregister(s)
-            s.close()
+            s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
         self.listeners.clear()
         if self.stats_listener is not None:
             self.unregister(self.stats_listener)
@@ -282,15 +297,20 @@ class Relay:
             self.counters.accepted += 1
             self._start(client, addr[:2])
 
+    def _pause_listening(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            for s in self.listeners:
+                self.unregister(s)
+
     def _pause_accepting(self) -> None:
-        if not self.accepting:
-            return
-        self.accepting = False
-        for s in self.listeners:
-            self.unregister(s)
-        self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
+        if self.accepting:
+            self._pause_listening()
+            self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
 
     def _resume_accepting(self, _: object, when: float) -> None:
+        if self.draining or self.accepting:
+            return
         self.accepting = True
         for s in self.listeners:
             self.selector.register(s, READ, (LISTENER, s))

@@ -64,20 +64,15 @@ class UdpRelay:
 
     # --- sockets -------------------------------------------------------------------------------
 
-    def open(self) -> list[Address]:
-        for host in self.settings.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            set_transparent(s)
-            set_recv_origdst(s)
-            s.bind((host, self.settings.port))
-            s.setblocking(False)
-            self.listeners.append(s)
-            self.relay.selector.register(s, selectors.EVENT_READ, (UDP_IN, s))
-        return [s.getsockname()[:2] for s in self.listeners]
+    def adopt(self, s: socket.socket) -> None:
+        """Take a UDP listener (transparent, asking for original destinations)."""
+        self.listeners.append(s)
+        self.relay.selector.register(s, selectors.EVENT_READ, (UDP_IN, s))
+
+    def stop_listening(self) -> None:
+        """Draining: no new datagrams from the listeners; sessions finish on their own."""
+        for s in self.listeners:
+            self.relay.unregister(s)
 
     def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -28,6 +28,9 @@ class RelayConfig:
     idle_timeout: float = 3600.0  # seconds without a byte either way; 0: never
     udp_idle_timeout: float = 60.0  # seconds without a datagram either way ends a UDP session
     max_udp_sessions: int = 16384  # past it, the least recently used session is evicted
+    workers: int = 1  # single-threaded relay processes sharing the listeners; 0: one per CPU
+    drain_timeout: float = 30.0  # on reload, old workers finish their connections this long
+    when_down: str = "reject"  # no relay listening: "reject" captured traffic, or "pass" it
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ class Nftables:
 @dataclass(frozen=True)
 class Daemon:
     state_dir: str = "/run/tproxyd"  # sysctl values to restore on `down`; /run: gone on reboot, as they are
+    socket: str = ""  # the daemon's status socket; "" means STATE_DIR/tproxyd.sock
+    resync_interval: float = 30.0  # full drift check even without a notification
+    on_exit: str = "remove"  # on SIGTERM: "remove" everything, or "keep" the rules in force
+
+    @property
+    def socket_path(self) -> str:
+        return self.socket or f"{self.state_dir.rstrip('/')}/tproxyd.sock"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
@@ -103,6 +104,25 @@ def _intercept_chain(entry: Intercept, config: Config) -> Tuple[NftChain, List[N
     return NftChain(name=_chain_name(entry), rules=tuple(rules)), sets
 
 
+def _when_down_chain(entry: Intercept, chain: NftChain) -> NftChain:
+    """What a tproxy rule did not take (no relay listening) would be forwarded unproxied. The
+    same matches, in the forward hook (reject is not allowed in prerouting), refuse it: TCP with
+    a reset so clients fail fast, UDP dropped. Captured packets never get here: they are local."""
+    rules = []
+    for rule in chain.rules:
+        expr = json.loads(rule.expr)
+        if not any("tproxy" in e for e in expr):
+            rules.append(rule)  # the exclusions' returns, unchanged
+            continue
+        daddr, *ports = [e for e in expr if "match" in e and e["match"]["left"] != _meta("l4proto")]
+        family = rule.comment.split("(")[-1].split(")")[0]
+        for proto in entry.protocols:
+            verdict = {"reject": {"type": "tcp reset"}} if proto == "tcp" else {"drop": None}
+            rules.append(NftRule.make(f"{entry.name}: relay down, refuse {proto} ({family})",
+                                      [daddr, _match(_meta("l4proto"), proto), *ports, verdict]))
+    return NftChain(name=f"when_down_{entry.name}", rules=tuple(rules))
+
+
 def render_nft(config: Config) -> NftTable:
     """The table. In tproxy mode one mangle-priority chain captures; in redirect mode the capture
     moves to a nat chain (REDIRECT needs one), and the mangle chain keeps only what delivers
@@ -134,10 +154,18 @@ def render_nft(config: Config) -> NftTable:
                {"set": ["local", "broadcast", "multicast"]}), {"return": None}]))
     chains: List[NftChain] = []
     sets: List[NftSet] = []
+    forward: List[NftRule] = []
+    reject = config.relay.mode != REDIRECT and config.relay.when_down == "reject"
     for entry in config.intercepts:
         chain, entry_sets = _intercept_chain(entry, config)
         chains.append(chain)
         sets += entry_sets
+        if reject:
+            down = _when_down_chain(entry, chain)
+            chains.append(down)
+            forward.append(NftRule.make(f"{entry.name}: what the relay did not take", [
+                _match(_meta("iifname"), _one_or_set(entry.interfaces)),
+                {"jump": {"target": down.name}}]))
         capture.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
             _match(_meta("iifname"), _one_or_set(entry.interfaces)),
             {"jump": {"target": chain.name}}]))
@@ -149,6 +177,9 @@ def render_nft(config: Config) -> NftTable:
                      prio=config.nftables.priority, policy="accept", rules=tuple(mangle)),
             NftChain(name="output", type="filter", hook="output", prio=config.nftables.priority,
                      policy="accept", rules=(output,))]
+    if forward:
+        base.append(NftChain(name="forward", type="filter", hook="forward", prio=0,
+                             policy="accept", rules=tuple(forward)))
     if config.relay.mode == REDIRECT:
         base.append(NftChain(name="redirect", type="nat", hook="prerouting", prio=-100,
                              policy="accept", rules=tuple(capture)))

@@ -272,6 +272,9 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "idle_timeout": lambda v, p: _seconds(v, p, out, 0, 30 * 86400),
         "udp_idle_timeout": lambda v, p: _seconds(v, p, out, 0.001, 86400),
         "max_udp_sessions": lambda v, p: _int(v, p, out, 1, 1_000_000),
+        "workers": lambda v, p: _workers(v, p, out),
+        "drain_timeout": lambda v, p: _seconds(v, p, out, 0, 86400),
+        "when_down": lambda v, p: _choice(v, p, out, ("reject", "pass")),
     }, RelayConfig()))
 
     marks = Marks(**_fields(_section(doc, "marks", out), "marks", out, {
@@ -297,6 +300,9 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
 
     daemon = Daemon(**_fields(_section(doc, "daemon", out), "daemon", out, {
         "state_dir": lambda v, p: _abs_path(v, p, out),
+        "socket": lambda v, p: _abs_path(v, p, out),
+        "resync_interval": lambda v, p: _seconds(v, p, out, 0.1, 86400),
+        "on_exit": lambda v, p: _choice(v, p, out, ("remove", "keep")),
     }, Daemon()))
 
     intercepts: List[Intercept] = []
@@ -320,6 +326,15 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(source, out.problems)
     return Config(relay=relay, marks=marks, routing=routing, nftables=nft, daemon=daemon,
                   intercepts=tuple(intercepts), source=source)
+
+
+def _workers(value: Any, path: str, out: _Collector) -> int | None:
+    if value == "auto":
+        return 0  # one per CPU: the supervisor counts them (no syscalls in this package)
+    if isinstance(value, str):
+        out.add(path, f"{value!r} is neither a number of workers nor \"auto\"")
+        return None
+    return _int(value, path, out, 1, 256)
 
 
 def _choice(value: Any, path: str, out: _Collector, choices: tuple[str, ...]) -> str | None:

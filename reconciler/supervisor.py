@@ -1,0 +1,234 @@
+"""The daemon's relay workers: child processes, restarted with capped backoff, reloaded without
+dropping a connection.
+
+The daemon makes the listening sockets and keeps them; each worker inherits one set (several
+sets with SO_REUSEPORT when relay.workers > 1). A reload starts new workers on the same sockets,
+then tells the old ones to drain (SIGUSR2: stop accepting, exit when their connections end),
+so a connection is always either in a live worker or in the shared accept queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tproxyd.relay.listeners import open_listeners
+from tproxyd.relay.loop import read_stats
+from tproxyd.state.config import TPROXY, Config
+
+log = logging.getLogger("tproxyd")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # seconds before restarting a worker that died
+CRASH_LOOP = 5  # this many unexpected exits within a minute is reported as a crash loop
+
+
+def worker_count(config: Config) -> int:
+    return config.relay.workers or len(os.sched_getaffinity(0))
+
+
+def listener_shape(config: Config) -> tuple:
+    """What the listening sockets depend on: a change here needs new sockets."""
+    r = config.relay
+    udp = r.mode == TPROXY and any("udp" in i.protocols for i in config.intercepts)
+    return (r.port, r.mode == TPROXY, udp, worker_count(config))
+
+
+@dataclass
+class Worker:
+    slot: int
+    proc: subprocess.Popen
+    stats: str
+    started: float
+    draining: bool = False
+    drain_deadline: float = 0.0
+
+    def info(self, now: float) -> dict:
+        return {"slot": self.slot, "pid": self.proc.pid, "uptime": round(now - self.started, 1),
+                "state": "draining" if self.draining else "serving"}
+
+
+@dataclass
+class Slot:
+    restarts: int = 0
+    deaths: list[float] = field(default_factory=list)  # monotonic times of unexpected exits
+    restart_at: float | None = None
+    last_exit: str = ""
+
+
+class Supervisor:
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.config: Config | None = None
+        self.sockets: list[list[socket.socket]] = []  # per slot
+        self.shape: tuple = ()
+        self.workers: list[Worker] = []
+        self.slots: list[Slot] = []
+        self.retired: list[list[socket.socket]] = []  # old sockets, closed once drains end
+        self.generation = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, config: Config) -> None:
+        self.config = config
+        self._open_sockets(config)
+        for slot in range(len(self.sockets)):
+            self._spawn(slot)
+
+    def reload(self, config: Config) -> None:
+        """New workers on (possibly new) sockets first, then the old ones drain."""
+        old_workers = [w for w in self.workers if not w.draining]
+        old_sockets = self.sockets
+        self.config = config
+        if listener_shape(config) != self.shape:
+            self._open_sockets(config)
+        self.generation += 1
+        for slot in range(len(self.sockets)):
+            self._spawn(slot)
+        now = time.monotonic()
+        for w in old_workers:
+            self._drain(w, now)
+        if old_sockets is not self.sockets:
+            self.retired += old_sockets
+
+    def stop(self, timeout: float) -> None:
+        """Drain every worker, then SIGTERM what is left after timeout, then SIGKILL."""
+        now = time.monotonic()
+        for w in self.workers:
+            if not w.draining:
+                self._drain(w, now)
+        deadline = now + timeout
+        for w in self.workers:
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.proc.terminate()
+                try:
+                    w.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    w.proc.kill()
+                    w.proc.wait()
+        self.workers.clear()
+        self._close_sockets(self.sockets + self.retired)
+        self.sockets, self.retired = [], []
+
+    # --- the daemon's loop calls these -----------------------------------------------------------
+
+    def tick(self, now: float) -> float | None:
+        """Reap exits, restart due slots, enforce drain deadlines. Returns the next deadline."""
+        for w in list(self.workers):
+            code = w.proc.poll()
+            if code is None:
+                if w.draining and now >= w.drain_deadline:
+                    log.warning("worker %s (pid %s) still has connections after drain_timeout: "
+                                "stopping it", w.slot, w.proc.pid)
+                    w.proc.terminate()
+                    w.drain_deadline = now + 5
+                continue
+            self.workers.remove(w)
+            if w.draining:
+                log.info("worker %s (pid %s) drained and exited", w.slot, w.proc.pid)
+                continue
+            self._died(w, code, now)
+        if self.retired and not any(w.draining for w in self.workers):
+            self._close_sockets(self.retired)
+            self.retired = []
+        for slot_no, slot in enumerate(self.slots):
+            if slot.restart_at is not None and now >= slot.restart_at and self.config is not None:
+                slot.restart_at = None
+                if slot_no < len(self.sockets):
+                    self._spawn(slot_no)
+        deadlines = [s.restart_at for s in self.slots if s.restart_at is not None]
+        deadlines += [w.drain_deadline for w in self.workers if w.draining]
+        return min(deadlines) if deadlines else None
+
+    def info(self, now: float) -> dict:
+        workers = []
+        for w in self.workers:
+            entry = w.info(now)
+            entry["restarts"] = self.slots[w.slot].restarts if w.slot < len(self.slots) else 0
+            workers.append(entry)
+        crash = [n for n, s in enumerate(self.slots) if self._crash_looping(s, now)]
+        return {"workers": workers, "crash_loop": crash,
+                "last_exits": {n: s.last_exit for n, s in enumerate(self.slots) if s.last_exit}}
+
+    def counters(self) -> dict:
+        """The workers' counters, summed (a worker that does not answer is left out)."""
+        total: dict[str, float] = {}
+        for w in self.workers:
+            try:
+                stats = read_stats(w.stats, timeout=0.5)
+            except (OSError, ValueError):
+                continue
+            for key, value in stats.items():
+                if key not in ("pid", "started") and isinstance(value, (int, float)):
+                    total[key] = total.get(key, 0) + value
+        return total
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _open_sockets(self, config: Config) -> None:
+        count = worker_count(config)
+        shape = listener_shape(config)
+        sets = []
+        try:
+            for _ in range(count):
+                sets.append(open_listeners(config.relay.port, ("0.0.0.0", "::"), shape[1], shape[2],
+                                           reuseport=True))
+        except BaseException:
+            self._close_sockets(sets)
+            raise
+        self.sockets, self.shape = sets, shape
+        while len(self.slots) < count:
+            self.slots.append(Slot())
+
+    @staticmethod
+    def _close_sockets(sets: list[list[socket.socket]]) -> None:
+        for group in sets:
+            for s in group:
+                s.close()
+
+    def _spawn(self, slot: int) -> None:
+        assert self.config is not None
+        state = self.config.daemon.state_dir
+        stats = os.path.join(state, f"relay-{slot}-{self.generation}-{time.monotonic_ns()}.sock")
+        fds = [s.fileno() for s in self.sockets[slot]]
+        args = [sys.executable, "-m", "tproxyd.relay", "--config", self.config_path,
+                "--stats", stats, "--name", f"relay{slot}"]
+        for fd in fds:
+            args += ["--listen-fd", str(fd)]
+        proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
+        self.workers.append(Worker(slot, proc, stats, time.monotonic()))
+        log.info("worker %s started (pid %s)", slot, proc.pid)
+
+    def _drain(self, w: Worker, now: float) -> None:
+        assert self.config is not None
+        w.draining = True
+        w.drain_deadline = now + self.config.relay.drain_timeout
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.send_signal(signal.SIGUSR2)
+
+    def _died(self, w: Worker, code: int, now: float) -> None:
+        slot = self.slots[w.slot]
+        how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        slot.last_exit = how
+        # the backoff grows with the deaths of the last minute: a worker that stays up for a
+        # minute starts again from the first step
+        slot.deaths = [t for t in slot.deaths if now - t < 60] + [now]
+        slot.restarts += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(slot.deaths) - 1))
+        slot.restart_at = now + delay
+        level = logging.ERROR if self._crash_looping(slot, now) else logging.WARNING
+        log.log(level, "worker %s (pid %s) %s after %.1fs; restarting in %.1fs%s", w.slot,
+                w.proc.pid, how, now - w.started, delay,
+                " (crash loop)" if self._crash_looping(slot, now) else "")
+
+    @staticmethod
+    def _crash_looping(slot: Slot, now: float) -> bool:
+        return len([t for t in slot.deaths if now - t < 60]) >= CRASH_LOOP
