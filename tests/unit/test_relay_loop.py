@@ -202,8 +202,8 @@ def closed_port() -> tuple:
 def test_refused_connect_resets_the_client():
     with running(closed_port()) as (relay, addr):
         expect_reset(addr)
-        wait_for(lambda: relay.counters.failed == 1, "the failure to be counted")
-        assert relay.counters.active == 0
+        wait_for(lambda: relay.counters.failed == 1 and relay.counters.active == 0,
+                 "the failure to be counted and the connection released")
 
 
 def test_idle_connections_are_reset():

@@ -1,0 +1,336 @@
+"""The tproxyd daemon as people run it: edit the TOML and the gateway follows; drift is repaired;
+the relay is supervised and reloaded without dropping a connection; stopping leaves the host
+as it was. Every wait polls with a deadline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tproxyd.reconciler.daemon import query
+from tproxyd.reconciler.lab import LAN, WAN, Lab, wait_for_port
+
+pytestmark = pytest.mark.kernel
+DEADLINE = 2.0  # the issue's promise: a save or a drift converges within 2 seconds
+
+
+def eventually(predicate, what: str, timeout: float = DEADLINE, step: float = 0.02):
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(step)
+
+
+class Tproxyd:
+    """One daemon process in the lab's gateway, on a config in a directory of its own."""
+
+    def __init__(self, lab: Lab, body: str, layout: str = "plain", env: dict | None = None):
+        self.lab, self.layout = lab, layout
+        self.dir = os.path.join(lab.tmp, "etc")
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, "tproxy.toml")
+        self.generation = 0
+        if layout == "configmap":
+            self._configmap(body)
+        else:
+            with open(self.path, "w") as f:
+                f.write(body)
+        self.socket = f"{lab.tmp}/state/tproxyd.sock"
+        self.proc = lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.reconciler.daemon",
+                              "-c", self.path, env=env)
+        eventually(lambda: self.status(), "the daemon to answer", timeout=15)
+        wait_for_port(lab, lab.gw, 12345)
+
+    def status(self) -> dict | None:
+        try:
+            return query(self.socket)
+        except OSError:
+            assert self.proc.poll() is None, self.lab.log_of(self.proc)
+            return None
+
+    def _configmap(self, body: str) -> None:
+        """Kubernetes' ConfigMap volume: files in a timestamped dir, `..data` a symlink to it,
+        each key a symlink through `..data`; an update swaps `..data` atomically."""
+        self.generation += 1
+        stamp = os.path.join(self.dir, f"..2026_11_25_{self.generation}")
+        os.mkdir(stamp)
+        with open(os.path.join(stamp, "tproxy.toml"), "w") as f:
+            f.write(body)
+        tmp = os.path.join(self.dir, "..data_tmp")
+        os.symlink(os.path.basename(stamp), tmp)
+        data = os.path.join(self.dir, "..data")
+        old = os.path.realpath(data) if os.path.lexists(data) else None
+        os.rename(tmp, data)
+        if not os.path.lexists(self.path):
+            os.symlink("..data/tproxy.toml", self.path)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def save(self, body: str, how: str = "in place") -> None:
+        if how == "in place":
+            with open(self.path, "r+") as f:
+                f.truncate(0)
+                f.write(body)
+        elif how == "rename":  # editors: write a temporary file, rename it over the config
+            tmp = os.path.join(self.dir, ".tproxy.toml.swp")
+            with open(tmp, "w") as f:
+                f.write(body)
+            os.rename(tmp, self.path)
+        elif how == "sed -i":  # writes a new file beside the old and renames it over
+            new = os.path.join(self.dir, "..new")
+            with open(new, "w") as f:
+                f.write(body)
+            subprocess.run(["sed", "-i", "-n", f"1r {new}", self.path], check=True)
+            os.unlink(new)
+        elif how == "configmap":
+            self._configmap(body)
+        else:
+            raise ValueError(how)
+
+    def stop(self) -> int:
+        return self.lab.stop(self.proc, timeout=60)
+
+    def tproxy(self, *args: str) -> subprocess.CompletedProcess:
+        """The CLI, in the gateway's namespace, on this daemon's config."""
+        return self.lab.run(self.lab.gw, sys.executable, "-m", "tproxyd.reconciler.cli", *args,
+                            "-c", self.path, check=False)
+
+
+def config(lab: Lab, extra: str = "", **intercept: str) -> str:
+    intercept.setdefault("destinations", '["198.18.2.0/24", "2001:db8:2::/64"]')
+    return lab.config(extra=extra, **intercept)
+
+
+def dst4(lab: Lab) -> str:
+    return lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd", "lan_dst4", check=False).stdout
+
+
+@pytest.mark.parametrize("how", ["in place", "rename", "sed -i", "configmap"])
+def test_each_way_of_saving_converges_within_2_seconds(lab: Lab, how: str):
+    layout = "configmap" if how == "configmap" else "plain"
+    d = Tproxyd(lab, config(lab), layout)
+    assert "198.18.2.0/24" in dst4(lab) and "198.19.0.0/16" not in dst4(lab)
+    d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16"]'), how)
+    eventually(lambda: "198.19.0.0/16" in dst4(lab), f"a {how} save to converge")
+    d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16", "198.18.9.0/24"]'), how)
+    eventually(lambda: "198.18.9.0/24" in dst4(lab), f"a second {how} save to converge")
+
+
+def test_a_burst_of_50_writes_is_a_handful_of_reconciles(lab: Lab):
+    d = Tproxyd(lab, config(lab))
+    before = d.status()["reconciles"]
+    for i in range(50):
+        d.save(config(lab, destinations=f'["198.18.2.0/24", "198.19.{i}.0/24"]'), "rename")
+    eventually(lambda: "198.19.49.0/24" in dst4(lab), "the last write to converge")
+    time.sleep(0.5)  # let a trailing debounce fire, so the count is complete
+    assert d.status()["reconciles"] - before <= 6
+
+
+def test_an_invalid_save_keeps_the_rules_and_a_live_transfer(lab: Lab):
+    body = os.path.join(lab.tmp, "body")
+    with open(body, "wb") as f:
+        f.write(os.urandom(30 << 20))
+    with open(body, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::", "--directory",
+              lab.tmp, "8080")
+    wait_for_port(lab, lab.server, 8080)
+    d = Tproxyd(lab, config(lab))
+    ruleset = lab.run(lab.gw, "nft", "list", "ruleset").stdout
+    transfer = lab.spawn(lab.client, "sh", "-c", f"curl -sS --limit-rate 15M "
+                                                 f"http://{WAN.peer4}:8080/body | sha256sum")
+    time.sleep(0.3)
+    d.save('[relay]\nport = 70000\n[[intercept]]\ninterfaces = ["lan0"]\n')
+    status = eventually(lambda: (s := d.status()) and s["config_error"] and s, "the error in status")
+    assert f"{d.path}: relay.port: 70000 is out of range" in status["config_error"]
+    d.save("[relay\n")
+    eventually(lambda: "TOML syntax" in (d.status()["config_error"] or ""), "the syntax error")
+    assert f"{d.path}:1:" in d.status()["config_error"]
+    assert lab.run(lab.gw, "nft", "list", "ruleset").stdout == ruleset
+    assert transfer.wait(timeout=60) == 0
+    assert lab.log_of(transfer).split()[0] == digest
+    out = d.tproxy("status")
+    assert out.returncode == 1 and "TOML syntax" in out.stderr  # the CLI refuses the file too
+    d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16"]'))
+    eventually(lambda: "198.19.0.0/16" in dst4(lab), "the fixed save to converge")
+    assert d.status()["config_error"] is None
+
+
+DRIFT = {
+    "rule deleted": ["ip", "rule", "del", "pref", "10000"],
+    "route changed": ["ip", "route", "replace", "local", "default", "dev", "lo", "table", "100",
+                      "proto", "static"],
+    "table flushed": ["nft", "flush", "table", "inet", "tproxyd"],
+    "table deleted": ["nft", "delete", "table", "inet", "tproxyd"],
+}
+
+
+@pytest.mark.parametrize("name", list(DRIFT))
+def test_drift_is_repaired_within_2_seconds(lab: Lab, name: str):
+    d = Tproxyd(lab, config(lab))
+    lab.run(lab.gw, *DRIFT[name])
+
+    def repaired() -> bool:
+        return d.tproxy("plan").returncode == 0
+
+    eventually(repaired, f"{name} to be repaired")
+
+
+def worker_pids(d: Tproxyd) -> list[int]:
+    return [w["pid"] for w in d.status()["workers"] if w["state"] == "serving"]
+
+
+def fetch_through_relay(lab: Lab) -> bool:
+    result = lab.run(lab.client, "curl", "-sS", "--max-time", "2", f"http://{WAN.peer4}:8080/who",
+                     check=False)
+    return result.stdout == "the real server\n"
+
+
+@pytest.fixture
+def web(lab: Lab):
+    with open(os.path.join(lab.tmp, "who"), "w") as f:
+        f.write("the real server\n")
+    proc = lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::",
+                     "--directory", lab.tmp, "8080")
+    wait_for_port(lab, lab.server, 8080)
+    return proc
+
+
+def test_a_killed_worker_is_replaced_within_2_seconds_and_a_crash_loop_backs_off(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    (first,) = worker_pids(d)
+    os.kill(first, signal.SIGKILL)
+    second = eventually(lambda: [p for p in worker_pids(d) if p != first], "a new worker")[0]
+    eventually(lambda: fetch_through_relay(lab), "the new worker to serve")
+    assert d.status()["counters"]["accepted"] >= 1  # the new worker carried it
+    # Keep killing it: the restarts slow down and status says crash loop.
+    pid, gaps = second, []
+    for _ in range(4):
+        os.kill(pid, signal.SIGKILL)
+        t = time.monotonic()
+        pid = eventually(lambda p=pid: [x for x in worker_pids(d) if x != p], "a restart",
+                         timeout=10)[0]
+        gaps.append(time.monotonic() - t)
+    assert gaps[-1] >= 1.0 > gaps[0]  # 0.1 s, 0.2, 0.4, 0.8, 1.6: capped exponential backoff
+    status = d.status()
+    assert status["crash_loop"] == [0] and "signal 9" in status["last_exits"]["0"]
+    assert "CRASH LOOP" in d.tproxy("status").stdout
+
+
+RELOAD_LOAD = """
+cd {tmp}
+for i in $(seq 50); do
+  curl -sS --limit-rate 4M http://{server}:8080/body -o /dev/stdout | sha256sum > sum.$i &
+done
+wait
+cat sum.* | sort | uniq -c
+"""
+
+
+def test_reload_under_load_completes_every_transfer(lab: Lab):
+    body = os.path.join(lab.tmp, "body")
+    with open(body, "wb") as f:
+        f.write(os.urandom(8 << 20))  # 50 transfers of 8 MiB at 4 MiB/s: about 2 s each
+    with open(body, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::", "--directory",
+              lab.tmp, "8080")
+    wait_for_port(lab, lab.server, 8080)
+    d = Tproxyd(lab, config(lab))
+    (old,) = worker_pids(d)
+    load = lab.spawn(lab.client, "sh", "-c", RELOAD_LOAD.format(tmp=lab.tmp, server=WAN.peer4))
+    eventually(lambda: d.status()["counters"].get("active", 0) >= 40, "transfers to start",
+               timeout=10)
+    d.save(config(lab, extra="[relay]\nidle_timeout = 600.0\n"))  # a relay setting: reload
+    eventually(lambda: old not in worker_pids(d), "the relay to reload")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert load.wait(timeout=120) == 0
+    assert lab.log_of(load).split() == ["50", digest, "-"]
+    assert d.status()["counters"].get("resets", 0) == 0
+
+
+def snapshot(lab: Lab) -> dict:
+    return {
+        "rules4": lab.run(lab.gw, "ip", "-4", "rule").stdout,
+        "rules6": lab.run(lab.gw, "ip", "-6", "rule").stdout,
+        "routes": lab.run(lab.gw, "ip", "route", "show", "table", "all").stdout,
+        "ruleset": lab.run(lab.gw, "nft", "list", "ruleset").stdout,
+        "sysctls": lab.run(lab.gw, "sysctl", "net.ipv4.ip_forward",
+                           "net.ipv6.conf.all.forwarding").stdout,
+        "listening": lab.run(lab.gw, "ss", "-lntuH").stdout,
+    }
+
+
+def test_sigterm_with_on_exit_remove_leaves_the_gateway_as_it_was(lab: Lab):
+    lab.sysctl(lab.gw, "net.ipv6.conf.all.forwarding", "0")
+    before = snapshot(lab)
+    d = Tproxyd(lab, config(lab))
+    assert snapshot(lab) != before
+    assert d.stop() == 0
+    assert snapshot(lab) == before
+    assert "removed what tproxyd owned" in lab.log_of(d.proc)
+
+
+@pytest.mark.parametrize("when_down", ["reject", "pass"])
+def test_with_the_relay_down_captured_traffic_is_refused_or_passed(lab: Lab, web, when_down):
+    # extra lands in [daemon], after state_dir
+    d = Tproxyd(lab, config(lab, extra=f'on_exit = "keep"\n[relay]\nwhen_down = "{when_down}"\n'))
+    eventually(lambda: fetch_through_relay(lab), "the relay to serve")
+    assert d.stop() == 0  # the rules stay, nobody listens on the relay port
+    assert "table inet tproxyd" in lab.run(lab.gw, "nft", "list", "ruleset").stdout
+    result = lab.run(lab.client, "curl", "-sS", "--max-time", "3", f"http://{WAN.peer4}:8080/who",
+                     check=False)
+    if when_down == "reject":
+        assert result.returncode == 7, result  # "Couldn't connect": reset at once
+        assert lab.log_of(web).count("GET /who") == 1  # only the request the relay carried
+    else:
+        assert result.stdout == "the real server\n"  # forwarded unproxied
+        assert f"{LAN.peer4} - - " in lab.log_of(web)
+
+
+def test_systemd_notifications(lab: Lab):
+    path = os.path.join(lab.tmp, "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+    try:
+        d = Tproxyd(lab, config(lab), env={**os.environ, "NOTIFY_SOCKET": path})
+        assert b"READY=1" in sock.recv(4096)
+        d.save(config(lab, extra="[relay]\nidle_timeout = 5.0\n"))
+        seen = b""
+        while b"READY=1" not in seen.split(b"RELOADING=1", 1)[-1]:
+            seen += sock.recv(4096) + b"|"
+        assert b"RELOADING=1" in seen
+        d.stop()
+        seen = b""
+        while b"STOPPING=1" not in seen:
+            seen += sock.recv(4096)
+    finally:
+        sock.close()
+
+
+def test_status_shows_the_daemons_view(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    assert fetch_through_relay(lab)
+    out = d.tproxy("status", "--json")
+    report = json.loads(out.stdout)
+    assert out.returncode == 0 and report["in_sync"]
+    daemon = report["daemon"]
+    assert daemon["pid"] == d.proc.pid and daemon["config_error"] is None
+    assert daemon["last_reconcile"]["result"] == "ok"
+    assert [w["state"] for w in daemon["workers"]] == ["serving"]
+    assert daemon["counters"]["accepted"] == 1
+    assert oct(os.stat(d.socket).st_mode & 0o777) == "0o600"
