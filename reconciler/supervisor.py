@@ -51,7 +51,7 @@ class Worker:
 
     def info(self, now: float) -> dict:
         return {"slot": self.slot, "pid": self.proc.pid, "uptime": round(now - self.started, 1),
-                "state": "draining" if self.draining else "serving"}
+                "state": "draining" if self.draining else "serving", "stats": self.stats}
 
 
 @dataclass

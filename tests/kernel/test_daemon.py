@@ -334,3 +334,19 @@ def test_status_shows_the_daemons_view(lab: Lab, web):
     assert [w["state"] for w in daemon["workers"]] == ["serving"]
     assert daemon["counters"]["accepted"] == 1
     assert oct(os.stat(d.socket).st_mode & 0o777) == "0o600"
+
+
+def test_two_workers_share_the_listeners(lab: Lab, web):
+    d = Tproxyd(lab, config(lab, extra="[relay]\nworkers = 2\n"))
+    eventually(lambda: len(worker_pids(d)) == 2, "two workers")
+    for _ in range(30):  # new connections spread over both (SO_REUSEPORT hashes them)
+        assert fetch_through_relay(lab)
+    per_worker = [read_stats_of(w) for w in d.status()["workers"]]
+    assert sum(per_worker) == 30 and all(n > 0 for n in per_worker), per_worker
+
+
+def read_stats_of(worker: dict) -> int:
+    """Connections one worker accepted, from its own log-free counter socket."""
+    from tproxyd.relay.loop import read_stats
+
+    return read_stats(worker["stats"])["accepted"]

@@ -18,7 +18,10 @@ def test_demo_relays_and_cleans_up(lab):  # the lab fixture: root and tools are 
     out = result.stdout
     assert out.count("hello from the server") == 2
     assert "198.18.1.2 - - " in out and "2001:db8:1::2 - - " in out  # the server saw the client
-    assert "no changes: the host already matches the config" in out
+    assert "lan_exclude4 holds 198.18.2.2: True" in out  # the edited config converged
+    assert "relay.port: 123456 is out of range" in out  # a typo is named, not applied
+    assert "repaired: True" in out
+    assert "left behind: nft nothing; fwmark rules none" in out
     assert out.rstrip().endswith("done: the namespaces are gone")
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert after == before

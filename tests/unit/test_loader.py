@@ -55,13 +55,19 @@ def test_example_documents_every_key():
     from tproxyd.state import loader
 
     keys = {"port", "mode", "spoof_source", "max_connections", "connect_timeout", "idle_timeout",
-            "udp_idle_timeout", "max_udp_sessions",
+            "udp_idle_timeout", "max_udp_sessions", "workers", "drain_timeout", "when_down",
+            "socket", "resync_interval", "on_exit",
             "intercept", "relay", "table", "priority", "protocol", "forwarding",
             "state_dir", *loader.INTERCEPT_KEYS}
     for key in keys:
         index = next((i for i, ln in enumerate(lines) if ln.startswith(f"{key} =")), None)
         assert index is not None, f"{key} missing from the example"
         assert lines[index - 1].startswith("#"), f"{key} has no comment"
+
+
+def test_workers_auto_is_left_to_the_supervisor():
+    assert loads('[relay]\nworkers = "auto"\n').relay.workers == 0
+    assert loads("").daemon.socket_path == "/run/tproxyd/tproxyd.sock"
 
 
 def test_ports_and_ranges():
@@ -90,6 +96,12 @@ def test_ports_and_ranges():
     ('[relay]\nmax_connections = 0\n', "relay.max_connections", "out of range"),
     ('[relay]\nconnect_timeout = 0\n', "relay.connect_timeout", "out of range"),
     ('[relay]\nidle_timeout = "1h"\n', "relay.idle_timeout", "number of seconds"),
+    ('[relay]\nworkers = "many"\n', "relay.workers", "neither a number"),
+    ('[relay]\nworkers = 0\n', "relay.workers", "out of range"),
+    ('[relay]\nwhen_down = "drop"\n', "relay.when_down", "not one of"),
+    ('[daemon]\non_exit = "stay"\n', "daemon.on_exit", "not one of"),
+    ('[daemon]\nsocket = "x.sock"\n', "daemon.socket", "absolute"),
+    ('[daemon]\nresync_interval = 0\n', "daemon.resync_interval", "out of range"),
     ('[relay]\nmode = "redirect"\n[[intercept]]\ninterfaces = ["a"]\nprotocols = ["udp"]\n',
      "intercept[0].protocols", "TCP only"),
     ('relay = 1\n', "relay", "must be a table"),
