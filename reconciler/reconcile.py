@@ -95,7 +95,8 @@ class Reconciler:
             policy_routing=self.netlink.policy_routing(),
             rules=self.netlink.rules(),
             table_routes=self.netlink.routes(self.config.routing.table),
-            nft_error=self.nft.check(replace_table_commands(self.desired.nft)),
+            # the structure alone: kernel support is what is checked, not 100,000 elements
+            nft_error=self.nft.check(replace_table_commands(self.desired.nft.without_elements())),
             foreign_mark_users=tuple(mark_users(self.nft.ruleset_terse(),
                                                 self.config.nftables.table, marks)),
         )
@@ -112,6 +113,8 @@ class Reconciler:
             raise PreflightError("\n".join(str(f) for f in preflight.errors(findings)))
         before = self.writes
         ops = self.plan()
+        if not ops:
+            return Result(ops=ops, writes=0, findings=findings)
         self._run(ops)
         left = self.plan()  # read back: the kernel's view is the only proof
         if left:

@@ -7,6 +7,7 @@ both reduce to this form, so "same contents" is plain tuple equality.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any, Iterable, List, Tuple
 
 Range = Tuple[int, int]
@@ -80,11 +81,22 @@ class ElementError(ValueError):
     """An element in the kernel's listing that this model cannot read."""
 
 
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+_BITS = {4: 32, 6: 128}
+
+
+def _addr_int(version: int, text: str) -> int:
+    """inet_pton, not ipaddress: 100,000 elements read back in a fraction of the time."""
+    try:
+        return int.from_bytes(socket.inet_pton(_FAMILY[version], text), "big")
+    except (OSError, TypeError) as exc:
+        raise ElementError(f"expected an IPv{version} address, got {text!r}") from exc
+
+
 def _value(set_type: str, value: Any) -> int:
-    if set_type in ADDR_TYPES:
-        if not isinstance(value, str):
-            raise ElementError(f"expected an address, got {value!r}")
-        return int(ipaddress.ip_address(value))
+    version = ADDR_TYPES.get(set_type)
+    if version is not None:
+        return _addr_int(version, value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ElementError(f"expected an integer, got {value!r}")
     return value
@@ -97,9 +109,13 @@ def from_elements(set_type: str, elements: Iterable[Any]) -> Intervals:
         if isinstance(element, dict) and "elem" in element:
             element = element["elem"]["val"]
         if isinstance(element, dict) and "prefix" in element:
-            net = ipaddress.ip_network(
-                f"{element['prefix']['addr']}/{element['prefix']['len']}", strict=False)
-            ranges.append((int(net.network_address), int(net.broadcast_address)))
+            version = ADDR_TYPES.get(set_type)
+            length = element["prefix"]["len"]
+            if version is None or not isinstance(length, int) or not 0 <= length <= _BITS[version]:
+                raise ElementError(f"unexpected prefix {element!r} in a {set_type} set")
+            host = _BITS[version] - length
+            lo = _addr_int(version, element["prefix"]["addr"]) >> host << host
+            ranges.append((lo, lo | ((1 << host) - 1)))
         elif isinstance(element, dict) and "range" in element:
             lo, hi = element["range"]
             ranges.append((_value(set_type, lo), _value(set_type, hi)))

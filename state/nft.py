@@ -7,6 +7,7 @@ comment is the one drift this cannot see; flushed, deleted or added rules it doe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class NftTable:
 
     def set_named(self, name: str) -> NftSet | None:
         return next((s for s in self.sets if s.name == name), None)
+
+    def without_elements(self) -> NftTable:
+        return dataclasses.replace(self, sets=tuple(dataclasses.replace(s, elements=())
+                                                    for s in self.sets))
 
     def rule_count(self) -> int:
         return sum(len(c.rules) for c in self.chains)

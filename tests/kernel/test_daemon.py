@@ -307,8 +307,10 @@ def test_systemd_notifications(lab: Lab):
     sock.bind(path)
     sock.settimeout(15)
     try:
-        d = Tproxyd(lab, config(lab), env={**os.environ, "NOTIFY_SOCKET": path})
+        env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+        d = Tproxyd(lab, config(lab), env=env)
         assert b"READY=1" in sock.recv(4096)
+        assert b"WATCHDOG=1" in sock.recv(4096)  # pinged at half the watchdog interval
         d.save(config(lab, extra="[relay]\nidle_timeout = 5.0\n"))
         seen = b""
         while b"READY=1" not in seen.split(b"RELOADING=1", 1)[-1]:
