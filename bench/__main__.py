@@ -1,11 +1,18 @@
 """`python -m bench`: tproxyd against the kernel's own forwarding, interleaved, in one lab.
 
-So far: throughput (iperf3, 1 and 4 streams) for the variants "kernel" (plain forwarding: the
-limit) and "tproxyd" (the relay, default settings, spoof_source on). Each proxied run proves the
-relay carried the bytes (its counters) and records the relay's CPU time. Runs are interleaved
-(A B A B ...) so that a noisy neighbour hits every variant alike; medians with min/max.
+Scenarios so far:
+  throughput  iperf3, 1 and 4 TCP streams: kernel forwarding (the limit) and the tproxyd relay
+  memory      relay RSS per idle connection, with thousands held open
+  control     `tproxy apply` with 10, 1,000 and 100,000 destination CIDRs: converge, no-op
+              (kernel writes must be 0) and a 1% change; time, kernel writes and peak RSS
+
+Each case runs for each of its variants interleaved (A B A B ...) so a noisy neighbour hits
+them alike; the table shows medians with min/max and the ratio to the kernel where it ran.
+Each tproxyd run proves from the relay's counters that the relay carried the traffic, and
+records the relay's CPU time.
 
     python -m bench [--quick] [--only SCENARIO] [--repeat N] [--out FILE]
+    python -m bench --compare OLD.jsonl NEW.jsonl
 """
 
 from __future__ import annotations
@@ -13,15 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tproxyd.reconciler.lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "tests", "kernel", "peers.py")
 TPROXY = [sys.executable, "-m", "tproxyd.reconciler.cli"]
+# `tproxy` in-process, reporting its own peak RSS (KiB) on stderr's last line
+TPROXY_RSS = [sys.executable, "-c", "import resource, sys; from tproxyd.reconciler.cli import main; "
+              "rc = main(sys.argv[1:]); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+              "sys.exit(rc)"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -31,9 +47,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 class Variant:
-    def __init__(self, name: str, lab: Lab):
-        self.name, self.lab = name, lab
+    name = "?"
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
         self.proc = None
 
     def up(self) -> None: ...
@@ -50,11 +76,16 @@ class Variant:
 class Kernel(Variant):
     """Plain forwarding, nothing captured: the limit."""
 
+    name = "kernel"
+
 
 class Tproxyd(Variant):
-    def __init__(self, name: str, lab: Lab, config: str):
-        super().__init__(name, lab)
-        self.config = config
+    name = "tproxyd"
+
+    def __init__(self, lab: Lab):
+        super().__init__(lab)
+        self.config = lab.write_config(lab.config(destinations='["198.18.2.0/24"]',
+                                                  protocols='["tcp"]'), "bench.toml")
         self.stats = f"{lab.tmp}/state/relay.sock"
 
     def up(self) -> None:
@@ -73,17 +104,22 @@ class Tproxyd(Variant):
         return s["bytes_up"] + s["bytes_down"]
 
 
-def iperf(lab: Lab, streams: int, seconds: float) -> dict:
-    out = lab.run(lab.client, "iperf3", "-c", WAN.peer4, "-p", "5201", "-t", str(seconds),
-                  "-P", str(streams), "-J", timeout=seconds + 30)
-    report = json.loads(out.stdout)
-    end = report["end"]
-    return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
-            "bytes": end["sum_sent"]["bytes"],
-            "client_cpu_pct": end["cpu_utilization_percent"]["host_total"]}
+class Cli(Variant):
+    """No set-up: the scenario drives `tproxy` itself."""
+
+    name = "tproxy-cli"
 
 
-SCENARIOS: dict[str, Callable[[Lab, bool], list[tuple[str, Callable[[], dict]]]]] = {}
+@dataclass
+class Case:
+    name: str
+    run: Callable[[Variant], dict]  # returns a row with "value" (and anything else to keep)
+    unit: str
+    variants: tuple[str, ...] = ("kernel", "tproxyd")
+    carried: bool = True  # the tproxyd row must show the relay carried "bytes"
+
+
+SCENARIOS: dict[str, Callable[[Lab, bool], list[Case]]] = {}
 
 
 def scenario(fn):
@@ -92,12 +128,90 @@ def scenario(fn):
 
 
 @scenario
-def throughput(lab: Lab, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+def throughput(lab: Lab, quick: bool) -> list[Case]:
     seconds = 2 if quick else 10
     lab.spawn(lab.server, "iperf3", "-s", "-p", "5201")
     wait_for_port(lab, lab.server, 5201)
-    return [(f"tcp {n} stream{'s' if n > 1 else ''}", lambda n=n: iperf(lab, n, seconds))
+
+    def iperf(streams: int) -> dict:
+        out = lab.run(lab.client, "iperf3", "-c", WAN.peer4, "-p", "5201", "-t", str(seconds),
+                      "-P", str(streams), "-J", timeout=seconds + 30)
+        end = json.loads(out.stdout)["end"]
+        return {"value": end["sum_received"]["bits_per_second"] / 1e9,
+                "bytes": end["sum_sent"]["bytes"],
+                "client_cpu_pct": end["cpu_utilization_percent"]["host_total"]}
+
+    return [Case(f"tcp {n} stream{'s' if n > 1 else ''}", lambda v, n=n: iperf(n), "Gbit/s")
             for n in (1, 4)]
+
+
+@scenario
+def memory(lab: Lab, quick: bool) -> list[Case]:
+    # The relay's open-file limit here is 20,000 (the hard limit of this machine's sessions):
+    # two sockets and up to four pipe ends per connection.
+    count = 500 if quick else 3000
+    lab.spawn(lab.server, sys.executable, PEERS, "echo", "7005")
+    wait_for_port(lab, lab.server, 7005)
+
+    def idle(v: Variant) -> dict:
+        base = rss_kib(v.proc.pid)
+        holder = lab.spawn(lab.client, sys.executable, PEERS, "hold", WAN.peer4, "7005",
+                           str(count), "600")
+        deadline = time.monotonic() + 120
+        while f"held {count}" not in lab.log_of(holder):
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"could not hold {count} connections: {lab.log_of(holder)}")
+            time.sleep(0.1)
+        active = read_stats(v.stats)["active"]
+        held = rss_kib(v.proc.pid)
+        lab.stop(holder)
+        return {"value": (held - base) / count, "rss_base_kib": base, "rss_held_kib": held,
+                "connections": active}
+
+    return [Case(f"{count} idle connections", idle, "KiB/conn", ("tproxyd",), carried=False)]
+
+
+@scenario
+def control(lab: Lab, quick: bool) -> list[Case]:
+    sizes = (10, 1000) if quick else (10, 1000, 100_000)
+    rng = random.Random(7)
+    cases = []
+
+    def apply(path: str) -> dict:
+        t = time.monotonic()
+        out = lab.run(lab.gw, *TPROXY_RSS, "apply", "--json", "-c", path, timeout=900)
+        took = time.monotonic() - t
+        return {"value": took, "writes": json.loads(out.stdout)["writes"],
+                "peak_rss_mib": int(out.stderr.strip().splitlines()[-1]) / 1024}
+
+    for n in sizes:
+        cidrs = sorted({f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24"
+                        for _ in range(n)})
+        changed = cidrs[len(cidrs) // 100:] + [f"198.19.{i % 256}.{i // 256 * 4}/30"
+                                               for i in range(max(1, len(cidrs) // 100))]
+
+        def write(items: list[str], tag: str, n=n) -> str:
+            listed = ", ".join(f'"{c}"' for c in items)
+            return lab.write_config(lab.config(destinations=f"[{listed}]"), f"control-{n}-{tag}.toml")
+
+        full, change = write(cidrs, "full"), write(changed, "change")
+
+        def converge(v: Variant, full=full) -> dict:
+            lab.run(lab.gw, *TPROXY, "down", "-c", full)
+            return apply(full)
+
+        def noop(v: Variant, full=full) -> dict:
+            apply(full)
+            return apply(full)
+
+        def one_percent(v: Variant, full=full, change=change) -> dict:
+            apply(full)
+            return apply(change)
+
+        cases += [Case(f"apply {n} CIDRs", converge, "s", ("tproxy-cli",), carried=False),
+                  Case(f"no-op apply {n}", noop, "s", ("tproxy-cli",), carried=False),
+                  Case(f"1% change at {n}", one_percent, "s", ("tproxy-cli",), carried=False)]
+    return cases
 
 
 def main(argv=None) -> int:
@@ -106,49 +220,79 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=sorted(SCENARIOS))
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=f"bench-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
     args = p.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return 0
     repeat = 2 if args.quick else args.repeat
-    rows = []
+    rows: list[dict] = []
     with Lab(forwarding=True) as lab, open(args.out, "w") as out:
-        config = lab.write_config(lab.config(destinations='["198.18.2.0/24"]', protocols='["tcp"]'))
-        variants = [Kernel("kernel", lab), Tproxyd("tproxyd", lab, config)]
+        variants = {"kernel": Kernel(lab), "tproxyd": Tproxyd(lab), "tproxy-cli": Cli(lab)}
         for name in [args.only] if args.only else SCENARIOS:
-            for case, run in SCENARIOS[name](lab, args.quick):
+            for case in SCENARIOS[name](lab, args.quick):
                 for i in range(repeat):
-                    for v in variants:  # interleaved: A B A B ...
-                        v.up()
-                        try:
-                            cpu0, bytes0 = v.relay_cpu(), v.relay_bytes()
-                            row = run()
-                            row.update(relay_cpu_s=round(v.relay_cpu() - cpu0, 3),
-                                       relay_bytes=v.relay_bytes() - bytes0)
-                        finally:
-                            v.down()
-                        if v.name != "kernel" and row["relay_bytes"] < row.get("bytes", 1) * 0.9:
-                            raise SystemExit(f"{v.name} did not carry the traffic: {row}")
-                        row.update(scenario=name, case=case, variant=v.name, run=i,
-                                   load=os.getloadavg()[0])
+                    for vname in case.variants:  # interleaved: A B A B ...
+                        v = variants[vname]
+                        row = run_once(v, case)
+                        row.update(scenario=name, case=case.name, unit=case.unit, variant=vname,
+                                   run=i, load=round(os.getloadavg()[0], 2))
                         rows.append(row)
                         out.write(json.dumps(row) + "\n")
+                        out.flush()
                         print(json.dumps(row), file=sys.stderr, flush=True)
     table(rows)
     print(f"raw results: {args.out}")
     return 0
 
 
+def run_once(v: Variant, case: Case) -> dict:
+    v.up()
+    try:
+        cpu0, bytes0 = v.relay_cpu(), v.relay_bytes()
+        row = case.run(v)
+        row.update(relay_cpu_s=round(v.relay_cpu() - cpu0, 3), relay_bytes=v.relay_bytes() - bytes0)
+    finally:
+        v.down()
+    if case.carried and v.name != "kernel" and row["relay_bytes"] < row.get("bytes", 1) * 0.9:
+        raise SystemExit(f"{v.name} did not carry the traffic: {row}")
+    return row
+
+
+def summary(rows: list[dict]) -> dict[tuple, dict]:
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["scenario"], r["case"], r["variant"])
+        out.setdefault(key, {"values": [], "cpu": [], "unit": r["unit"]})
+        out[key]["values"].append(r["value"])
+        out[key]["cpu"].append(r.get("relay_cpu_s", 0))
+    return out
+
+
 def table(rows: list[dict]) -> None:
-    cases = sorted({(r["scenario"], r["case"]) for r in rows})
-    print(f"{'scenario':12} {'case':16} {'variant':10} {'median Gbit/s':>14} {'min':>7} {'max':>7} "
-          f"{'x kernel':>9} {'relay cpu s':>12}")
-    for sc, case in cases:
-        subset = [r for r in rows if (r["scenario"], r["case"]) == (sc, case)]
-        base = statistics.median(r["gbit_s"] for r in subset if r["variant"] == "kernel")
-        for variant in dict.fromkeys(r["variant"] for r in subset):
-            vals = [r["gbit_s"] for r in subset if r["variant"] == variant]
-            cpu = statistics.median(r["relay_cpu_s"] for r in subset if r["variant"] == variant)
-            med = statistics.median(vals)
-            print(f"{sc:12} {case:16} {variant:10} {med:14.2f} {min(vals):7.2f} {max(vals):7.2f} "
-                  f"{med / base:9.2f} {cpu:12.2f}")
+    s = summary(rows)
+    print(f"{'scenario':11} {'case':24} {'variant':10} {'median':>10} {'min':>9} {'max':>9} "
+          f"{'unit':9} {'x kernel':>8} {'relay cpu s':>11}")
+    for (sc, case, variant), d in s.items():
+        med = statistics.median(d["values"])
+        base = s.get((sc, case, "kernel"))
+        ratio = f"{med / statistics.median(base['values']):8.2f}" if base else f"{'':8}"
+        print(f"{sc:11} {case:24} {variant:10} {med:10.3f} {min(d['values']):9.3f} "
+              f"{max(d['values']):9.3f} {d['unit']:9} {ratio} {statistics.median(d['cpu']):11.2f}")
+
+
+def compare(old_path: str, new_path: str) -> None:
+    def load(path: str) -> dict:
+        with open(path) as f:
+            return summary([json.loads(line) for line in f if line.strip()])
+
+    old, new = load(old_path), load(new_path)
+    print(f"{'scenario':11} {'case':24} {'variant':8} {'old':>10} {'new':>10} {'new/old':>8}")
+    for key in new:
+        if key in old:
+            a, b = statistics.median(old[key]["values"]), statistics.median(new[key]["values"])
+            print(f"{key[0]:11} {key[1]:24} {key[2]:8} {a:10.3f} {b:10.3f} "
+                  f"{(b / a if a else float('nan')):8.2f}")
 
 
 if __name__ == "__main__":

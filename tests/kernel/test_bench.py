@@ -1,0 +1,32 @@
+"""The benchmark harness itself, on tiny sizes: it builds its lab, runs every scenario, writes
+valid JSON lines, and removes everything. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+
+def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: root and tools
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = tmp_path / "bench.jsonl"
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["scenario"] for r in rows} == {"throughput", "memory", "control"}
+    assert all({"case", "variant", "value", "unit", "run"} <= r.keys() for r in rows)
+    assert {r["variant"] for r in rows if r["scenario"] == "throughput"} == {"kernel", "tproxyd"}
+    assert all(r["relay_bytes"] >= 0.9 * r["bytes"] for r in rows
+               if r["scenario"] == "throughput" and r["variant"] == "tproxyd")
+    assert all(r["writes"] == 0 for r in rows if r["case"].startswith("no-op"))
+    assert "x kernel" in result.stdout  # the table
+    compared = subprocess.run([sys.executable, "-m", "bench", "--compare", str(out), str(out)],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0 and "1.00" in compared.stdout
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
