@@ -87,12 +87,16 @@ class Daemon:
     # --- start and stop ------------------------------------------------------------------------
 
     def run(self) -> int:
+        raw, self.config_digest = self._read()
         try:
             self.config = load(self.path)
+            self._keep_running_copy(raw, self.config)
         except ConfigError as exc:
             log.error("%s", exc)
             return 1
-        self.config_digest = self._digest()
+        except OSError as exc:
+            log.error("cannot write to state_dir: %s", exc)
+            return 1
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -111,9 +115,11 @@ class Daemon:
             self._at(time.monotonic() + self.notifier.watchdog, "watchdog")
         self.notifier.send("READY=1\nSTATUS=converged")
         log.info("tproxyd running (pid %s), config %s", os.getpid(), self.path)
-        while self.running:
-            self._turn()
-        self._exit_cleanup()
+        try:
+            while self.running:
+                self._turn()
+        finally:
+            self._exit_cleanup()
         return 0
 
     def _exit_cleanup(self) -> None:
@@ -122,7 +128,10 @@ class Daemon:
             self.observer.stop()
         assert self.config is not None
         log.info("stopping: draining the relay workers")
-        self.supervisor.stop(self.config.relay.drain_timeout)
+        try:
+            self.supervisor.stop(self.config.relay.drain_timeout)
+        except Exception:
+            log.exception("stopping the workers")
         if self.config.daemon.on_exit == "remove":
             rec = self.reconciler or Reconciler(self.config)
             try:
@@ -203,16 +212,27 @@ class Daemon:
 
     # --- reconciling ---------------------------------------------------------------------------
 
-    def _digest(self) -> str:
+    def _read(self) -> tuple[bytes, str]:
         try:
             with open(self.path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
+                raw = f.read()
         except OSError:
-            return ""
+            return b"", ""
+        return raw, hashlib.sha256(raw).hexdigest()
+
+    def _keep_running_copy(self, raw: bytes, config: Config) -> None:
+        """Workers (re)start from this copy of the last good config, never from a file that a
+        person may have just broken."""
+        path = os.path.join(config.daemon.state_dir, "running.toml")
+        os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(raw)
+        os.replace(f"{path}.tmp", path)
+        self.supervisor.config_path = path
 
     def _reconcile(self, initial: bool = False) -> None:
         """Pick up a changed file (keeping the last good config if it is bad), then converge."""
-        digest = self._digest()
+        raw, digest = self._read()
         if not initial and digest != self.config_digest:
             self.config_digest = digest
             try:
@@ -223,13 +243,19 @@ class Daemon:
                 self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
                 return
             self.config_error = None
-            self._switch(new)
+            self._switch(new, raw)
         self._converge()
 
-    def _switch(self, new: Config) -> None:
+    def _switch(self, new: Config, raw: bytes) -> None:
         old = self.config
         assert old is not None
         if new == old:
+            return
+        try:
+            self._keep_running_copy(raw, new)
+        except OSError as exc:
+            self.config_error = f"cannot write to {new.daemon.state_dir}: {exc}"
+            log.error("config not applied: %s", self.config_error)
             return
         self.notifier.send("RELOADING=1")
         log.info("config changed: converging to the new one")
@@ -244,7 +270,10 @@ class Daemon:
         self.config = new
         if relay_view(new) != relay_view(old):
             log.info("relay settings changed: reloading the relay workers")
-            self.supervisor.reload(new)
+            try:
+                self.supervisor.reload(new)
+            except OSError as exc:  # e.g. the new port is taken: the old workers keep serving
+                log.error("relay reload failed, the running workers keep serving: %s", exc)
         self.notifier.send("READY=1")
 
     def _converge(self) -> None:
@@ -258,10 +287,13 @@ class Daemon:
         except PreflightError as exc:
             self._failed(when, f"preflight: {exc}")
             return
-        except (KernelError, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (KernelError, OSError)):
+                log.exception("reconcile failed unexpectedly")
             self._failed(when, str(exc))
             if self.reconciler is not None:  # a fresh connection to the kernel next time
-                self.reconciler.close()
+                with contextlib.suppress(Exception):
+                    self.reconciler.close()
                 self.reconciler = None
             return
         self.retry_delay = RETRY_FIRST
@@ -318,7 +350,9 @@ class Daemon:
 
     @staticmethod
     def _drain_netlink(sock: socket.socket) -> None:
-        with contextlib.suppress(BlockingIOError):
+        """Read and forget: any message means "look again". ENOBUFS (the kernel dropped
+        notifications we were too slow for) means the same."""
+        with contextlib.suppress(OSError):
             while sock.recv(65536):
                 pass
 
@@ -352,7 +386,7 @@ class Daemon:
             statuses = self.reconciler.status()
             objects = [s.to_json() for s in statuses]
             sync = in_sync(statuses)
-        except (KernelError, OSError) as exc:
+        except Exception as exc:
             objects = [{"kind": "error", "name": str(exc), "state": "unknown", "detail": ""}]
         return {"pid": os.getpid(), "config": self.path, "started": self.started,
                 "config_error": self.config_error, "last_reconcile": self.last,

@@ -36,8 +36,7 @@ def worker_count(config: Config) -> int:
 def listener_shape(config: Config) -> tuple:
     """What the listening sockets depend on: a change here needs new sockets."""
     r = config.relay
-    udp = r.mode == TPROXY and any("udp" in i.protocols for i in config.intercepts)
-    return (r.port, r.mode == TPROXY, udp, worker_count(config))
+    return (r.port, r.mode == TPROXY, config.relays_udp, worker_count(config))
 
 
 @dataclass
@@ -48,6 +47,7 @@ class Worker:
     started: float
     draining: bool = False
     drain_deadline: float = 0.0
+    terminated: bool = False  # SIGTERM sent after drain_timeout; SIGKILL next
 
     def info(self, now: float) -> dict:
         return {"slot": self.slot, "pid": self.proc.pid, "uptime": round(now - self.started, 1),
@@ -70,7 +70,6 @@ class Supervisor:
         self.shape: tuple = ()
         self.workers: list[Worker] = []
         self.slots: list[Slot] = []
-        self.retired: list[list[socket.socket]] = []  # old sockets, closed once drains end
         self.generation = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -85,17 +84,21 @@ class Supervisor:
         """New workers on (possibly new) sockets first, then the old ones drain."""
         old_workers = [w for w in self.workers if not w.draining]
         old_sockets = self.sockets
-        self.config = config
         if listener_shape(config) != self.shape:
-            self._open_sockets(config)
+            self._open_sockets(config)  # may fail (port taken): nothing has changed yet
+        self.config = config
         self.generation += 1
+        for slot in self.slots:
+            slot.restart_at = None  # the new generation replaces a worker waiting to restart
         for slot in range(len(self.sockets)):
             self._spawn(slot)
         now = time.monotonic()
         for w in old_workers:
             self._drain(w, now)
         if old_sockets is not self.sockets:
-            self.retired += old_sockets
+            # Close our copies now: once the draining workers close theirs, the old sockets
+            # leave the SO_REUSEPORT group and new connections only reach the new ones.
+            self._close_sockets(old_sockets)
 
     def stop(self, timeout: float) -> None:
         """Drain every worker, then SIGTERM what is left after timeout, then SIGKILL."""
@@ -104,7 +107,7 @@ class Supervisor:
             if not w.draining:
                 self._drain(w, now)
         deadline = now + timeout
-        for w in self.workers:
+        for w in list(self.workers):
             try:
                 w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -115,8 +118,10 @@ class Supervisor:
                     w.proc.kill()
                     w.proc.wait()
         self.workers.clear()
-        self._close_sockets(self.sockets + self.retired)
-        self.sockets, self.retired = [], []
+        for w in self.workers:
+            self._forget(w)
+        self._close_sockets(self.sockets)
+        self.sockets = []
 
     # --- the daemon's loop calls these -----------------------------------------------------------
 
@@ -126,19 +131,20 @@ class Supervisor:
             code = w.proc.poll()
             if code is None:
                 if w.draining and now >= w.drain_deadline:
-                    log.warning("worker %s (pid %s) still has connections after drain_timeout: "
-                                "stopping it", w.slot, w.proc.pid)
-                    w.proc.terminate()
+                    if w.terminated:
+                        w.proc.kill()
+                    else:
+                        log.warning("worker %s (pid %s) still has connections after "
+                                    "drain_timeout: stopping it", w.slot, w.proc.pid)
+                        w.proc.terminate()
+                        w.terminated = True
                     w.drain_deadline = now + 5
                 continue
-            self.workers.remove(w)
+            self._forget(w)
             if w.draining:
                 log.info("worker %s (pid %s) drained and exited", w.slot, w.proc.pid)
                 continue
             self._died(w, code, now)
-        if self.retired and not any(w.draining for w in self.workers):
-            self._close_sockets(self.retired)
-            self.retired = []
         for slot_no, slot in enumerate(self.slots):
             if slot.restart_at is not None and now >= slot.restart_at and self.config is not None:
                 slot.restart_at = None
@@ -206,6 +212,12 @@ class Supervisor:
         proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
         self.workers.append(Worker(slot, proc, stats, time.monotonic()))
         log.info("worker %s started (pid %s)", slot, proc.pid)
+
+    def _forget(self, w: Worker) -> None:
+        if w in self.workers:
+            self.workers.remove(w)
+        with contextlib.suppress(OSError):
+            os.unlink(w.stats)  # a killed worker could not remove its own
 
     def _drain(self, w: Worker, now: float) -> None:
         assert self.config is not None

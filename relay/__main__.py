@@ -6,6 +6,8 @@ SIGUSR1 logs its counters."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -24,12 +26,25 @@ from .sockopts import raise_nofile
 
 def settings_from(config: Config, stats_path: str | None) -> Settings:
     r = config.relay
-    udp = r.mode == TPROXY and any("udp" in i.protocols for i in config.intercepts)
+    udp = config.relays_udp
     return Settings(port=r.port, mode=r.mode, spoof_source=r.spoof_source, mark=config.marks.relay,
                     max_connections=r.max_connections, connect_timeout=r.connect_timeout,
                     idle_timeout=r.idle_timeout, transparent=r.mode == TPROXY,
                     stats_path=stats_path, udp=udp, udp_idle_timeout=r.udp_idle_timeout,
                     max_udp_sessions=r.max_udp_sessions)
+
+
+def die_with_parent() -> None:
+    """A worker whose daemon died (even by SIGKILL) stops too, instead of serving on as an
+    orphan with a config nobody converges any more."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("open-file limit is %s, not the %s that max_connections = %s needs: past "
                     "about %s busy connections, accepts pause", limit, need,
                     settings.max_connections, (limit - 64) // FDS_PER_CONNECTION)
+    if args.listen_fd:
+        die_with_parent()
     relay = Relay(settings)
     try:
         inherited = [socket.socket(fileno=fd) for fd in args.listen_fd] or None

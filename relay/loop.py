@@ -34,7 +34,7 @@ from .sockopts import (
     set_reset_on_close,
     set_transparent,
 )
-from .udp import UDP_IN, UDP_SESSION, UdpRelay
+from .udp import UDP_IN, UDP_SESSION, Session, UdpRelay
 
 log = logging.getLogger("tproxyd.relay")
 
@@ -76,6 +76,7 @@ class Counters:
     bytes_up: int = 0  # client -> server
     bytes_down: int = 0  # server -> client
     accept_errors: int = 0
+    internal_errors: int = 0  # bugs caught by the loop's last line of defence
     udp_sessions: int = 0  # open now
     udp_sessions_opened: int = 0
     udp_expired: int = 0
@@ -148,9 +149,15 @@ class Relay:
         self.wake()
 
     def _drain(self) -> None:
-        """Stop taking new connections and datagrams; run until the open connections end."""
+        """Stop taking new connections and datagrams; run until the open connections end.
+        Our copies of the listeners are closed: where the daemon kept its own (a reload on the
+        same sockets) the next worker accepts from them; where it did not (new sockets), they
+        leave the SO_REUSEPORT group so no new connection waits on them."""
         self.draining = True
         self._pause_listening()
+        for s in self.listeners:
+            s.close()
+        self.listeners.clear()
         self.udp.stop_listening()
         log.info("draining: %d connections open", len(self.connections))
 
@@ -193,19 +200,13 @@ class Relay:
             self.now = time.monotonic()
             self.iterations += 1
             for key, mask in events:
-                kind, obj = key.data
-                if isinstance(kind, Connection):
-                    self._on_connection(kind, obj, mask)
-                elif kind == LISTENER:
-                    self._accept(obj)
-                elif kind == UDP_IN:
-                    self.udp.on_datagrams(obj)
-                elif kind == UDP_SESSION:
-                    self.udp.on_reply(obj)
-                elif kind == STATS:
-                    self._serve_stats(obj)
-                else:
-                    self._drain_waker()
+                try:
+                    self._dispatch(key.data, mask)
+                except Exception:
+                    self.counters.internal_errors += 1
+                    log.exception("internal error handling %s", key.data[0])
+                    if isinstance(key.data[0], Connection):
+                        self._end(key.data[0], reset=True)
             self._run_timers()
             if self.drain_requested and not self.draining:
                 self._drain()
@@ -213,10 +214,26 @@ class Relay:
                 self.running = False
         self.close()
 
+    def _dispatch(self, data: tuple, mask: int) -> None:
+        kind, obj = data
+        if isinstance(kind, Connection):
+            self._on_connection(kind, obj, mask)
+        elif kind == LISTENER:
+            self._accept(obj)
+        elif kind == UDP_IN:
+            self.udp.on_datagrams(obj)
+        elif kind == UDP_SESSION:
+            self.udp.on_reply(obj)
+        elif kind == STATS:
+            self._serve_stats(obj)
+        else:
+            self._drain_waker()
+
     def close(self) -> None:
-        """Close listeners and every connection (FIN, not RST: a clean stop)."""
+        """Close listeners and every connection. One still carrying data is reset: a FIN would
+        tell its peer the stream ended whole."""
         for conn in list(self.connections):
-            self._end(conn, reset=False)
+            self._end(conn, reset=not (conn.up.finished and conn.down.finished))
         self.udp.close()
         for s in self.listeners:
             self.unregister(s)
@@ -241,6 +258,20 @@ class Relay:
 
     def at(self, when: float, fn: Callable[[object, float], None], arg: object) -> None:
         heapq.heappush(self.timers, (when, next(self._seq), fn, arg))
+        # Ended connections and superseded deadlines stay in the heap until they come up:
+        # rebuild it when they are most of it, so a burst of short connections frees memory.
+        if len(self.timers) > 4096 and len(self.timers) > 4 * (
+                len(self.connections) + len(self.udp.sessions) + 16):
+            self.timers = [t for t in self.timers if self._live_timer(t)]
+            heapq.heapify(self.timers)
+
+    def _live_timer(self, entry: tuple) -> bool:
+        when, _, _, arg = entry
+        if isinstance(arg, Connection):
+            return arg.state is not State.CLOSED and when == arg.timer_at
+        if isinstance(arg, Session):
+            return self.udp.sessions.get((arg.client, arg.dst)) is arg and when == arg.timer_at
+        return True  # accept pauses and the like
 
     def _run_timers(self) -> None:
         while self.timers and self.timers[0][0] <= self.now:
@@ -339,7 +370,7 @@ class Relay:
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server = self._outbound(client.family, client_addr, dst)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
             self.counters.failed += 1
             log.info("connection from %s port %s: %s", *client_addr, exc)
             if server is not None:

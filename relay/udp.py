@@ -165,7 +165,11 @@ class UdpRelay:
 
     def _open_session(self, client: Address, dst: Address) -> Session | None:
         c = self.counters
-        if dst[1] in self.relay.ports and is_local_address(dst[0]):
+        try:
+            loop = dst[1] in self.relay.ports and is_local_address(dst[0])
+        except OSError:
+            loop = False
+        if loop:
             c.loops += 1
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
@@ -175,7 +179,12 @@ class UdpRelay:
             c.udp_evicted += 1
             self._close(oldest)
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of descriptors: this datagram is dropped, the loop goes on
+            c.udp_failed += 1
+            self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
+            return None
         try:
             sock.setblocking(False)
             if self.settings.mark:
@@ -191,8 +200,15 @@ class UdpRelay:
             self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
             return None
         session = Session(client, dst, sock, reply, self.relay.now)
+        try:
+            self.relay.selector.register(sock, selectors.EVENT_READ, (UDP_SESSION, session))
+        except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
+            sock.close()
+            self._release_reply(dst)
+            c.udp_failed += 1
+            self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
+            return None
         self.sessions[(client, dst)] = session
-        self.relay.selector.register(sock, selectors.EVENT_READ, (UDP_SESSION, session))
         c.udp_sessions += 1
         c.udp_sessions_opened += 1
         self._schedule(session, self.relay.now + self.settings.udp_idle_timeout)

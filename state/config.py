@@ -92,6 +92,11 @@ class Config:
     intercepts: Tuple[Intercept, ...] = ()
     source: str = "<config>"
 
+    @property
+    def relays_udp(self) -> bool:
+        """Whether the relay serves UDP: TPROXY mode and an intercept that captures it."""
+        return self.relay.mode == TPROXY and any("udp" in i.protocols for i in self.intercepts)
+
     def families(self) -> Tuple[int, ...]:
         """IP versions captured by any intercept entry."""
         return tuple(sorted({v for i in self.intercepts for v in i.families()}))

@@ -143,6 +143,9 @@ def render_nft(config: Config) -> NftTable:
         NftRule.make("replies to the relay's transparent sockets", [
             _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
             _match({"socket": {"key": "transparent"}}, 1),
+            # not the wildcard listener: forwarded traffic that merely shares its port is not
+            # ours; only the relay's connected and bound sockets are
+            _match({"socket": {"key": "wildcard"}}, 0),
             _set_mark(marks.intercept), {"accept": None}]),
     ]
     capture: List[NftRule] = [] if config.relay.mode == REDIRECT else mangle

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 from .intervals import Intervals, from_elements, to_elements
 
 FAMILY = "inet"
+MAX_LABEL = 100  # + " [<10 hex>]" stays under nft's 128-byte comment limit
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class NftRule:
     def make(cls, label: str, expr: List[Dict[str, Any]]) -> NftRule:
         text = json.dumps(expr, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        if len(label) > MAX_LABEL:  # nft keeps at most 128 bytes of comment
+            label = label[: MAX_LABEL - 3] + "..."
         return cls(comment=f"{label} [{digest}]", expr=text)
 
 

@@ -134,7 +134,10 @@ def op_to_json(op: Op) -> Dict[str, Any]:
 
 
 def owned_rules(owner: Owner, live: LiveState) -> List[Rule]:
-    return sorted(r for r in live.rules if r.protocol == owner.protocol)
+    """Rules carrying our protocol and nothing we do not make: a rule with other selectors
+    (iif, from, ...) is someone's, whatever its tag, and deleting it by our attributes alone
+    could take ours instead (the kernel treats absent selectors as wildcards)."""
+    return sorted(r for r in live.rules if r.protocol == owner.protocol and not r.other)
 
 
 def owned_routes(owner: Owner, live: LiveState) -> List[Route]:

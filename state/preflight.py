@@ -111,6 +111,12 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
                            f"sysctl -w {'=0 '.join(on)}=0, or rmmod br_netfilter"))
 
     for rule in sorted(facts.rules):
+        if rule.protocol == routing.protocol and rule.other:
+            out.append(Finding(WARNING, f"a rule carries tproxyd's protocol tag but selectors "
+                                        f"tproxyd never sets; it is left alone: {rule}",
+                               f"remove it if it is a leftover: ip -{rule.family} rule del pref "
+                               f"{rule.priority} {rule.other}"))
+            continue
         if rule.protocol == routing.protocol:
             continue
         if rule.table == routing.table:

@@ -374,3 +374,62 @@ def test_unexpected_errors_end_one_connection_not_the_loop():
             c.sendall(b"z")
             assert c.recv(1) == b"z"
         assert relay.counters.failed == 1
+
+
+def test_an_unreadable_original_destination_costs_one_connection():
+    from tproxyd.relay.sockopts import SockaddrError
+
+    up = Upstream(echo)
+    with running(up.addr) as (relay, addr):
+        real = relay.original_dst
+        relay.original_dst = lambda s: (_ for _ in ()).throw(SockaddrError("garbage"))
+        expect_reset(addr)
+        relay.original_dst = real
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(b"y")
+            assert c.recv(1) == b"y"
+        assert relay.counters.failed == 1
+
+
+def test_a_bug_in_a_handler_is_caught_by_the_loop():
+    up = Upstream(echo)
+    with running(up.addr) as (relay, addr):
+        real = relay._accept
+        calls = []
+
+        def broken(listener):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            return real(listener)
+
+        relay._accept = broken
+        with socket.create_connection(addr, timeout=DEADLINE) as c:  # waits in the queue
+            c.sendall(b"q")
+            assert c.recv(1) == b"q"  # served on the next turn
+        assert relay.counters.internal_errors == 1
+
+
+def test_stopping_resets_connections_that_still_carry_data():
+    hold = threading.Event()
+
+    def server(conn):
+        conn.sendall(b"partial")
+        hold.wait(DEADLINE)
+
+    up = Upstream(server)
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False),
+                  original_dst=lambda s: up.addr)
+    (addr,) = relay.open()
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            assert c.recv(7) == b"partial"
+            relay.stop()
+            thread.join(5)
+            with pytest.raises(ConnectionResetError):  # not a clean EOF: the stream was cut
+                c.recv(1)
+    finally:
+        hold.set()
+        relay.stop()
