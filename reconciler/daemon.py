@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import hashlib
 import heapq
-import json
 import logging
 import os
 import selectors
@@ -22,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from tproxyd.relay import unixsock
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
 from tproxyd.state.desired import owner_of
 from tproxyd.state.errors import ConfigError
@@ -360,20 +360,8 @@ class Daemon:
 
     def _open_status(self) -> None:
         assert self.config is not None
-        path = self.config.daemon.socket_path
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            s.bind(path)
-        finally:
-            os.umask(old)
-        s.listen(8)
-        s.setblocking(False)
-        self.status_sock = s
-        self.selector.register(s, selectors.EVENT_READ, "status")
+        self.status_sock = unixsock.listen(self.config.daemon.socket_path)
+        self.selector.register(self.status_sock, selectors.EVENT_READ, "status")
 
     def status(self) -> dict:
         assert self.config is not None
@@ -395,14 +383,7 @@ class Daemon:
 
     def _serve_status(self) -> None:
         assert self.status_sock is not None
-        try:
-            peer, _ = self.status_sock.accept()
-        except OSError:
-            return
-        with peer:
-            peer.settimeout(2)
-            with contextlib.suppress(OSError):
-                peer.sendall(json.dumps(self.status()).encode() + b"\n")
+        unixsock.answer(self.status_sock, self.status(), timeout=2)
 
 
 def relay_view(config: Config) -> tuple:
@@ -412,13 +393,7 @@ def relay_view(config: Config) -> tuple:
 
 def query(path: str, timeout: float = 5.0) -> dict:
     """The running daemon's status, from its socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+    return unixsock.ask(path, timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,12 +32,19 @@ class Netlink:
 
     # --- reading ----------------------------------------------------------------------------
 
+    def _links(self) -> tuple:
+        """The link dump; a dump interrupted by a concurrent change is a KernelError to retry."""
+        try:
+            return tuple(self.ipr.get_links())
+        except NetlinkError as exc:
+            raise KernelError("read links", str(exc)) from exc
+
     def links(self) -> Dict[int, str]:
-        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links()}
+        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._links()}
 
     def bridged(self) -> FrozenSet[str]:
         """Names of bridges and of interfaces enslaved to a bridge."""
-        links = self.ipr.get_links()
+        links = self._links()
         kinds = {}
         for link in links:
             info = link.get_attr("IFLA_LINKINFO")
@@ -105,7 +112,7 @@ class Netlink:
         self._call(f"delete {route}", self.ipr.route, "del", **self._route_args(route))
 
     def _route_args(self, route: Route) -> dict:
-        index = self.ipr.link_lookup(ifname=route.dev)
+        index = [i for i, name in self.links().items() if name == route.dev]
         if not index:
             raise KernelError(f"{route}", f"no interface {route.dev}")
         args = dict(family=AF[route.family], dst=route.dst, table=route.table, type=route.type,

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import heapq
 import itertools
-import json
 import logging
 import os
 import selectors
@@ -22,6 +21,7 @@ from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
 
+from . import unixsock
 from .connection import CLIENT, READ, SERVER, Connection, State
 from .flow import SPLICE
 from .listeners import open_listeners
@@ -162,18 +162,8 @@ class Relay:
         log.info("draining: %d connections open", len(self.connections))
 
     def _open_stats(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # 0600: root only
-        try:
-            s.bind(path)
-        finally:
-            os.umask(old)
-        s.listen(16)
-        s.setblocking(False)
-        self.stats_listener = s
-        self.selector.register(s, READ, (STATS, s))
+        self.stats_listener = unixsock.listen(path)
+        self.selector.register(self.stats_listener, READ, (STATS, self.stats_listener))
 
     def wake(self) -> None:
         """Make select() return now (from a signal handler or another thread)."""
@@ -466,16 +456,7 @@ class Relay:
     # --- stats and logs ------------------------------------------------------------------------
 
     def _serve_stats(self, listener: socket.socket) -> None:
-        try:
-            peer, _ = listener.accept()
-        except OSError:
-            return
-        with peer:
-            try:
-                peer.setblocking(False)
-                peer.send(json.dumps(self.counters.to_json()).encode() + b"\n")
-            except OSError:
-                pass  # a reader that does not read loses its answer, not our loop
+        unixsock.answer(listener, self.counters.to_json())
 
     def warn(self, kind: str, message: str) -> None:
         """Warnings that could repeat per connection, at most one a second each."""
@@ -486,13 +467,4 @@ class Relay:
 
 def read_stats(path: str, timeout: float = 2.0) -> dict:
     """The counters of the relay whose stats socket is at path."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return unixsock.ask(path, timeout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
@@ -62,65 +61,53 @@ def _set_mark(mark: int) -> Dict[str, Any]:
     return {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), mark]}}}
 
 
-def _chain_name(entry: Intercept) -> str:
-    return f"intercept_{entry.name}"
+def _intercept_chains(entry: Intercept, config: Config) -> Tuple[NftChain, NftChain, List[NftSet]]:
+    """The entry's capture chain, its when-down chain, and the sets both match against.
 
-
-def _intercept_chain(entry: Intercept, config: Config) -> Tuple[NftChain, List[NftSet]]:
+    What a tproxy rule did not take (no relay listening) is forwarded unproxied. The when-down
+    chain repeats the same matches in the forward hook (reject is not allowed in prerouting)
+    and refuses it: TCP with a reset so clients fail fast, UDP dropped. Captured packets never
+    get there: they are local.
+    """
     sets: List[NftSet] = []
-    rules: List[NftRule] = []
+    exclusions: List[NftRule] = []
+    capture: List[NftRule] = []
+    refuse: List[NftRule] = []
     for version in entry.families():
         proto, addr_type = NFT_ADDR[version]
         excl = [n for n in entry.exclude if n.version == version]
         if excl:
             name = f"{entry.name}_exclude{version}"
             sets.append(NftSet(name=name, type=addr_type, elements=from_networks(excl)))
-            rules.append(NftRule.make(
+            exclusions.append(NftRule.make(
                 f"{entry.name}: never capture exclude (ipv{version})",
                 [_match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{name}"),
                  {"return": None}]))
+    ports: List[Dict[str, Any]] = []
     if entry.ports:
-        ports = NftSet(name=f"{entry.name}_ports", type="inet_service", elements=merge(entry.ports))
-        sets.append(ports)
+        sets.append(NftSet(name=f"{entry.name}_ports", type="inet_service",
+                           elements=merge(entry.ports)))
+        ports = [_match({"payload": {"protocol": "th", "field": "dport"}}, f"@{entry.name}_ports")]
     for version in entry.families():
         proto, addr_type = NFT_ADDR[version]
         dst = f"{entry.name}_dst{version}"
         sets.append(NftSet(name=dst, type=addr_type, elements=from_networks(
             n for n in entry.destinations if n.version == version)))
-        expr: List[Dict[str, Any]] = [
-            _match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{dst}"),
-            _match(_meta("l4proto"), _one_or_set(entry.protocols)),
-        ]
-        if entry.ports:
-            expr.append(_match({"payload": {"protocol": "th", "field": "dport"}},
-                               f"@{entry.name}_ports"))
+        daddr = _match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{dst}")
         if config.relay.mode == REDIRECT:
-            expr.append({"redirect": {"port": config.relay.port}})
+            action = [{"redirect": {"port": config.relay.port}}]
         else:
-            expr += [{"tproxy": {"family": proto, "port": config.relay.port}},
-                     _set_mark(config.marks.intercept), {"accept": None}]
-        rules.append(NftRule.make(
-            f"{entry.name}: capture {'/'.join(entry.protocols)} (ipv{version})", expr))
-    return NftChain(name=_chain_name(entry), rules=tuple(rules)), sets
-
-
-def _when_down_chain(entry: Intercept, chain: NftChain) -> NftChain:
-    """What a tproxy rule did not take (no relay listening) would be forwarded unproxied. The
-    same matches, in the forward hook (reject is not allowed in prerouting), refuse it: TCP with
-    a reset so clients fail fast, UDP dropped. Captured packets never get here: they are local."""
-    rules = []
-    for rule in chain.rules:
-        expr = json.loads(rule.expr)
-        if not any("tproxy" in e for e in expr):
-            rules.append(rule)  # the exclusions' returns, unchanged
-            continue
-        daddr, *ports = [e for e in expr if "match" in e and e["match"]["left"] != _meta("l4proto")]
-        family = rule.comment.split("(")[-1].split(")")[0]
-        for proto in entry.protocols:
-            verdict = {"reject": {"type": "tcp reset"}} if proto == "tcp" else {"drop": None}
-            rules.append(NftRule.make(f"{entry.name}: relay down, refuse {proto} ({family})",
-                                      [daddr, _match(_meta("l4proto"), proto), *ports, verdict]))
-    return NftChain(name=f"when_down_{entry.name}", rules=tuple(rules))
+            action = [{"tproxy": {"family": proto, "port": config.relay.port}},
+                      _set_mark(config.marks.intercept), {"accept": None}]
+        capture.append(NftRule.make(
+            f"{entry.name}: capture {'/'.join(entry.protocols)} (ipv{version})",
+            [daddr, _match(_meta("l4proto"), _one_or_set(entry.protocols)), *ports, *action]))
+        for l4 in entry.protocols:
+            verdict = {"reject": {"type": "tcp reset"}} if l4 == "tcp" else {"drop": None}
+            refuse.append(NftRule.make(f"{entry.name}: relay down, refuse {l4} (ipv{version})",
+                                       [daddr, _match(_meta("l4proto"), l4), *ports, verdict]))
+    return (NftChain(name=f"intercept_{entry.name}", rules=(*exclusions, *capture)),
+            NftChain(name=f"when_down_{entry.name}", rules=(*exclusions, *refuse)), sets)
 
 
 def render_nft(config: Config) -> NftTable:
@@ -160,11 +147,10 @@ def render_nft(config: Config) -> NftTable:
     forward: List[NftRule] = []
     reject = config.relay.mode != REDIRECT and config.relay.when_down == "reject"
     for entry in config.intercepts:
-        chain, entry_sets = _intercept_chain(entry, config)
+        chain, down, entry_sets = _intercept_chains(entry, config)
         chains.append(chain)
         sets += entry_sets
         if reject:
-            down = _when_down_chain(entry, chain)
             chains.append(down)
             forward.append(NftRule.make(f"{entry.name}: what the relay did not take", [
                 _match(_meta("iifname"), _one_or_set(entry.interfaces)),
