@@ -104,6 +104,68 @@ class Tproxyd(Variant):
         return s["bytes_up"] + s["bytes_down"]
 
 
+HAPROXY_CFG = """
+global
+    maxconn {maxconn}
+    nbthread 1
+    stats socket {stats} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+    {splice}
+frontend captured
+    bind 0.0.0.0:12345 transparent
+    bind :::12345 v6only transparent
+    default_backend original_destination
+backend original_destination
+    source 0.0.0.0 usesrc clientip
+    server s 0.0.0.0
+"""
+
+
+class Haproxy(Tproxyd):
+    """HAProxy 2.6 from Debian in transparent mode, one thread, on the same nft rules."""
+
+    def __init__(self, lab: Lab, splice: bool):
+        super().__init__(lab)
+        self.name = "haproxy" + ("-splice" if splice else "")
+        self.stats = f"{lab.tmp}/{self.name}.sock"
+        # maxconn under the open-file limit (20,000 here): splice costs a pipe per direction
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        maxconn = (limit - 200) // (6 if splice else 2) if limit != resource.RLIM_INFINITY else 8000
+        self.cfg = lab.write_config(HAPROXY_CFG.format(
+            maxconn=min(maxconn, 8000), stats=self.stats,
+            splice="option splice-request\n    option splice-response" if splice else ""),
+            f"{self.name}.cfg")
+
+    def up(self) -> None:
+        self.lab.run(self.lab.gw, *TPROXY, "apply", "-c", self.config)
+        self.proc = self.lab.spawn(self.lab.gw, "haproxy", "-db", "-f", self.cfg)
+        wait_for_port(self.lab, self.lab.gw, 12345)
+
+    def relay_bytes(self) -> int:
+        """Bytes in and out of the frontend, from HAProxy's own counters."""
+        import socket as _socket
+
+        with _socket.socket(_socket.AF_UNIX) as s:
+            s.connect(self.stats)
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == "captured" and row.get("svname") == "FRONTEND":
+                return int(row["bin"]) + int(row["bout"])
+        return 0
+
+
 class Cli(Variant):
     """No set-up: the scenario drives `tproxy` itself."""
 
@@ -141,8 +203,8 @@ def throughput(lab: Lab, quick: bool) -> list[Case]:
                 "bytes": end["sum_sent"]["bytes"],
                 "client_cpu_pct": end["cpu_utilization_percent"]["host_total"]}
 
-    return [Case(f"tcp {n} stream{'s' if n > 1 else ''}", lambda v, n=n: iperf(n), "Gbit/s")
-            for n in (1, 4)]
+    return [Case(f"tcp {n} stream{'s' if n > 1 else ''}", lambda v, n=n: iperf(n), "Gbit/s",
+                 ("kernel", "tproxyd", "haproxy", "haproxy-splice")) for n in (1, 4)]
 
 
 @scenario
@@ -162,13 +224,12 @@ def memory(lab: Lab, quick: bool) -> list[Case]:
             if holder.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"could not hold {count} connections: {lab.log_of(holder)}")
             time.sleep(0.1)
-        active = read_stats(v.stats)["active"]
         held = rss_kib(v.proc.pid)
         lab.stop(holder)
-        return {"value": (held - base) / count, "rss_base_kib": base, "rss_held_kib": held,
-                "connections": active}
+        return {"value": (held - base) / count, "rss_base_kib": base, "rss_held_kib": held}
 
-    return [Case(f"{count} idle connections", idle, "KiB/conn", ("tproxyd",), carried=False)]
+    return [Case(f"{count} idle connections", idle, "KiB/conn", ("tproxyd", "haproxy"),
+                 carried=False)]
 
 
 @scenario
@@ -222,13 +283,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=f"bench-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
     args = p.parse_args(argv)
+    install()
     if args.compare:
         compare(*args.compare)
         return 0
     repeat = 2 if args.quick else args.repeat
     rows: list[dict] = []
     with Lab(forwarding=True) as lab, open(args.out, "w") as out:
-        variants = {"kernel": Kernel(lab), "tproxyd": Tproxyd(lab), "tproxy-cli": Cli(lab)}
+        variants = {"kernel": Kernel(lab), "tproxyd": Tproxyd(lab), "tproxy-cli": Cli(lab),
+                    "haproxy": Haproxy(lab, splice=False), "haproxy-splice": Haproxy(lab, splice=True)}
         for name in [args.only] if args.only else SCENARIOS:
             for case in SCENARIOS[name](lab, args.quick):
                 for i in range(repeat):
@@ -244,6 +307,20 @@ def main(argv=None) -> int:
     table(rows)
     print(f"raw results: {args.out}")
     return 0
+
+
+def install() -> None:
+    """The load generators and peers the bench needs, from Debian, when missing."""
+    import shutil
+    import subprocess
+
+    missing = [pkg for cmd, pkg in (("iperf3", "iperf3"), ("haproxy", "haproxy"))
+               if not shutil.which(cmd)]
+    if missing:
+        print(f"bench: apt-get install {' '.join(missing)}", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
 def run_once(v: Variant, case: Case) -> dict:
@@ -271,13 +348,13 @@ def summary(rows: list[dict]) -> dict[tuple, dict]:
 
 def table(rows: list[dict]) -> None:
     s = summary(rows)
-    print(f"{'scenario':11} {'case':24} {'variant':10} {'median':>10} {'min':>9} {'max':>9} "
+    print(f"{'scenario':11} {'case':24} {'variant':14} {'median':>10} {'min':>9} {'max':>9} "
           f"{'unit':9} {'x kernel':>8} {'relay cpu s':>11}")
     for (sc, case, variant), d in s.items():
         med = statistics.median(d["values"])
         base = s.get((sc, case, "kernel"))
         ratio = f"{med / statistics.median(base['values']):8.2f}" if base else f"{'':8}"
-        print(f"{sc:11} {case:24} {variant:10} {med:10.3f} {min(d['values']):9.3f} "
+        print(f"{sc:11} {case:24} {variant:14} {med:10.3f} {min(d['values']):9.3f} "
               f"{max(d['values']):9.3f} {d['unit']:9} {ratio} {statistics.median(d['cpu']):11.2f}")
 
 
@@ -287,11 +364,11 @@ def compare(old_path: str, new_path: str) -> None:
             return summary([json.loads(line) for line in f if line.strip()])
 
     old, new = load(old_path), load(new_path)
-    print(f"{'scenario':11} {'case':24} {'variant':8} {'old':>10} {'new':>10} {'new/old':>8}")
+    print(f"{'scenario':11} {'case':24} {'variant':14} {'old':>10} {'new':>10} {'new/old':>8}")
     for key in new:
         if key in old:
             a, b = statistics.median(old[key]["values"]), statistics.median(new[key]["values"])
-            print(f"{key[0]:11} {key[1]:24} {key[2]:8} {a:10.3f} {b:10.3f} "
+            print(f"{key[0]:11} {key[1]:24} {key[2]:14} {a:10.3f} {b:10.3f} "
                   f"{(b / a if a else float('nan')):8.2f}")
 
 
