@@ -297,7 +297,12 @@ def main(argv=None) -> int:
                 for i in range(repeat):
                     for vname in case.variants:  # interleaved: A B A B ...
                         v = variants[vname]
-                        row = run_once(v, case)
+                        try:
+                            row = run_once(v, case)
+                        except (SystemExit, Exception) as exc:  # one failed run is noted
+                            print(f"bench: {name} / {case.name} / {vname} run {i} failed: {exc}",
+                                  file=sys.stderr)
+                            continue
                         row.update(scenario=name, case=case.name, unit=case.unit, variant=vname,
                                    run=i, load=round(os.getloadavg()[0], 2))
                         rows.append(row)
@@ -318,9 +323,7 @@ def install() -> None:
                if not shutil.which(cmd)]
     if missing:
         print(f"bench: apt-get install {' '.join(missing)}", file=sys.stderr)
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(["sh", os.path.join(ROOT, ".ci", "setup")], check=True)
 
 
 def run_once(v: Variant, case: Case) -> dict:

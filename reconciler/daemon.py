@@ -130,7 +130,7 @@ class Daemon:
         log.info("stopping: draining the relay workers")
         try:
             self.supervisor.stop(self.config.relay.drain_timeout)
-        except Exception:
+        except Exception:  # removing our rules matters more
             log.exception("stopping the workers")
         if self.config.daemon.on_exit == "remove":
             rec = self.reconciler or Reconciler(self.config)
@@ -287,7 +287,7 @@ class Daemon:
         except PreflightError as exc:
             self._failed(when, f"preflight: {exc}")
             return
-        except Exception as exc:
+        except Exception as exc:  # a kernel hiccup or our bug: retry, never die
             if not isinstance(exc, (KernelError, OSError)):
                 log.exception("reconcile failed unexpectedly")
             self._failed(when, str(exc))
@@ -374,7 +374,7 @@ class Daemon:
             statuses = self.reconciler.status()
             objects = [s.to_json() for s in statuses]
             sync = in_sync(statuses)
-        except Exception as exc:
+        except Exception as exc:  # status must answer, whatever the kernel says
             objects = [{"kind": "error", "name": str(exc), "state": "unknown", "detail": ""}]
         return {"pid": os.getpid(), "config": self.path, "started": self.started,
                 "config_error": self.config_error, "last_reconcile": self.last,

@@ -192,7 +192,7 @@ class Relay:
             for key, mask in events:
                 try:
                     self._dispatch(key.data, mask)
-                except Exception:
+                except Exception:  # a bug costs one connection, never the relay
                     self.counters.internal_errors += 1
                     log.exception("internal error handling %s", key.data[0])
                     if isinstance(key.data[0], Connection):

@@ -90,7 +90,8 @@ def hold(host: str, port: int, count: int, seconds: float) -> None:
         conns.append(c)
         c.sendall(f"{i}\n".encode())
     for i, c in enumerate(conns):
-        assert c.recv(64) == f"{i}\n".encode(), f"connection {i}: wrong echo"
+        got = c.recv(64)
+        assert got == f"{i}\n".encode(), f"connection {i}: expected its echo, got {got!r}"
     print(f"held {len(conns)}", flush=True)
     time.sleep(seconds)
     for c in conns:
