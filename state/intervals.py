@@ -29,7 +29,11 @@ def merge(ranges: Iterable[Range]) -> Intervals:
 
 
 def from_networks(networks: Iterable[Any]) -> Intervals:
-    return merge((int(n.network_address), int(n.broadcast_address)) for n in networks)
+    ranges = []
+    for n in networks:  # ints from the prefix: broadcast_address builds an object per network
+        lo = int(n.network_address)
+        ranges.append((lo, lo | ((1 << (n.max_prefixlen - n.prefixlen)) - 1)))
+    return merge(ranges)
 
 
 def subtract(a: Intervals, b: Intervals) -> Intervals:
