@@ -207,6 +207,56 @@ def throughput(lab: Lab, quick: bool) -> list[Case]:
                  ("kernel", "tproxyd", "haproxy", "haproxy-splice")) for n in (1, 4)]
 
 
+def loadgen(lab: Lab) -> str:
+    """The C load generator, built for this run (one epoll thread: not the bottleneck)."""
+    import subprocess
+
+    path = os.path.join(lab.tmp, "loadgen")
+    if not os.path.exists(path):
+        subprocess.run(["gcc", "-O2", "-o", path, os.path.join(ROOT, "bench", "loadgen.c")],
+                       check=True)
+        # Many short connections: TIME_WAIT ports may be reused, and the client's ports and the
+        # relay's (spoofed from the client's address) never meet: a forwarded SYN that matches
+        # one of the relay's TIME_WAIT sockets is dropped (early demux), which would stall the
+        # kernel variant right after a proxied one.
+        for ns, ports in ((lab.client, "1024 32767"), (lab.gw, "32768 65535")):
+            lab.sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")
+            lab.sysctl(ns, "net.ipv4.ip_local_port_range", ports)
+        lab.spawn(lab.server, path, "server", "7200")
+        wait_for_port(lab, lab.server, 7200)
+    return path
+
+
+@scenario
+def connections(lab: Lab, quick: bool) -> list[Case]:
+    """New connections per second, each a 100-byte request and a 100-byte answer, 64 at once."""
+    gen, seconds = loadgen(lab), 2 if quick else 10
+
+    def rate(v: Variant) -> dict:
+        out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", "64", str(seconds), "100",
+                      timeout=seconds + 60)
+        row = json.loads(out.stdout)
+        return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
+
+    return [Case("rate, concurrency 64", rate, "conn/s",
+                 ("kernel", "tproxyd", "haproxy", "haproxy-splice"))]
+
+
+@scenario
+def latency(lab: Lab, quick: bool) -> list[Case]:
+    """Ping-pong of 64-byte messages on one connection: round-trip percentiles."""
+    gen, count = loadgen(lab), 2000 if quick else 20000
+
+    def pingpong(v: Variant, key: str) -> dict:
+        out = lab.run(lab.client, gen, "pingpong", WAN.peer4, "7200", str(count), "64")
+        row = json.loads(out.stdout)
+        return {**row, "value": row[key], "bytes": count * 128}
+
+    variants = ("kernel", "tproxyd", "haproxy", "haproxy-splice")
+    return [Case("ping-pong 64 B, p50", lambda v: pingpong(v, "p50_us"), "us", variants),
+            Case("ping-pong 64 B, p99", lambda v: pingpong(v, "p99_us"), "us", variants)]
+
+
 @scenario
 def memory(lab: Lab, quick: bool) -> list[Case]:
     # The relay's open-file limit here is 20,000 (the hard limit of this machine's sessions):

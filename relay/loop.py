@@ -26,6 +26,7 @@ from .connection import CLIENT, READ, SERVER, Connection, State
 from .flow import SPLICE
 from .listeners import open_listeners
 from .sockopts import (
+    IP_BIND_ADDRESS_NO_PORT,
     SO_MARK,
     Address,
     is_local_address,
@@ -383,6 +384,9 @@ class Relay:
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.settings.spoof_source:
                 set_transparent(server)
+                # the port is chosen at connect(), by the whole 4-tuple: a client address can
+                # then make many more connections than one port range of binds
+                server.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 server.bind((client_addr[0], 0))
             err = server.connect_ex(dst)
             if err not in (0, errno.EINPROGRESS):

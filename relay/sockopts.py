@@ -14,6 +14,7 @@ IPV6_TRANSPARENT = 75  # <linux/in6.h>
 SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>, level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv6/ip6_tables.h>, level SOL_IPV6
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # <linux/in.h>
 IP_RECVORIGDSTADDR = IP_ORIGDSTADDR = 20  # <linux/in.h>: a UDP datagram's original destination
 IPV6_RECVORIGDSTADDR = IPV6_ORIGDSTADDR = 74  # <linux/in6.h>
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # cmsg: datagrams the kernel dropped so far

@@ -19,11 +19,14 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["scenario"] for r in rows} == {"throughput", "memory", "control"}
+    assert {r["scenario"] for r in rows} == {"throughput", "connections", "latency", "memory",
+                                             "control"}
     assert all({"case", "variant", "value", "unit", "run"} <= r.keys() for r in rows)
-    assert {r["variant"] for r in rows if r["scenario"] == "throughput"} == {"kernel", "tproxyd"}
-    assert all(r["relay_bytes"] >= 0.9 * r["bytes"] for r in rows
-               if r["scenario"] == "throughput" and r["variant"] == "tproxyd")
+    proxies = {"tproxyd", "haproxy", "haproxy-splice"}
+    for scenario in ("throughput", "connections", "latency"):
+        assert {r["variant"] for r in rows if r["scenario"] == scenario} == {"kernel", *proxies}
+    assert all(r["relay_bytes"] >= 0.9 * r["bytes"] for r in rows if r["variant"] in proxies
+               and r["scenario"] in ("throughput", "connections", "latency"))
     assert all(r["writes"] == 0 for r in rows if r["case"].startswith("no-op"))
     assert "x kernel" in result.stdout  # the table
     compared = subprocess.run([sys.executable, "-m", "bench", "--compare", str(out), str(out)],

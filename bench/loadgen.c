@@ -1,0 +1,212 @@
+/* A load generator that is not the bottleneck: one epoll thread, no allocation per request.
+ *
+ *   loadgen server PORT                       answer each SIZE-byte request with SIZE bytes
+ *   loadgen rate HOST PORT CONC SECONDS SIZE  new connection per request, CONC at once
+ *   loadgen pingpong HOST PORT COUNT SIZE     COUNT round trips on one connection
+ *
+ * rate and pingpong print one JSON object: per second figures and latency percentiles (us).
+ * Built by the benchmark harness with gcc -O2.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAXEV 256
+#define MAXSIZE 65536
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int cmp(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double pct(double *v, long n, double p) {
+    if (n == 0) return 0;
+    long i = (long)(p * (n - 1));
+    return v[i];
+}
+
+static int addr(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len) {
+    memset(ss, 0, sizeof *ss);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(port);
+        *len = sizeof *a4;
+        return AF_INET;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(port);
+        *len = sizeof *a6;
+        return AF_INET6;
+    }
+    fprintf(stderr, "bad address %s\n", host);
+    exit(2);
+}
+
+static void raise_nofile(void) {
+    struct rlimit r;
+    getrlimit(RLIMIT_NOFILE, &r);
+    r.rlim_cur = r.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &r);
+}
+
+/* --- server: read SIZE bytes (any amount), answer with as many, until EOF ----------------- */
+static int server(int port) {
+    static char buf[MAXSIZE];
+    int ls = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1, zero = 0;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(ls, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = in6addr_any};
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 4096)) { perror("listen"); return 1; }
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = ls}, evs[MAXEV];
+    epoll_ctl(ep, EPOLL_CTL_ADD, ls, &ev);
+    printf("listening on %d\n", port);
+    fflush(stdout);
+    for (;;) {
+        int n = epoll_wait(ep, evs, MAXEV, -1);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == ls) {
+                int c;
+                while ((c = accept4(ls, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                    setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce);
+                }
+                continue;
+            }
+            ssize_t r = read(fd, buf, sizeof buf);
+            if (r > 0) {
+                if (write(fd, buf, r) < 0) close(fd); /* small answers: the buffer takes them */
+            } else if (r == 0 || errno != EAGAIN) {
+                close(fd);
+            }
+        }
+    }
+}
+
+/* --- rate: CONC connections in flight, each connect + request + answer + close ------------ */
+struct slot { int fd; int got; double start; };
+
+static int rate(const char *host, int port, int conc, double seconds, int size) {
+    struct sockaddr_storage ss; socklen_t len;
+    int fam = addr(host, port, &ss, &len), ep = epoll_create1(0), one = 1;
+    static char req[MAXSIZE], buf[MAXSIZE];
+    memset(req, 'r', sizeof req);
+    struct slot *slots = calloc(conc, sizeof *slots);
+    long cap = 1 << 22, done = 0, failed = 0;
+    double *lat = malloc(cap * sizeof *lat);
+    double t0 = now(), end = t0 + seconds;
+    struct epoll_event evs[MAXEV];
+    for (int i = 0; i < conc; i++) slots[i].fd = -1;
+    for (;;) {
+        double t = now();
+        for (int i = 0; i < conc; i++) {
+            if (slots[i].fd >= 0 || t >= end) continue;
+            int fd = socket(fam, SOCK_STREAM | SOCK_NONBLOCK, 0);
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            slots[i] = (struct slot){fd, -1, t};
+            if (connect(fd, (struct sockaddr *)&ss, len) && errno != EINPROGRESS) {
+                close(fd); slots[i].fd = -1; failed++; continue;
+            }
+            struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = i};
+            epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+        }
+        int active = 0;
+        for (int i = 0; i < conc; i++) active += slots[i].fd >= 0;
+        if (!active && t >= end) break;
+        if (t >= end + 5) { failed += active; break; } /* stragglers count as failures */
+        int n = epoll_wait(ep, evs, MAXEV, 100);
+        for (int k = 0; k < n; k++) {
+            struct slot *s = &slots[evs[k].data.u32];
+            if (s->fd < 0) continue;
+            if (s->got < 0) { /* connected (or failed): send the request */
+                int err = 0; socklen_t el = sizeof err;
+                getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err || write(s->fd, req, size) != size) goto fail;
+                s->got = 0;
+                struct epoll_event ev = {.events = EPOLLIN, .data.u32 = evs[k].data.u32};
+                epoll_ctl(ep, EPOLL_CTL_MOD, s->fd, &ev);
+                continue;
+            }
+            ssize_t r = read(s->fd, buf, sizeof buf);
+            if (r <= 0) { if (r < 0 && errno == EAGAIN) continue; goto fail; }
+            s->got += r;
+            if (s->got < size) continue;
+            if (done < cap) lat[done] = now() - s->start;
+            done++;
+            close(s->fd); s->fd = -1;
+            continue;
+        fail:
+            failed++;
+            close(s->fd); s->fd = -1;
+        }
+    }
+    double took = now() - t0;
+    long m = done < cap ? done : cap;
+    qsort(lat, m, sizeof *lat, cmp);
+    printf("{\"conn_per_s\": %.1f, \"done\": %ld, \"failed\": %ld, \"p50_us\": %.1f, "
+           "\"p99_us\": %.1f, \"seconds\": %.3f}\n", done / took, done, failed,
+           pct(lat, m, 0.50) * 1e6, pct(lat, m, 0.99) * 1e6, took);
+    return failed > done / 100; /* more than 1% failures: not a valid measurement */
+}
+
+/* --- pingpong: one connection, COUNT round trips of SIZE bytes ---------------------------- */
+static int pingpong(const char *host, int port, long count, int size) {
+    struct sockaddr_storage ss; socklen_t len;
+    int fam = addr(host, port, &ss, &len), one = 1;
+    static char req[MAXSIZE], buf[MAXSIZE];
+    memset(req, 'p', sizeof req);
+    int fd = socket(fam, SOCK_STREAM, 0);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, (struct sockaddr *)&ss, len)) { perror("connect"); return 1; }
+    double *lat = malloc(count * sizeof *lat), t0 = now();
+    for (long i = 0; i < count; i++) {
+        double t = now();
+        if (write(fd, req, size) != size) { perror("write"); return 1; }
+        int got = 0;
+        while (got < size) {
+            ssize_t r = read(fd, buf, sizeof buf);
+            if (r <= 0) { perror("read"); return 1; }
+            got += r;
+        }
+        lat[i] = now() - t;
+    }
+    double took = now() - t0;
+    qsort(lat, count, sizeof *lat, cmp);
+    printf("{\"round_trips_per_s\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"count\": %ld}\n",
+           count / took, pct(lat, count, 0.50) * 1e6, pct(lat, count, 0.99) * 1e6, count);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    raise_nofile();
+    if (argc == 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
+    if (argc == 7 && !strcmp(argv[1], "rate"))
+        return rate(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]));
+    if (argc == 6 && !strcmp(argv[1], "pingpong"))
+        return pingpong(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
+    fprintf(stderr, "usage: loadgen server PORT | rate HOST PORT CONC SECONDS SIZE | "
+                    "pingpong HOST PORT COUNT SIZE\n");
+    return 2;
+}
