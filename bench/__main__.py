@@ -166,6 +166,45 @@ class Haproxy(Tproxyd):
         return 0
 
 
+class TproxydWorkers(Variant):
+    """The daemon, as deployed, with relay.workers = N sharing the listeners."""
+
+    def __init__(self, lab: Lab, workers: int):
+        super().__init__(lab)
+        self.name = f"tproxyd-{workers}w"
+        os.makedirs(os.path.join(lab.tmp, self.name), exist_ok=True)
+        self.config = lab.write_config(lab.config(
+            extra=f"[relay]\nworkers = {workers}\n", destinations='["198.18.2.0/24"]',
+            protocols='["tcp"]'), f"{self.name}/tproxy.toml")
+        self.socket = f"{lab.tmp}/state/tproxyd.sock"
+
+    def _workers(self) -> list[dict]:
+        from tproxyd.reconciler.daemon import query
+
+        return query(self.socket)["workers"]
+
+    def up(self) -> None:
+        self.proc = self.lab.spawn(self.lab.gw, sys.executable, "-m", "tproxyd.reconciler.daemon",
+                                   "-c", self.config)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket) or not self._workers():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} did not start: {self.lab.log_of(self.proc)}")
+            time.sleep(0.05)
+        wait_for_port(self.lab, self.lab.gw, 12345)
+
+    def down(self) -> None:
+        self.lab.stop(self.proc, timeout=60)
+        self.proc = None
+
+    def relay_cpu(self) -> float:
+        return sum(cpu_seconds(w["pid"]) for w in self._workers()) if self.proc else 0.0
+
+    def relay_bytes(self) -> int:
+        return sum(read_stats(w["stats"])["bytes_up"] + read_stats(w["stats"])["bytes_down"]
+                   for w in self._workers())
+
+
 class Cli(Variant):
     """No set-up: the scenario drives `tproxy` itself."""
 
@@ -204,7 +243,7 @@ def throughput(lab: Lab, quick: bool) -> list[Case]:
                 "client_cpu_pct": end["cpu_utilization_percent"]["host_total"]}
 
     return [Case(f"tcp {n} stream{'s' if n > 1 else ''}", lambda v, n=n: iperf(n), "Gbit/s",
-                 ("kernel", "tproxyd", "haproxy", "haproxy-splice")) for n in (1, 4)]
+                 ("kernel", "tproxyd", "tproxyd-2w", "haproxy", "haproxy-splice")) for n in (1, 4)]
 
 
 def loadgen(lab: Lab) -> str:
@@ -239,7 +278,7 @@ def connections(lab: Lab, quick: bool) -> list[Case]:
         return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
 
     return [Case("rate, concurrency 64", rate, "conn/s",
-                 ("kernel", "tproxyd", "haproxy", "haproxy-splice"))]
+                 ("kernel", "tproxyd", "tproxyd-2w", "haproxy", "haproxy-splice"))]
 
 
 @scenario
@@ -341,6 +380,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with Lab(forwarding=True) as lab, open(args.out, "w") as out:
         variants = {"kernel": Kernel(lab), "tproxyd": Tproxyd(lab), "tproxy-cli": Cli(lab),
+                    "tproxyd-2w": TproxydWorkers(lab, 2),
                     "haproxy": Haproxy(lab, splice=False), "haproxy-splice": Haproxy(lab, splice=True)}
         for name in [args.only] if args.only else SCENARIOS:
             for case in SCENARIOS[name](lab, args.quick):
