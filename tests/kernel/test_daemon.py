@@ -139,15 +139,19 @@ def test_a_burst_of_50_writes_is_a_handful_of_reconciles(lab: Lab):
     assert d.status()["reconciles"] - before <= 6
 
 
-def test_an_invalid_save_keeps_the_rules_and_a_live_transfer(lab: Lab):
-    body = os.path.join(lab.tmp, "body")
-    with open(body, "wb") as f:
-        f.write(os.urandom(30 << 20))
-    with open(body, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+def serve_body(lab: Lab, size: int) -> str:
+    """A random file at http://server:8080/body (python's http.server); returns its digest."""
+    data = os.urandom(size)
+    with open(os.path.join(lab.tmp, "body"), "wb") as f:
+        f.write(data)
     lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::", "--directory",
               lab.tmp, "8080")
     wait_for_port(lab, lab.server, 8080)
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_an_invalid_save_keeps_the_rules_and_a_live_transfer(lab: Lab):
+    digest = serve_body(lab, 30 << 20)
     d = Tproxyd(lab, config(lab))
     ruleset = lab.run(lab.gw, "nft", "list", "ruleset").stdout
     transfer = lab.spawn(lab.client, "sh", "-c", f"curl -sS --limit-rate 15M "
@@ -241,14 +245,7 @@ cat sum.* | sort | uniq -c
 
 
 def test_reload_under_load_completes_every_transfer(lab: Lab):
-    body = os.path.join(lab.tmp, "body")
-    with open(body, "wb") as f:
-        f.write(os.urandom(8 << 20))  # 50 transfers of 8 MiB at 4 MiB/s: about 2 s each
-    with open(body, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::", "--directory",
-              lab.tmp, "8080")
-    wait_for_port(lab, lab.server, 8080)
+    digest = serve_body(lab, 8 << 20)  # 50 transfers of 8 MiB at 4 MiB/s: about 2 s each
     d = Tproxyd(lab, config(lab))
     (old,) = worker_pids(d)
     load = lab.spawn(lab.client, "sh", "-c", RELOAD_LOAD.format(tmp=lab.tmp, server=WAN.peer4))
