@@ -81,6 +81,8 @@ class Flow:
                 moved += self._write_pending()
             else:  # copied: written already, the rest (if any) pending
                 moved += n - self.pending
+                if n < CHUNK:
+                    break  # a short read drained src: skip the read that would say EAGAIN
             if self.pending:
                 break
         self.bytes += moved
