@@ -349,3 +349,19 @@ def read_stats_of(worker: dict) -> int:
     from tproxyd.relay.loop import read_stats
 
     return read_stats(worker["stats"])["accepted"]
+
+
+def test_workers_do_not_outlive_a_killed_daemon(lab: Lab):
+    d = Tproxyd(lab, config(lab))
+    (worker,) = worker_pids(d)
+    os.kill(d.proc.pid, signal.SIGKILL)
+
+    def gone() -> bool:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{worker}/stat") as f:  # a zombie waiting for its reaper is gone too
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    eventually(gone, "the orphaned worker to exit", timeout=5)
