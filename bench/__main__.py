@@ -84,8 +84,7 @@ class Tproxyd(Variant):
 
     def __init__(self, lab: Lab):
         super().__init__(lab)
-        self.config = lab.write_config(lab.config(destinations='["198.18.2.0/24"]',
-                                                  protocols='["tcp"]'), "bench.toml")
+        self.config = lab.write_config(lab.config(destinations='["198.18.2.0/24"]'), "bench.toml")
         self.stats = f"{lab.tmp}/state/relay.sock"
 
     def up(self) -> None:
@@ -101,7 +100,7 @@ class Tproxyd(Variant):
 
     def relay_bytes(self) -> int:
         s = read_stats(self.stats)
-        return s["bytes_up"] + s["bytes_down"]
+        return s["bytes_up"] + s["bytes_down"] + s["udp_bytes_up"] + s["udp_bytes_down"]
 
 
 HAPROXY_CFG = """
@@ -294,6 +293,23 @@ def latency(lab: Lab, quick: bool) -> list[Case]:
     variants = ("kernel", "tproxyd", "haproxy", "haproxy-splice")
     return [Case("ping-pong 64 B, p50", lambda v: pingpong(v, "p50_us"), "us", variants),
             Case("ping-pong 64 B, p99", lambda v: pingpong(v, "p99_us"), "us", variants)]
+
+
+@scenario
+def udp(lab: Lab, quick: bool) -> list[Case]:
+    """Datagrams echoed through the relay, 32 in flight: rate and round-trip percentiles."""
+    gen, count = loadgen(lab), 2000 if quick else 50000
+    lab.spawn(lab.server, gen, "udpserver", "7300")
+    wait_for_port(lab, lab.server, 7300, "udp")
+
+    def echo(v: Variant, size: int) -> dict:
+        out = lab.run(lab.client, gen, "udp", WAN.peer4, "7300", str(count), str(size), "32",
+                      timeout=120)
+        row = json.loads(out.stdout)
+        return {**row, "value": row["datagrams_per_s"], "bytes": row["received"] * size * 2}
+
+    return [Case(f"echo {size} B, 32 in flight", lambda v, size=size: echo(v, size), "dgram/s")
+            for size in (64, 1400)]
 
 
 @scenario

@@ -3,6 +3,8 @@
  *   loadgen server PORT                       answer each SIZE-byte request with SIZE bytes
  *   loadgen rate HOST PORT CONC SECONDS SIZE  new connection per request, CONC at once
  *   loadgen pingpong HOST PORT COUNT SIZE     COUNT round trips on one connection
+ *   loadgen udpserver PORT                    echo every datagram
+ *   loadgen udp HOST PORT COUNT SIZE WINDOW   COUNT datagrams, WINDOW in flight, each echoed
  *
  * rate and pingpong print one JSON object: per second figures and latency percentiles (us).
  * Built by the benchmark harness with gcc -O2.
@@ -199,11 +201,65 @@ static int pingpong(const char *host, int port, long count, int size) {
     return 0;
 }
 
+/* --- UDP: an echo server, and a client keeping WINDOW datagrams in flight ------------------- */
+static int udpserver(int port) {
+    static char buf[MAXSIZE];
+    int s = socket(AF_INET6, SOCK_DGRAM, 0), zero = 0, big = 4 << 20;
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    setsockopt(s, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = in6addr_any};
+    if (bind(s, (struct sockaddr *)&a, sizeof a)) { perror("bind"); return 1; }
+    printf("listening on %d\n", port);
+    fflush(stdout);
+    for (;;) {
+        struct sockaddr_storage peer; socklen_t pl = sizeof peer;
+        ssize_t r = recvfrom(s, buf, sizeof buf, 0, (struct sockaddr *)&peer, &pl);
+        if (r >= 0) sendto(s, buf, r, 0, (struct sockaddr *)&peer, pl);
+    }
+}
+
+static int udp(const char *host, int port, long count, int size, int window) {
+    struct sockaddr_storage ss; socklen_t len;
+    int fam = addr(host, port, &ss, &len);
+    int s = socket(fam, SOCK_DGRAM, 0);
+    if (connect(s, (struct sockaddr *)&ss, len)) { perror("connect"); return 1; }
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    static char buf[MAXSIZE], msg[MAXSIZE];
+    double *sent = calloc(count, sizeof *sent), *lat = malloc(count * sizeof *lat), t0 = now();
+    long next = 0, got = 0, lost = 0;
+    while (next < window && next < count) {
+        memcpy(msg, &next, sizeof next); sent[next] = now(); send(s, msg, size, 0); next++;
+    }
+    while (got + lost < count) {
+        ssize_t r = recv(s, buf, sizeof buf, 0);
+        if (r < (ssize_t)sizeof(long)) { /* a timeout: count the window as lost, go on */
+            lost += next - got - lost;
+            if (next >= count) break;
+        } else {
+            long id; memcpy(&id, buf, sizeof id);
+            if (id >= 0 && id < count && sent[id] > 0) { lat[got++] = now() - sent[id]; sent[id] = -1; }
+        }
+        while (next < count && next - got - lost < window) {
+            memcpy(msg, &next, sizeof next); sent[next] = now(); send(s, msg, size, 0); next++;
+        }
+    }
+    double took = now() - t0;
+    qsort(lat, got, sizeof *lat, cmp);
+    printf("{\"datagrams_per_s\": %.1f, \"received\": %ld, \"lost\": %ld, \"p50_us\": %.1f, "
+           "\"p99_us\": %.1f}\n", got / took, got, lost, pct(lat, got, 0.50) * 1e6,
+           pct(lat, got, 0.99) * 1e6);
+    return lost > count / 100;
+}
+
 int main(int argc, char **argv) {
     raise_nofile();
     if (argc == 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
     if (argc == 7 && !strcmp(argv[1], "rate"))
         return rate(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]));
+    if (argc == 3 && !strcmp(argv[1], "udpserver")) return udpserver(atoi(argv[2]));
+    if (argc == 7 && !strcmp(argv[1], "udp"))
+        return udp(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
     if (argc == 6 && !strcmp(argv[1], "pingpong"))
         return pingpong(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
     fprintf(stderr, "usage: loadgen server PORT | rate HOST PORT CONC SECONDS SIZE | "

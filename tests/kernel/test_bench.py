@@ -19,8 +19,11 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["scenario"] for r in rows} == {"throughput", "connections", "latency", "memory",
-                                             "control"}
+    assert {r["scenario"] for r in rows} == {"throughput", "connections", "latency", "udp",
+                                             "memory", "control"}
+    assert {r["variant"] for r in rows if r["scenario"] == "udp"} == {"kernel", "tproxyd"}
+    assert all(r["relay_bytes"] >= 0.9 * r["bytes"] for r in rows
+               if r["scenario"] == "udp" and r["variant"] == "tproxyd")
     assert all({"case", "variant", "value", "unit", "run"} <= r.keys() for r in rows)
     proxies = {"tproxyd", "tproxyd-2w", "haproxy", "haproxy-splice"}
     for scenario in ("throughput", "connections", "latency"):
