@@ -7,11 +7,18 @@ KernelError. `writes` counts committed transactions.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from typing import Any, Dict, List, Tuple
 
 from tproxyd.state.nft import FAMILY, ListingError, NftTable, table_from_listing
 
 from .errors import KernelError
+
+NETLINK_NETFILTER = 12
+NFT_MSG_GETGEN = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN
+NLM_F_REQUEST = 1
+NFTA_GEN_ID = 1
 
 
 def _binding():
@@ -52,8 +59,35 @@ class Nft:
             raise KernelError(f"list table {FAMILY} {name}", _first_error(err))
         return out.get("nftables", []) if isinstance(out, dict) else []
 
-    def read_table(self, name: str) -> NftTable | None:
-        listing = self.list_table(name)
+    def generation(self) -> int | None:
+        """nftables' ruleset generation (NFT_MSG_GETGEN): every committed transaction, ours or
+        anyone's, bumps it; dry runs and listings do not. None if it cannot be read."""
+        try:
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+                s.settimeout(1.0)
+                s.bind((0, 0))
+                s.send(struct.pack("=IHHII", 20, NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
+                       + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+                data = s.recv(65536)
+        except OSError:
+            return None
+        offset = 20  # nlmsghdr + nfgenmsg
+        while offset + 8 <= len(data):
+            length, kind = struct.unpack_from("=HH", data, offset)
+            if kind & 0x7FFF == NFTA_GEN_ID and length >= 8:
+                return int(struct.unpack_from("!I", data, offset + 4)[0])
+            if length < 4:
+                break
+            offset += (length + 3) & ~3
+        return None
+
+    def read_table(self, name: str, elements: bool = True) -> NftTable | None:
+        """Our table as it is; without elements (terse: cheap at any size), sets come empty."""
+        self.nft.set_terse_output(not elements)
+        try:
+            listing = self.list_table(name)
+        finally:
+            self.nft.set_terse_output(False)
         if listing is None:
             return None
         try:

@@ -5,6 +5,8 @@ Everything here runs in the calling process's network namespace.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -14,6 +16,7 @@ from tproxyd.state.desired import DesiredState, render
 from tproxyd.state.live import LiveState
 from tproxyd.state.nft import (
     FAMILY,
+    NftTable,
     delete_table_commands,
     replace_table_commands,
     update_set_commands,
@@ -42,6 +45,10 @@ from .nft_backend import Nft, mark_users
 NFT_OPS = (ReplaceNftTable, UpdateNftSet, DeleteNftTable)
 
 
+def digest(intervals: tuple) -> str:
+    return hashlib.sha256(repr(intervals).encode()).hexdigest()
+
+
 @dataclass
 class Result:
     ops: Tuple[Op, ...] = ()
@@ -58,6 +65,7 @@ class Reconciler:
         self.netlink = Netlink()
         self.nft = Nft()
         self.memory = sysctl.SysctlMemory(config.daemon.state_dir)
+        self.verified = sysctl.NetnsRecord(config.daemon.state_dir, "nft-verified")
         self.sysctl_writes = 0
 
     def close(self) -> None:
@@ -74,9 +82,35 @@ class Reconciler:
         return LiveState(
             rules=self.netlink.rules(),
             routes=self.netlink.routes(self.config.routing.table),
-            nft=self.nft.read_table(self.config.nftables.table),
+            nft=self._read_nft(),
             sysctls={k: v for k in sorted(keys) if (v := sysctl.read(k)) is not None},
         )
+
+    def _read_nft(self) -> NftTable | None:
+        """Our table. Listing 100,000 set elements back costs about a second, so the contents
+        verified last time are trusted while nftables' generation has not moved since (any
+        change by anyone, `nft add element` included, moves it); the rest is always read."""
+        name = self.config.nftables.table
+        generation = self.nft.generation()  # before the listing: a later change moves it on
+        seen = self.verified.load()
+        if generation is not None and seen.get("generation") == generation \
+                and seen.get("table") == name:
+            table = self.nft.read_table(name, elements=False)
+            if table is None:
+                return None
+            sets = []
+            for s in table.sets:
+                want = self.desired.nft.set_named(s.name)
+                if want is None or seen.get("sets", {}).get(s.name) != digest(want.elements):
+                    break  # contents we cannot vouch for: read them
+                sets.append(dataclasses.replace(s, elements=want.elements))
+            else:
+                return dataclasses.replace(table, sets=tuple(sets))
+        table = self.nft.read_table(name)
+        if table is not None and generation is not None:
+            self.verified.save({"generation": generation, "table": name,
+                                "sets": {s.name: digest(s.elements) for s in table.sets}})
+        return table
 
     def plan(self, live: LiveState | None = None) -> Tuple[Op, ...]:
         return plan(self.desired, live or self.live())

@@ -41,6 +41,31 @@ def write(key: str, value: str) -> None:
         raise KernelError(f"sysctl {key} = {value}", exc.strerror or str(exc)) from exc
 
 
+class NetnsRecord:
+    """A small JSON record per network namespace in state_dir (gone at reboot with /run)."""
+
+    def __init__(self, state_dir: str, kind: str):
+        netns = os.stat("/proc/self/ns/net").st_ino
+        self.path = os.path.join(state_dir, f"{kind}-netns-{netns}.json")
+
+    def load(self) -> dict:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}  # absent or unreadable: verify everything again
+        return data if isinstance(data, dict) else {}
+
+    def save(self, data: dict) -> None:
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(f"{self.path}.tmp", "w") as f:
+                json.dump(data, f)
+            os.replace(f"{self.path}.tmp", self.path)
+        except OSError:
+            pass  # only a cache: the next read verifies in full
+
+
 class SysctlMemory:
     """Values tproxyd replaced, per network namespace, in state_dir (on /run: cleared at boot,
     as the sysctls themselves are)."""
