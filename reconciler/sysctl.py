@@ -42,57 +42,50 @@ def write(key: str, value: str) -> None:
 
 
 class NetnsRecord:
-    """A small JSON record per network namespace in state_dir (gone at reboot with /run)."""
+    """A small JSON record per network namespace in state_dir (on /run: gone at reboot, as the
+    kernel state it describes). `strict` records fail loudly; the others are caches."""
 
-    def __init__(self, state_dir: str, kind: str):
+    def __init__(self, state_dir: str, kind: str, strict: bool = False):
         netns = os.stat("/proc/self/ns/net").st_ino
         self.path = os.path.join(state_dir, f"{kind}-netns-{netns}.json")
+        self.strict = strict
 
     def load(self) -> dict:
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return {}  # absent or unreadable: verify everything again
-        return data if isinstance(data, dict) else {}
-
-    def save(self, data: dict) -> None:
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            with open(f"{self.path}.tmp", "w") as f:
-                json.dump(data, f)
-            os.replace(f"{self.path}.tmp", self.path)
-        except OSError:
-            pass  # only a cache: the next read verifies in full
-
-
-class SysctlMemory:
-    """Values tproxyd replaced, per network namespace, in state_dir (on /run: cleared at boot,
-    as the sysctls themselves are)."""
-
-    def __init__(self, state_dir: str):
-        netns = os.stat("/proc/self/ns/net").st_ino
-        self.path = os.path.join(state_dir, f"sysctl-netns-{netns}.json")
-
-    def load(self) -> Dict[str, str]:
         try:
             with open(self.path) as f:
                 data = json.load(f)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise KernelError(f"read {self.path}", str(exc)) from exc
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+            if self.strict:
+                raise KernelError(f"read {self.path}", str(exc)) from exc
+            return {}  # a cache that cannot be read: verify everything again
+        return data if isinstance(data, dict) else {}
 
-    def save(self, values: Dict[str, str]) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+    def save(self, data: dict) -> None:
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(values, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            if self.strict:
+                raise
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+class SysctlMemory(NetnsRecord):
+    """Values tproxyd replaced, for `down` to put back. Strict: a value that cannot be kept
+    is not replaced."""
+
+    def __init__(self, state_dir: str):
+        super().__init__(state_dir, "sysctl", strict=True)
+
+    def load(self) -> Dict[str, str]:
+        return {str(k): str(v) for k, v in super().load().items()}
