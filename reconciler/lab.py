@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 PREFIX = "tpx"
-IP_TRANSPARENT = 19  # <linux/in.h>; the socket module does not name it on every Python
-IPV6_TRANSPARENT = 75  # <linux/in6.h>
 
 
 @dataclass(frozen=True)
@@ -202,19 +200,11 @@ def listen(port: int) -> None:
     """Accept TCP connections for any address on port (IPv4 and IPv6, IP_TRANSPARENT) and answer
     each HTTP request with the original destination (getsockname) and the client (getpeername)."""
     import selectors
-    import socket
+
+    from tproxyd.relay.listeners import open_listeners
 
     sel = selectors.DefaultSelector()
-    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        else:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        s.bind((host, port))
-        s.listen(128)
+    for s in open_listeners(port, ("0.0.0.0", "::"), transparent=True, udp=False):
         sel.register(s, selectors.EVENT_READ)
     print(f"listening on port {port}", flush=True)
     while True:

@@ -58,12 +58,17 @@ def parse_udp_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[Address 
     return dst, dropped
 
 
+def _set_ip_option(sock: socket.socket, v4: int, v6: int) -> None:
+    """Turn on the IPv4 or the IPv6 flavour of an option, by the socket's family."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, v6, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, v4, 1)
+
+
 def set_recv_origdst(sock: socket.socket) -> None:
     """Ask recvmsg for each datagram's original destination, and for the drop counter."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
-    else:
-        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+    _set_ip_option(sock, IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR)
     sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
 
 
@@ -83,10 +88,7 @@ def original_dst_tproxy(sock: socket.socket) -> Address:
 
 def set_transparent(sock: socket.socket) -> None:
     """Allow binding to and accepting for addresses that are not this host's."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-    else:
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    _set_ip_option(sock, IP_TRANSPARENT, IPV6_TRANSPARENT)
 
 
 def set_reset_on_close(sock: socket.socket) -> None:
