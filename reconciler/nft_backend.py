@@ -1,4 +1,5 @@
 """Our nftables table through libnftables' JSON API: one transaction per change, return codes checked.
+(Set contents at scale and the generation go through nfnetlink.py.)
 
 The binding's json_cmd never raises on its own: every call here checks rc and turns it into
 KernelError. `writes` counts committed transactions.
@@ -7,18 +8,11 @@ KernelError. `writes` counts committed transactions.
 from __future__ import annotations
 
 import json
-import socket
-import struct
 from typing import Any, Dict, List, Tuple
 
-from tproxyd.state.nft import FAMILY, ListingError, NftTable, table_from_listing
+from tproxyd.state.nft import FAMILY
 
 from .errors import KernelError
-
-NETLINK_NETFILTER = 12
-NFT_MSG_GETGEN = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN
-NLM_F_REQUEST = 1
-NFTA_GEN_ID = 1
 
 
 def _binding():
@@ -48,53 +42,6 @@ class Nft:
             raise KernelError(what, _first_error(err))
         return out
 
-    def list_table(self, name: str) -> List[Dict[str, Any]] | None:
-        """The objects of table inet NAME as JSON, or None when it does not exist."""
-        self.nft.set_dry_run(False)
-        rc, out, err = self.nft.json_cmd(
-            {"nftables": [{"list": {"table": {"family": FAMILY, "name": name}}}]})
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise KernelError(f"list table {FAMILY} {name}", _first_error(err))
-        return out.get("nftables", []) if isinstance(out, dict) else []
-
-    def generation(self) -> int | None:
-        """nftables' ruleset generation (NFT_MSG_GETGEN): every committed transaction, ours or
-        anyone's, bumps it; dry runs and listings do not. None if it cannot be read."""
-        try:
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
-                s.settimeout(1.0)
-                s.bind((0, 0))
-                s.send(struct.pack("=IHHII", 20, NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
-                       + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
-                data = s.recv(65536)
-        except OSError:
-            return None
-        offset = 20  # nlmsghdr + nfgenmsg
-        while offset + 8 <= len(data):
-            length, kind = struct.unpack_from("=HH", data, offset)
-            if kind & 0x7FFF == NFTA_GEN_ID and length >= 8:
-                return int(struct.unpack_from("!I", data, offset + 4)[0])
-            if length < 4:
-                break
-            offset += (length + 3) & ~3
-        return None
-
-    def read_table(self, name: str, elements: bool = True) -> NftTable | None:
-        """Our table as it is; without elements (terse: cheap at any size), sets come empty."""
-        self.nft.set_terse_output(not elements)
-        try:
-            listing = self.list_table(name)
-        finally:
-            self.nft.set_terse_output(False)
-        if listing is None:
-            return None
-        try:
-            return table_from_listing(name, listing)
-        except ListingError as exc:
-            raise KernelError(f"read table {FAMILY} {name}", str(exc)) from exc
-
     def transaction(self, what: str, commands: List[Dict[str, Any]]) -> None:
         if not commands:
             return
@@ -110,7 +57,8 @@ class Nft:
         return None
 
     def ruleset_terse(self) -> List[Dict[str, Any]]:
-        """The whole ruleset without set elements (cheap, for preflight's look at others' tables)."""
+        """The whole ruleset without set elements: cheap at any size (`list table`, even terse,
+        fetches every element first: 0.4 s at 100,000; this takes 0.02 s)."""
         self.nft.set_terse_output(True)
         try:
             rc, out, err = self.nft.json_cmd({"nftables": [{"list": {"ruleset": None}}]})

@@ -13,13 +13,15 @@ from typing import Dict, List, Tuple
 from tproxyd.state import preflight
 from tproxyd.state.config import Config
 from tproxyd.state.desired import DesiredState, render
+from tproxyd.state.intervals import key_bytes, range_elements, to_kernel, zero_end
 from tproxyd.state.live import LiveState
 from tproxyd.state.nft import (
     FAMILY,
+    ListingError,
     NftTable,
     delete_table_commands,
     replace_table_commands,
-    update_set_commands,
+    table_from_ruleset,
 )
 from tproxyd.state.plan import (
     AddRoute,
@@ -40,9 +42,12 @@ from tproxyd.state.status import ObjectStatus, compare
 from . import sysctl
 from .errors import KernelError, PreflightError
 from .netlink import Netlink
+from .nfnetlink import GenerationMoved, NftNetlink, SetChange
 from .nft_backend import Nft, mark_users
 
 NFT_OPS = (ReplaceNftTable, UpdateNftSet, DeleteNftTable)
+ATOMIC_RANGES = 10_000  # sets up to this size load inside libnftables' transaction (~0.1 s)
+ATTEMPTS = 3  # plans made again when nftables moved on under one (GenerationMoved)
 
 
 def digest(intervals: tuple) -> str:
@@ -64,12 +69,16 @@ class Reconciler:
         self.desired: DesiredState = render(config)
         self.netlink = Netlink()
         self.nft = Nft()
+        self.netlink_nft = NftNetlink()
+        self.generation: int | None = None  # nftables' generation when live state was read
+        self._ruleset: List[Dict] | None = None
         self.memory = sysctl.SysctlMemory(config.daemon.state_dir)
         self.verified = sysctl.NetnsRecord(config.daemon.state_dir, "nft-verified")
         self.sysctl_writes = 0
 
     def close(self) -> None:
         self.netlink.close()
+        self.netlink_nft.close()
 
     @property
     def writes(self) -> int:
@@ -87,30 +96,44 @@ class Reconciler:
         )
 
     def _read_nft(self) -> NftTable | None:
-        """Our table. Listing 100,000 set elements back costs about a second, so the contents
-        verified last time are trusted while nftables' generation has not moved since (any
-        change by anyone, `nft add element` included, moves it); the rest is always read."""
+        """Our table: its structure from a terse listing of the ruleset (no elements: cheap at
+        any size), each set's contents by a netlink dump, unless they were verified (read, or
+        written by us) at the generation nftables is still at: any change by anyone, `nft add
+        element` included, moves it on."""
         name = self.config.nftables.table
-        generation = self.nft.generation()  # before the listing: a later change moves it on
+        self.generation = self._generation()  # before reading: a later change moves it on
+        self._ruleset = self.nft.ruleset_terse()
+        try:
+            table = table_from_ruleset(name, self._ruleset)
+        except ListingError as exc:
+            raise KernelError(f"read table {FAMILY} {name}", str(exc)) from exc
+        if table is None:
+            return None
         seen = self.verified.load()
-        if generation is not None and seen.get("generation") == generation \
-                and seen.get("table") == name:
-            table = self.nft.read_table(name, elements=False)
-            if table is None:
-                return None
-            sets = []
-            for s in table.sets:
-                want = self.desired.nft.set_named(s.name)
-                if want is None or seen.get("sets", {}).get(s.name) != digest(want.elements):
-                    break  # contents we cannot vouch for: read them
-                sets.append(dataclasses.replace(s, elements=want.elements))
+        trusted = seen.get("sets", {}) if (self.generation is not None and seen.get("table") == name
+                                           and seen.get("generation") == self.generation) else {}
+        sets, digests = [], {}
+        for s in table.sets:
+            want = self.desired.nft.set_named(s.name)
+            if want is not None and want.type == s.type and trusted.get(s.name) == digest(want.elements):
+                elements = want.elements
             else:
-                return dataclasses.replace(table, sets=tuple(sets))
-        table = self.nft.read_table(name)
-        if table is not None and generation is not None:
-            self.verified.save({"generation": generation, "table": name,
-                                "sets": {s.name: digest(s.elements) for s in table.sets}})
-        return table
+                elements = self.netlink_nft.set_elements(name, s.name, s.type, "interval" in s.flags)
+            digests[s.name] = digest(elements)
+            sets.append(dataclasses.replace(s, elements=elements))
+        if self.generation is not None and digests != trusted:
+            self._verified(self.generation, digests)
+        return dataclasses.replace(table, sets=tuple(sets))
+
+    def _generation(self) -> int | None:
+        try:
+            return self.netlink_nft.generation()
+        except OSError:
+            return None
+
+    def _verified(self, generation: int, digests: Dict[str, str]) -> None:
+        self.verified.save({"generation": generation, "table": self.config.nftables.table,
+                            "sets": digests})
 
     def plan(self, live: LiveState | None = None) -> Tuple[Op, ...]:
         return plan(self.desired, live or self.live())
@@ -131,7 +154,7 @@ class Reconciler:
             table_routes=self.netlink.routes(self.config.routing.table),
             # the structure alone: kernel support is what is checked, not 100,000 elements
             nft_error=self.nft.check(replace_table_commands(self.desired.nft.without_elements())),
-            foreign_mark_users=tuple(mark_users(self.nft.ruleset_terse(),
+            foreign_mark_users=tuple(mark_users(self._ruleset or self.nft.ruleset_terse(),
                                                 self.config.nftables.table, marks)),
         )
 
@@ -146,10 +169,17 @@ class Reconciler:
         if preflight.errors(findings) and not force:
             raise PreflightError("\n".join(str(f) for f in preflight.errors(findings)))
         before = self.writes
-        ops = self.plan()
-        if not ops:
-            return Result(ops=ops, writes=0, findings=findings)
-        self._run(ops)
+        for attempt in range(ATTEMPTS):
+            ops = self.plan()
+            if not ops:
+                return Result(ops=ops, writes=0, findings=findings)
+            try:
+                self._run(ops)
+                break
+            except GenerationMoved:  # someone changed nftables since we read it: read again
+                if attempt == ATTEMPTS - 1:
+                    raise KernelError("converge", "nftables kept changing while tproxyd applied "
+                                                  f"its plan ({ATTEMPTS} attempts)") from None
         left = self.plan()  # read back: the kernel's view is the only proof
         if left:
             raise KernelError("converge", "still differs after apply: "
@@ -203,14 +233,47 @@ class Reconciler:
             self.memory.save(saved)
 
     def _nft(self, ops: List[Op]) -> None:
-        commands = []
+        """libnftables for the structure, one generation-guarded netlink batch for contents.
+
+        A new table is built in one libnftables transaction with its small sets filled; sets of
+        more than ATOMIC_RANGES ranges are filled by the batch right after it (libnftables takes
+        seconds at 100,000): for that moment they are empty (a destination set captures
+        nothing, an exclusion set excludes nothing).
+        """
+        name = self.config.nftables.table
+        commands: List[Dict] = []
+        changes: List[SetChange] = []
         for op in ops:
             if isinstance(op, ReplaceNftTable):
-                commands += replace_table_commands(op.table)
+                small = dataclasses.replace(op.table, sets=tuple(
+                    s if len(s.elements) <= ATOMIC_RANGES else dataclasses.replace(s, elements=())
+                    for s in op.table.sets))
+                commands += replace_table_commands(small)
+                changes += [SetChange(s.name, s.type, add=tuple(to_kernel(s.type, s.elements)))
+                            for s in op.table.sets if len(s.elements) > ATOMIC_RANGES]
             elif isinstance(op, UpdateNftSet):
-                commands += update_set_commands(op.table, op.set, op.add, op.flush)
+                changes.append(set_change(op))
             elif isinstance(op, DeleteNftTable):
                 commands += delete_table_commands(op.name)
-        self.nft.transaction(f"nft transaction on table {FAMILY} "
-                             f"{self.config.nftables.table}", commands)
+        genid = self.generation
+        if commands:
+            self.nft.transaction(f"nft transaction on table {FAMILY} {name}", commands)
+            genid = self._generation()
+        if changes:
+            self.netlink_nft.change_sets(name, changes, genid)
+            self.nft.writes += 1
+            if genid is not None:  # the batch committed at genid, so it made genid + 1
+                self._verified(genid + 1, {s.name: digest(s.elements) for s in self.desired.nft.sets})
 
+
+def set_change(op: UpdateNftSet) -> SetChange:
+    """Whole ranges out and in, and the end element nft keeps at 0 when no range starts there."""
+    top = (1 << (8 * key_bytes(op.set.type))) - 1
+    delete = [e for lo, hi in op.removed for e in range_elements(lo, hi, top)]
+    add = [e for lo, hi in op.add for e in range_elements(lo, hi, top)]
+    had, has = zero_end(op.old), zero_end(op.set.elements)
+    if had and not has:
+        delete.insert(0, (0, True, False))
+    elif has and not had:
+        add.insert(0, (0, True, False))
+    return SetChange(op.set.name, op.set.type, delete=tuple(delete), add=tuple(add))

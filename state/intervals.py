@@ -29,11 +29,8 @@ def merge(ranges: Iterable[Range]) -> Intervals:
 
 
 def from_networks(networks: Iterable[Any]) -> Intervals:
-    ranges = []
-    for n in networks:  # ints from the prefix: broadcast_address builds an object per network
-        lo = int(n.network_address)
-        ranges.append((lo, lo | ((1 << (n.max_prefixlen - n.prefixlen)) - 1)))
-    return merge(ranges)
+    """Canonical ranges covering Cidr blocks."""
+    return merge((n.address, n.last) for n in networks)
 
 
 def subtract(a: Intervals, b: Intervals) -> Intervals:
@@ -143,3 +140,73 @@ def describe(set_type: str, intervals: Intervals, limit: int = 4) -> str:
     if len(intervals) > limit:
         parts.append(f"... ({len(intervals)} ranges)")
     return ", ".join(parts)
+
+
+# --- the kernel's form of an interval set --------------------------------------------------------
+# An nft interval set (rbtree) holds boundary elements: a start element at each range's first
+# value and an end element (flag INTERVAL_END) one past its last. A range that runs to the top
+# of the key space has no end element (nft marks its start "open" in userdata for printing), and
+# nft puts an end element at 0 when the first range starts above 0. We write what nft writes,
+# so `nft list` shows the same set whichever tool loaded it.
+
+KEY_BYTES = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_service": 2}
+
+Element = Tuple[int, bool, bool]  # key, is an end element, is the start of an open range
+
+
+def key_bytes(set_type: str) -> int:
+    try:
+        return KEY_BYTES[set_type]
+    except KeyError:
+        raise ElementError(f"sets of type {set_type} are not supported") from None
+
+
+def range_elements(lo: int, hi: int, top: int) -> List[Element]:
+    """The boundary elements of one range in a set whose largest key is top."""
+    if hi >= top:
+        return [(lo, False, True)]
+    return [(lo, False, False), (hi + 1, True, False)]
+
+
+def zero_end(intervals: Intervals) -> bool:
+    return bool(intervals) and intervals[0][0] > 0
+
+
+def to_kernel(set_type: str, intervals: Intervals) -> List[Element]:
+    """Every element of a set holding exactly these (canonical) ranges, as nft loads it."""
+    top = (1 << (8 * key_bytes(set_type))) - 1
+    elements: List[Element] = [(0, True, False)] if zero_end(intervals) else []
+    for lo, hi in intervals:
+        elements += range_elements(lo, hi, top)
+    return elements
+
+
+def from_kernel(set_type: str, elements: Iterable[Tuple[int, bool]], interval: bool = True
+                ) -> Intervals:
+    """Canonical ranges from a set's elements (key, is an end element) in any order."""
+    top = (1 << (8 * key_bytes(set_type))) - 1
+    if not interval:
+        return merge((key, key) for key, _ in elements)
+    ranges: List[Range] = []
+    start: int | None = None
+    # at one key an end element (closing the range before) sorts before a start element
+    for key, end in sorted(elements, key=lambda e: (e[0], not e[1])):
+        if end:
+            if start is not None and key > start:
+                ranges.append((start, key - 1))
+            start = None
+        elif start is None:
+            start = key
+    if start is not None:
+        ranges.append((start, top))
+    return merge(ranges)
+
+
+def changed_ranges(old: Intervals, new: Intervals) -> Tuple[Intervals, Intervals]:
+    """(ranges to add, ranges to delete) turning the set holding old into one holding new.
+
+    Whole ranges: a range that grew is deleted and added again, so the kernel never holds two
+    adjacent ranges (or a start without its end) that nft would not have made.
+    """
+    old_set, new_set = set(old), set(new)
+    return (tuple(r for r in new if r not in old_set), tuple(r for r in old if r not in new_set))

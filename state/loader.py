@@ -5,16 +5,17 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import socket
 import sys
 from typing import Any, Callable, Dict, List, Tuple
 
 from .config import (
     REDIRECT,
     TPROXY,
+    Cidr,
     Config,
     Daemon,
     Intercept,
-    IPNetwork,
     Marks,
     Nftables,
     PortRange,
@@ -115,7 +116,34 @@ def _fields(section: Dict[str, Any], path: str, out: _Collector,
     return result
 
 
-def _network(value: Any, path: str, out: _Collector) -> IPNetwork | None:
+def _fast_cidr(text: str) -> Cidr | None:
+    """The common spelling ('198.18.0.0/15', '2001:db8::/32', canonical, host bits clear) read
+    with inet_pton; anything else (None) takes ipaddress's slower path and its error messages."""
+    addr, slash, length = text.partition("/")
+    family, bits, version = ((socket.AF_INET6, 128, 6) if ":" in addr else (socket.AF_INET, 32, 4))
+    try:
+        packed = socket.inet_pton(family, addr)
+    except OSError:
+        return None
+    if socket.inet_ntop(family, packed) != addr:
+        return None
+    if slash:
+        if not (length.isascii() and length.isdigit()) or length != str(int(length)):
+            return None
+        prefixlen = int(length)
+        if prefixlen > bits:
+            return None
+    else:
+        prefixlen = bits
+    address = int.from_bytes(packed, "big")
+    if address & ((1 << (bits - prefixlen)) - 1):
+        return None
+    return Cidr(version, address, prefixlen)
+
+
+def _network(value: Any, path: str, out: _Collector) -> Cidr | None:
+    if isinstance(value, str) and (fast := _fast_cidr(value)) is not None:
+        return fast
     text = _str(value, path, out)
     if text is None:
         return None
@@ -123,7 +151,7 @@ def _network(value: Any, path: str, out: _Collector) -> IPNetwork | None:
         out.add(path, f"'{text}' is not an IPv4 or IPv6 address or CIDR (no %zone allowed)")
         return None
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
+        return Cidr.of(ipaddress.ip_network(text.strip(), strict=True))
     except ValueError as exc:
         try:
             loose = ipaddress.ip_network(text.strip(), strict=False)
@@ -135,7 +163,7 @@ def _network(value: Any, path: str, out: _Collector) -> IPNetwork | None:
         return None
 
 
-def _networks(value: Any, path: str, out: _Collector) -> Tuple[IPNetwork, ...] | None:
+def _networks(value: Any, path: str, out: _Collector) -> Tuple[Cidr, ...] | None:
     items = _list(value, path, out)
     if items is None:
         return None

@@ -121,18 +121,6 @@ def replace_table_commands(t: NftTable) -> List[Dict[str, Any]]:
     return cmds
 
 
-def update_set_commands(table: str, s: NftSet, add: Intervals, flush: bool) -> List[Dict[str, Any]]:
-    """Change one set's contents. Deleting elements one by one from a large interval set costs a
-    pass over the set per element in libnftables, so removals flush and re-add the whole set."""
-    if flush:
-        cmds: List[Dict[str, Any]] = [{"flush": {"set": {"family": FAMILY, "table": table,
-                                                         "name": s.name}}}]
-        if s.elements:
-            cmds.append(_elements_cmd("add", table, s, s.elements))
-        return cmds
-    return [_elements_cmd("add", table, s, add)] if add else []
-
-
 def delete_table_commands(table: str) -> List[Dict[str, Any]]:
     return [{"delete": {"table": _table_ref(table)}}]
 
@@ -141,6 +129,17 @@ def delete_table_commands(table: str) -> List[Dict[str, Any]]:
 
 class ListingError(ValueError):
     """The listing of our table holds something this model cannot read."""
+
+
+def table_from_ruleset(name: str, ruleset: List[Dict[str, Any]]) -> NftTable | None:
+    """Our table from `nft -j list ruleset` objects: those of table inet NAME only."""
+    ours = []
+    for item in ruleset:
+        for kind, obj in item.items():
+            if isinstance(obj, dict) and obj.get("family") == FAMILY \
+                    and obj.get("name" if kind == "table" else "table") == name:
+                ours.append(item)
+    return table_from_listing(name, ours)
 
 
 def table_from_listing(name: str, listing: List[Dict[str, Any]]) -> NftTable | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
 from .desired import DesiredState, Owner
-from .intervals import Intervals, describe, subtract
+from .intervals import Intervals, changed_ranges, describe
 from .live import LiveState
 from .nft import FAMILY, NftSet, NftTable
 from .routing import Route, Rule
@@ -74,15 +74,14 @@ class ReplaceNftTable:
 
 @dataclass(frozen=True)
 class UpdateNftSet:
+    """Change a set's contents by whole ranges (a range that grew goes out and comes back in
+    its new size), in one transaction."""
+
     table: str
     set: NftSet  # with its complete desired contents
-    add: Intervals  # what is new
-    removed: Intervals  # what goes
-
-    @property
-    def flush(self) -> bool:
-        """Adding is cheap; removing elements one by one from a big interval set is not."""
-        return bool(self.removed)
+    old: Intervals  # its contents now
+    add: Intervals  # ranges to add
+    removed: Intervals  # ranges to delete
 
     def __str__(self) -> str:
         parts = []
@@ -90,8 +89,8 @@ class UpdateNftSet:
             parts.append(f"+{len(self.add)} ({describe(self.set.type, self.add)})")
         if self.removed:
             parts.append(f"-{len(self.removed)} ({describe(self.set.type, self.removed)})")
-        how = f"; flush and reload {len(self.set.elements)} ranges" if self.flush else ""
-        return f"~ nft set {FAMILY} {self.table} {self.set.name}: {' '.join(parts)}{how}"
+        return (f"~ nft set {FAMILY} {self.table} {self.set.name}: {' '.join(parts)}; "
+                f"{len(self.set.elements)} ranges after")
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def op_to_json(op: Op) -> Dict[str, Any]:
         return {"op": kind, "text": str(op), "table": op.table.name, "reason": op.reason}
     if isinstance(op, UpdateNftSet):
         return {"op": kind, "text": str(op), "table": op.table, "set": op.set.name,
-                "added": len(op.add), "removed": len(op.removed), "flush": op.flush}
+                "added": len(op.add), "removed": len(op.removed)}
     if isinstance(op, DeleteNftTable):
         return {"op": kind, "text": str(op), "table": op.name}
     return {"op": kind, "text": str(op), "key": op.key, "value": op.value, "previous": op.previous}
@@ -155,9 +154,8 @@ def _nft_ops(desired: NftTable, live: NftTable | None) -> List[Op]:
         assert have is not None  # equal structure: same set names
         if have.elements == want.elements:
             continue
-        add = subtract(want.elements, have.elements)
-        removed = subtract(have.elements, want.elements)
-        ops.append(UpdateNftSet(desired.name, want, add, removed))
+        add, removed = changed_ranges(have.elements, want.elements)
+        ops.append(UpdateNftSet(desired.name, want, have.elements, add, removed))
     return ops
 
 

@@ -57,7 +57,14 @@ def apply_op(live: LiveState, op: Op) -> LiveState:
             raise KernelError(f"ENOENT: set {op.table} {op.set.name}")
         old = live.nft.set_named(op.set.name)
         assert old is not None
-        elements = op.set.elements if op.flush else merge(old.elements + op.add)
+        kept = set(old.elements)
+        for r in op.removed:
+            if r not in kept:
+                raise KernelError(f"ENOENT: range {r} in set {op.set.name}")
+            kept.discard(r)
+        if any(r in kept for r in op.add):
+            raise KernelError(f"EEXIST: a range of {op.add} in set {op.set.name}")
+        elements = merge(tuple(kept) + op.add)
         sets = tuple(dataclasses.replace(s, elements=elements) if s.name == op.set.name else s
                      for s in live.nft.sets)
         return dataclasses.replace(live, nft=dataclasses.replace(live.nft, sets=sets))

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from tests.conftest import Tproxy
 from tproxyd.reconciler.lab import Lab
+from tproxyd.state.desired import render
+from tproxyd.state.intervals import from_elements
+from tproxyd.state.loader import load
 
 pytestmark = pytest.mark.kernel
 
@@ -164,8 +168,15 @@ def test_config_errors_change_nothing(lab: Lab, tproxy: Tproxy):
     assert ruleset(lab) == before
 
 
-def test_set_changes_add_elements_or_flush_and_reload(lab: Lab):
-    cidrs = [f"198.18.{i // 256}.{i % 256}/32" for i in range(2, 3002)]
+def nft_set(lab: Lab, name: str, set_type: str = "ipv4_addr"):
+    """A set's contents as nft itself lists them: a reader independent of ours."""
+    out = json.loads(lab.run(lab.gw, "nft", "-j", "list", "set", "inet", "tproxyd", name).stdout)
+    (found,) = [o["set"] for o in out["nftables"] if "set" in o]
+    return from_elements(set_type, found.get("elem", []))
+
+
+def test_set_changes_move_only_the_ranges_that_changed(lab: Lab):
+    cidrs = [f"198.18.{i // 128}.{i % 128 * 2}/32" for i in range(1, 3001)]  # 3,000 ranges
 
     def config(items):
         listed = ", ".join(f'"{c}"' for c in items)
@@ -174,12 +185,67 @@ def test_set_changes_add_elements_or_flush_and_reload(lab: Lab):
     config(cidrs).json("apply")
     grown = config([*cidrs, "198.19.0.0/24"])
     plan = grown.json("plan")["changes"]
-    assert [(c["op"], c["added"], c["flush"]) for c in plan] == [("UpdateNftSet", 1, False)]
+    assert [(c["op"], c["added"], c["removed"]) for c in plan] == [("UpdateNftSet", 1, 0)]
     assert grown.json("apply")["writes"] == 1
 
     shrunk = config(cidrs[:-30])
     plan = shrunk.json("plan")["changes"]
-    assert [(c["op"], c["removed"], c["flush"]) for c in plan] == [("UpdateNftSet", 2, True)]
+    assert [(c["op"], c["added"], c["removed"]) for c in plan] == [("UpdateNftSet", 0, 31)]
     assert shrunk.json("apply")["writes"] == 1
     assert shrunk.json("status")["in_sync"]
     assert shrunk.json("apply")["writes"] == 0
+    assert nft_set(lab, "lan_dst4") == want(shrunk, "lan_dst4")
+
+
+def want(tproxy: Tproxy, name: str):
+    return render(load(tproxy.config)).nft.set_named(name).elements
+
+
+def test_big_sets_load_and_change_in_one_netlink_batch_each(lab: Lab):
+    """Past 10,000 ranges a set is filled by our own nfnetlink batch, not libnftables: nft must
+    list exactly the ranges asked for, after a fresh load and after a 1% change."""
+    cidrs = [f"198.18.{i // 128}.{i % 128 * 2}/32" for i in range(12_000)]
+
+    def config(items, exclude="[]"):
+        listed = ", ".join(f'"{c}"' for c in items)
+        return Tproxy(lab, lab.write_config(lab.config(destinations=f"[{listed}]", exclude=exclude)))
+
+    full = config(cidrs, exclude='["198.18.0.0/32"]')
+    assert full.json("apply")["writes"] > 0
+    assert nft_set(lab, "lan_dst4") == want(full, "lan_dst4") and len(want(full, "lan_dst4")) == 12_000
+    changed = config(cidrs[120:] + [f"198.19.{2 * i}.0/24" for i in range(120)] + ["255.255.255.0/24"],
+                     exclude='["198.18.0.0/32"]')
+    plan = changed.json("plan")["changes"]
+    assert [(c["op"], c["added"], c["removed"]) for c in plan] == [("UpdateNftSet", 121, 120)]
+    assert changed.json("apply")["writes"] == 1
+    assert nft_set(lab, "lan_dst4") == want(changed, "lan_dst4")
+    assert "255.255.255.0/24" in lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd",
+                                         "lan_dst4").stdout  # an open range prints as nft's own
+    assert changed.json("apply")["writes"] == 0
+    assert changed.json("status")["in_sync"]
+
+
+STALE_BATCH = """
+import json, sys
+from tproxyd.reconciler.nfnetlink import GenerationMoved, NftNetlink, SetChange
+nl = NftNetlink()
+seen = nl.generation()
+import subprocess
+subprocess.run(["nft", "add", "element", "inet", "tproxyd", "lan_dst4", "{ 198.19.9.9 }"], check=True)
+try:
+    nl.change_sets("tproxyd", [SetChange("lan_dst4", "ipv4_addr", add=((0x0A000000, False, False),
+                                                                   (0x0A000001, True, False)))], seen)
+except GenerationMoved as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_batch_planned_at_an_old_generation_is_refused_and_apply_repairs(lab: Lab, tproxy: Tproxy):
+    tproxy.json("apply")
+    out = lab.run(lab.gw, sys.executable, "-c", STALE_BATCH).stdout
+    assert "refused: nfnetlink: ERESTART: nftables moved on from generation" in out
+    assert "10.0.0.0" not in ruleset(lab)  # nothing of the refused batch was committed
+    # the hand-added element moved the generation: the next apply reads the set and removes it
+    assert tproxy.json("plan")["changes"][0]["removed"] == 1
+    assert tproxy.json("apply")["writes"] == 1
+    assert nft_set(lab, "lan_dst4") == want(tproxy, "lan_dst4")

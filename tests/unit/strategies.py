@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from hypothesis import strategies as st
 
-from tproxyd.state.config import Config, Intercept, Marks, Nftables, RelayConfig, Routing
+from tproxyd.state.config import Cidr, Config, Intercept, Marks, Nftables, RelayConfig, Routing
 from tproxyd.state.desired import render
 from tproxyd.state.intervals import merge
 from tproxyd.state.live import LiveState
@@ -23,8 +21,7 @@ def networks(draw, version=None):
     base = draw(st.integers(min_value=0, max_value=255)) << (bits - 8)
     offset = draw(st.integers(min_value=0, max_value=(1 << (bits - 8)) - 1))
     addr = (base | offset) >> (bits - prefix) << (bits - prefix) if prefix else 0
-    cls = ipaddress.IPv4Network if v == 4 else ipaddress.IPv6Network
-    return cls((addr, prefix))
+    return Cidr(v, addr, prefix)
 
 
 port_ranges = st.tuples(st.integers(1, 65535), st.integers(0, 300)).map(

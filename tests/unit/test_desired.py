@@ -6,7 +6,7 @@ import json
 
 from tproxyd.state.desired import render
 from tproxyd.state.loader import loads
-from tproxyd.state.nft import replace_table_commands, table_from_listing, update_set_commands
+from tproxyd.state.nft import replace_table_commands, table_from_listing, table_from_ruleset
 
 
 def nft_rules(table):
@@ -82,15 +82,19 @@ def test_replace_commands_read_back_as_the_same_table():
     assert {s.name: s.elements for s in live.sets} == {s.name: s.elements for s in d.nft.sets}
 
 
-def test_set_update_adds_or_flushes():
+def test_our_table_is_picked_out_of_the_whole_ruleset():
     d = render(loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'))
-    s = d.nft.set_named("lan_dst4")
-    assert update_set_commands("tproxyd", s, s.elements, flush=False) == [
-        {"add": {"element": {"family": "inet", "table": "tproxyd", "name": "lan_dst4",
-                             "elem": [{"prefix": {"addr": "0.0.0.0", "len": 0}}]}}}]
-    flush = update_set_commands("tproxyd", s, (), flush=True)
-    assert flush[0] == {"flush": {"set": {"family": "inet", "table": "tproxyd", "name": "lan_dst4"}}}
-    assert len(flush) == 2
+    ruleset = [{"metainfo": {"version": "1.0.6"}},
+               {"table": {"family": "ip", "name": "tproxyd"}},
+               {"chain": {"family": "ip", "table": "tproxyd", "name": "prerouting"}},
+               {"table": {"family": "inet", "name": "other"}},
+               {"set": {"family": "inet", "table": "other", "name": "lan_dst4", "type": "ipv4_addr"}}]
+    assert table_from_ruleset("tproxyd", ruleset) is None
+    ruleset += [{"table": {"family": "inet", "name": "tproxyd"}}]
+    ruleset += [{"set": {"family": "inet", "table": "tproxyd", "name": s.name, "type": s.type,
+                         "flags": list(s.flags)}} for s in d.nft.sets]
+    live = table_from_ruleset("tproxyd", ruleset)
+    assert [s.name for s in live.sets] == [s.name for s in d.nft.sets] and live.chains == ()
 
 
 def test_redirect_mode_captures_in_a_nat_chain():

@@ -8,7 +8,22 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tproxyd.state.intervals import describe, from_elements, from_networks, merge, subtract, to_elements
+from tproxyd.state.config import Cidr
+from tproxyd.state.intervals import (
+    changed_ranges,
+    describe,
+    from_elements,
+    from_kernel,
+    from_networks,
+    merge,
+    subtract,
+    to_elements,
+    to_kernel,
+)
+
+
+def net(text: str) -> Cidr:
+    return Cidr.of(ipaddress.ip_network(text))
 
 small = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)).map(lambda t: (t[0], t[0] + t[1])),
                  max_size=8)
@@ -53,11 +68,42 @@ def test_kernel_forms_read_back():
 
 
 def test_adjacent_prefixes_equal_their_union():
-    halves = from_networks([ipaddress.ip_network("198.18.0.0/16"), ipaddress.ip_network("198.19.0.0/16")])
-    assert halves == from_networks([ipaddress.ip_network("198.18.0.0/15")])
+    halves = from_networks([net("198.18.0.0/16"), net("198.19.0.0/16")])
+    assert halves == from_networks([net("198.18.0.0/15")])
     assert to_elements("ipv4_addr", halves) == [{"prefix": {"addr": "198.18.0.0", "len": 15}}]
 
 
 def test_describe():
     assert describe("inet_service", ((22, 22), (8000, 8999))) == "22, 8000-8999"
-    assert describe("ipv6_addr", from_networks([ipaddress.ip_network("2001:db8::/32")])) == "2001:db8::/32"
+    assert describe("ipv6_addr", from_networks([net("2001:db8::/32")])) == "2001:db8::/32"
+
+
+# --- the kernel's boundary elements ---------------------------------------------------------------
+
+port_sets = st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 2000)), max_size=10).map(
+    lambda rs: merge((lo, min(lo + n, 65535)) for lo, n in rs))
+
+
+@given(port_sets)
+def test_kernel_elements_round_trip_in_any_order(canon):
+    elements = to_kernel("inet_service", canon)
+    pairs = [(key, end) for key, end, _ in elements]
+    assert from_kernel("inet_service", pairs) == canon
+    assert from_kernel("inet_service", list(reversed(pairs))) == canon  # the kernel dumps descending
+
+
+def test_kernel_elements_are_what_nft_loads():
+    # as `nft --debug=netlink add element inet t s { 10.0.0.0/29, 255.255.255.0/24 }` shows them
+    canon = ((0x0A000000, 0x0A000007), (0xFFFFFF00, 0xFFFFFFFF))
+    assert to_kernel("ipv4_addr", canon) == [(0, True, False), (0x0A000000, False, False),
+                                             (0x0A000008, True, False), (0xFFFFFF00, False, True)]
+    assert to_kernel("ipv4_addr", ((0, 5),)) == [(0, False, False), (6, True, False)]
+    assert to_kernel("ipv4_addr", ()) == []
+
+
+@given(port_sets, port_sets)
+def test_changed_ranges_turn_old_into_new(old, new):
+    add, removed = changed_ranges(old, new)
+    kept = set(old) - set(removed)
+    assert set(removed) <= set(old) and not (kept & set(add))
+    assert merge(tuple(kept) + add) == new

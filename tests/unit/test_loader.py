@@ -11,9 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tproxyd.state.config import Config
+from tproxyd.state.config import Cidr, Config
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import load, loads, parse_document
+
+
+def net(text: str) -> Cidr:
+    return Cidr.of(ipaddress.ip_network(text))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MINIMAL = '[[intercept]]\ninterfaces = ["lan0"]\n'
@@ -38,7 +42,7 @@ def test_minimal_intercept_gets_defaults():
     assert entry.name == "intercept0"
     assert entry.interfaces == ("lan0",)
     assert entry.protocols == ("tcp", "udp")
-    assert entry.destinations == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    assert entry.destinations == (net("0.0.0.0/0"), net("::/0"))
     assert entry.ports == () and entry.exclude == ()
 
 
@@ -192,3 +196,29 @@ KEYS = st.sampled_from(["relay", "marks", "routing", "nftables", "daemon", "inte
 def test_arbitrary_documents_raise_only_config_error(doc):
     with contextlib.suppress(ConfigError):
         parse_document(doc)
+
+
+cidr_texts = st.one_of(
+    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1), st.integers(0, 40)),
+    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}", st.integers(0, 2**128 - 1), st.integers(0, 130)),
+    st.builds(lambda a: str(ipaddress.IPv4Address(a)), st.integers(0, 2**32 - 1)),
+    st.text(alphabet="0123456789abcdef.:/% ", max_size=24),
+    st.sampled_from(["01.2.3.0/24", "1.2.3.0/024", "2001:DB8::/32", "2001:db8:0::/48", " 1.2.3.0/24",
+                     "1.2.3.4/32", "::/0", "0.0.0.0/0", "1.2.3.0/²", "fe80::1%eth0"]),
+)
+
+
+@settings(max_examples=500)
+@given(cidr_texts)
+def test_fast_cidr_reading_agrees_with_ipaddress(text):
+    """The inet_pton fast path accepts exactly what ipaddress accepts, with the same value."""
+    doc = f'[[intercept]]\ninterfaces = ["lan0"]\ndestinations = ["{text}"]\n'
+    try:
+        expected = Cidr.of(ipaddress.ip_network(text.strip(), strict=True)) if "%" not in text else None
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ConfigError):
+            loads(doc)
+    else:
+        assert loads(doc).intercepts[0].destinations == (expected,)

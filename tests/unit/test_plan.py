@@ -9,6 +9,7 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tproxyd.state.config import Cidr
 from tproxyd.state.desired import render
 from tproxyd.state.intervals import from_networks
 from tproxyd.state.live import LiveState
@@ -32,6 +33,10 @@ from tproxyd.state.routing import Route, Rule
 from tproxyd.state.simulate import apply_all
 
 from .strategies import configs, live_states
+
+
+def net(text: str) -> Cidr:
+    return Cidr.of(ipaddress.ip_network(text))
 
 CONFIG = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
                'destinations = ["198.18.0.0/16", "2001:db8::/32"]\nports = [80, "8000-8080"]\n')
@@ -116,18 +121,26 @@ def test_added_destinations_only_add_elements():
                    'destinations = ["198.18.0.0/16", "198.19.0.0/24", "2001:db8::/32"]\n'
                    'ports = [80, "8000-8080"]\n')
     (op,) = plan(render(bigger), live)
-    assert isinstance(op, UpdateNftSet) and not op.flush
-    assert op.add == from_networks([ipaddress.ip_network("198.19.0.0/24")])
+    # 198.19.0.0/24 extends 198.18.0.0/16: the range goes out and comes back whole
+    assert isinstance(op, UpdateNftSet)
+    assert op.removed == from_networks([net("198.18.0.0/16")])
+    assert op.add == from_networks([net("198.18.0.0/16"),
+                                    net("198.19.0.0/24")])
     assert plan(render(bigger), apply_all(live, [op])) == ()
 
 
-def test_removed_destinations_flush_and_reload_the_set():
-    live = _with_set(converge(DESIRED, LiveState()), "lan_dst4",
-                     from_networks([ipaddress.ip_network("198.18.0.0/15")]))
-    (op,) = plan(DESIRED, live)
-    assert isinstance(op, UpdateNftSet) and op.flush and op.removed
-    assert "flush and reload" in str(op)
-    assert plan(DESIRED, apply_all(live, [op])) == ()
+def test_a_set_change_touches_only_the_ranges_that_changed():
+    many = [f"198.18.{i}.0/25" for i in range(200)]
+    before = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
+                   f'destinations = {many!r}\n'.replace("'", '"'))
+    after = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
+                  f'destinations = {[*many[1:], "198.19.0.0/30"]!r}\n'.replace("'", '"'))
+    live = converge(render(before), LiveState())
+    (op,) = plan(render(after), live)
+    assert isinstance(op, UpdateNftSet)
+    assert (len(op.add), len(op.removed)) == (1, 1)
+    assert "+1 (198.19.0.0/30) -1 (198.18.0.0/25)" in str(op)
+    assert plan(render(after), apply_all(live, [op])) == ()
 
 
 def test_down_plans_removal_in_reverse_and_restores_sysctls():
