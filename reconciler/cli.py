@@ -20,6 +20,7 @@ from tproxyd.state.loader import load
 from tproxyd.state.plan import op_to_json
 from tproxyd.state.status import IN_SYNC, in_sync
 
+from .desired_cache import load_rendered
 from .errors import KernelError, PreflightError
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
@@ -50,12 +51,12 @@ def _summary(config: Config) -> List[str]:
     return lines
 
 
-def _reconciler(config: Config):
+def _reconciler(config: Config, args: argparse.Namespace | None = None):
     from .reconcile import (
         Reconciler,  # imports pyroute2 and nftables only when the kernel is needed
     )
 
-    return Reconciler(config)
+    return Reconciler(config, getattr(args, "rendered", None))
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
@@ -63,7 +64,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     host_error: str | None = None
     if not args.config_only:
         try:
-            rec = _reconciler(config)
+            rec = _reconciler(config, args)
             try:
                 findings = rec.preflight()
             finally:
@@ -88,7 +89,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_plan(config: Config, args: argparse.Namespace) -> int:
-    rec = _reconciler(config)
+    rec = _reconciler(config, args)
     try:
         ops = rec.plan()
     finally:
@@ -105,7 +106,7 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_apply(config: Config, args: argparse.Namespace) -> int:
-    rec = _reconciler(config)
+    rec = _reconciler(config, args)
     try:
         result = rec.apply(force=args.force)
     finally:
@@ -126,7 +127,7 @@ def cmd_apply(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_down(config: Config, args: argparse.Namespace) -> int:
-    rec = _reconciler(config)
+    rec = _reconciler(config, args)
     try:
         result = rec.down()
     finally:
@@ -178,7 +179,7 @@ def _daemon_lines(path: str, view: dict | None) -> list[str]:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     view = _daemon_view(config)
-    rec = _reconciler(config)
+    rec = _reconciler(config, args)
     try:
         statuses = rec.status()
         try:
@@ -236,7 +237,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        config = load(args.config)
+        if args.command == "check":  # the validator always reads the file
+            config = load(args.config)
+        else:  # an unchanged file was validated and rendered before: desired_cache
+            args.rendered = load_rendered(args.config)
+            config = args.rendered.config
     except ConfigError as exc:
         if args.json:
             _print_json({"config": args.config, "valid": False, "errors": [

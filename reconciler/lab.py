@@ -41,10 +41,10 @@ LAN = Side("lan0", "eth0", "198.18.1.1", "198.18.1.2", "2001:db8:1::1", "2001:db
 WAN = Side("wan0", "eth0", "198.18.2.1", "198.18.2.2", "2001:db8:2::1", "2001:db8:2::2")
 
 
-def _sh(*cmd: str, check: bool = True, timeout: float = 30,
-        input: str | None = None) -> subprocess.CompletedProcess:
+def _sh(*cmd: str, check: bool = True, timeout: float = 30, input: str | None = None,
+        env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, timeout=timeout, text=True, input=input,
-                          capture_output=True)
+                          capture_output=True, env=env)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,6 +82,8 @@ class Lab:
         self.logs: Dict[int, str] = {}
         self.created: List[str] = []
         self.tmp = tempfile.mkdtemp(prefix=f"{tag}-")
+        # what runs inside keeps its rendered-config cache here, not in the host's /run/tproxyd
+        self.env = {**os.environ, "TPROXYD_CACHE_DIR": os.path.join(self.tmp, "cache")}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -145,7 +147,8 @@ class Lab:
 
     def run(self, ns: str, *cmd: str, check: bool = True, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess:
-        return _sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout, input=input)
+        return _sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout, input=input,
+                   env=self.env)
 
     def spawn(self, ns: str, *cmd: str, env: Dict[str, str] | None = None) -> subprocess.Popen:
         """Start a long-running program in ns. Its output goes to a log file (a pipe nobody
@@ -153,7 +156,8 @@ class Lab:
         log_path = os.path.join(self.tmp, f"proc{len(self.procs)}.log")
         with open(log_path, "w") as log:
             proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log,
-                                    stderr=subprocess.STDOUT, text=True, env=env)
+                                    stderr=subprocess.STDOUT, text=True,
+                                    env={**self.env, **(env or {})})
         self.procs.append(proc)
         self.logs[proc.pid] = log_path
         return proc

@@ -6,18 +6,18 @@ Everything here runs in the calling process's network namespace.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 from tproxyd.state import preflight
 from tproxyd.state.config import Config
 from tproxyd.state.desired import DesiredState, render
-from tproxyd.state.intervals import key_bytes, range_elements, to_kernel, zero_end
+from tproxyd.state.intervals import digest, key_bytes, range_elements, to_kernel, zero_end
 from tproxyd.state.live import LiveState
 from tproxyd.state.nft import (
     FAMILY,
     ListingError,
+    NftSet,
     NftTable,
     delete_table_commands,
     replace_table_commands,
@@ -40,18 +40,16 @@ from tproxyd.state.plan import (
 from tproxyd.state.status import ObjectStatus, compare
 
 from . import sysctl
+from .desired_cache import Rendered
 from .errors import KernelError, PreflightError
 from .netlink import Netlink
 from .nfnetlink import GenerationMoved, NftNetlink, SetChange
 from .nft_backend import Nft, mark_users
+from .verified import VerifiedSets
 
 NFT_OPS = (ReplaceNftTable, UpdateNftSet, DeleteNftTable)
 ATOMIC_RANGES = 10_000  # sets up to this size load inside libnftables' transaction (~0.1 s)
 ATTEMPTS = 3  # plans made again when nftables moved on under one (GenerationMoved)
-
-
-def digest(intervals: tuple) -> str:
-    return hashlib.sha256(repr(intervals).encode()).hexdigest()
 
 
 @dataclass
@@ -64,16 +62,18 @@ class Result:
 class Reconciler:
     """Converges one network namespace (the caller's) to one Config."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, rendered: Rendered | None = None):
+        """rendered: the config's desired state from desired_cache, if the caller has it."""
         self.config = config
-        self.desired: DesiredState = render(config)
+        self.desired: DesiredState = rendered.desired if rendered else render(config)
+        self._digests: Dict[str, str] = dict(rendered.digests) if rendered else {}
         self.netlink = Netlink()
         self.nft = Nft()
         self.netlink_nft = NftNetlink()
         self.generation: int | None = None  # nftables' generation when live state was read
         self._ruleset: List[Dict] | None = None
         self.memory = sysctl.SysctlMemory(config.daemon.state_dir)
-        self.verified = sysctl.NetnsRecord(config.daemon.state_dir, "nft-verified")
+        self.verified = VerifiedSets(config.daemon.state_dir)
         self.sysctl_writes = 0
 
     def close(self) -> None:
@@ -109,31 +109,33 @@ class Reconciler:
             raise KernelError(f"read table {FAMILY} {name}", str(exc)) from exc
         if table is None:
             return None
-        seen = self.verified.load()
-        trusted = seen.get("sets", {}) if (self.generation is not None and seen.get("table") == name
-                                           and seen.get("generation") == self.generation) else {}
-        sets, digests = [], {}
+        trusted = self.verified.trusted(name, self.generation)
+        sets, known = [], {}
         for s in table.sets:
             want = self.desired.nft.set_named(s.name)
-            if want is not None and want.type == s.type and trusted.get(s.name) == digest(want.elements):
+            seen = trusted.get(s.name)
+            if seen and want is not None and want.type == s.type and seen == self._digest(want):
                 elements = want.elements
-            else:
+            elif not seen or (elements := self.verified.contents(s.name, seen)) is None:
                 elements = self.netlink_nft.set_elements(name, s.name, s.type, "interval" in s.flags)
-            digests[s.name] = digest(elements)
+                seen = digest(elements)
+            known[s.name] = (seen, elements)
             sets.append(dataclasses.replace(s, elements=elements))
-        if self.generation is not None and digests != trusted:
-            self._verified(self.generation, digests)
+        if self.generation is not None and {n: d for n, (d, _) in known.items()} != trusted:
+            self.verified.save(name, self.generation, known)
         return dataclasses.replace(table, sets=tuple(sets))
+
+    def _digest(self, want: NftSet) -> str:
+        """Of a desired set's contents: computed once (30 ms at 100,000 ranges)."""
+        if want.name not in self._digests:
+            self._digests[want.name] = digest(want.elements)
+        return self._digests[want.name]
 
     def _generation(self) -> int | None:
         try:
             return self.netlink_nft.generation()
         except OSError:
             return None
-
-    def _verified(self, generation: int, digests: Dict[str, str]) -> None:
-        self.verified.save({"generation": generation, "table": self.config.nftables.table,
-                            "sets": digests})
 
     def plan(self, live: LiveState | None = None) -> Tuple[Op, ...]:
         return plan(self.desired, live or self.live())
@@ -263,7 +265,8 @@ class Reconciler:
             self.netlink_nft.change_sets(name, changes, genid)
             self.nft.writes += 1
             if genid is not None:  # the batch committed at genid, so it made genid + 1
-                self._verified(genid + 1, {s.name: digest(s.elements) for s in self.desired.nft.sets})
+                self.verified.save(name, genid + 1, {s.name: (self._digest(s), s.elements)
+                                                     for s in self.desired.nft.sets})
 
 
 def set_change(op: UpdateNftSet) -> SetChange:

@@ -6,6 +6,7 @@ both reduce to this form, so "same contents" is plain tuple equality.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 from typing import Any, Iterable, List, Tuple
@@ -31,6 +32,11 @@ def merge(ranges: Iterable[Range]) -> Intervals:
 def from_networks(networks: Iterable[Any]) -> Intervals:
     """Canonical ranges covering Cidr blocks."""
     return merge((n.address, n.last) for n in networks)
+
+
+def digest(intervals: Intervals) -> str:
+    """A short stand-in for a set's contents (the generation record keeps these)."""
+    return hashlib.sha256(repr(intervals).encode()).hexdigest()
 
 
 def subtract(a: Intervals, b: Intervals) -> Intervals:

@@ -440,16 +440,23 @@ def loads(text: str, source: str = "<config>") -> Config:
     return parse_document(doc, source)
 
 
-def load(path: str) -> Config:
-    """Read and validate the config file at path."""
+def read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except OSError as exc:
         raise ConfigError(path, [Problem(message=f"cannot read: {exc.strerror or exc}")]) from None
+
+
+def from_bytes(raw: bytes, path: str) -> Config:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(path, [Problem(message="not valid UTF-8", line=line)]) from None
     return loads(text, path)
+
+
+def load(path: str) -> Config:
+    """Read and validate the config file at path."""
+    return from_bytes(read(path), path)

@@ -22,6 +22,18 @@ def _kernel_unavailable() -> str:
     return ""
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`tproxy` remembers rendered configs in /run/tproxyd/cache by default: not from tests."""
+    saved = os.environ.get("TPROXYD_CACHE_DIR")
+    os.environ["TPROXYD_CACHE_DIR"] = str(tmp_path_factory.mktemp("desired-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("TPROXYD_CACHE_DIR", None)
+    else:
+        os.environ["TPROXYD_CACHE_DIR"] = saved
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     reason = _kernel_unavailable()

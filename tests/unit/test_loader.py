@@ -199,8 +199,10 @@ def test_arbitrary_documents_raise_only_config_error(doc):
 
 
 cidr_texts = st.one_of(
-    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1), st.integers(0, 40)),
-    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}", st.integers(0, 2**128 - 1), st.integers(0, 130)),
+    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1),
+              st.integers(0, 40)),
+    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}", st.integers(0, 2**128 - 1),
+              st.integers(0, 130)),
     st.builds(lambda a: str(ipaddress.IPv4Address(a)), st.integers(0, 2**32 - 1)),
     st.text(alphabet="0123456789abcdef.:/% ", max_size=24),
     st.sampled_from(["01.2.3.0/24", "1.2.3.0/024", "2001:DB8::/32", "2001:db8:0::/48", " 1.2.3.0/24",
