@@ -257,14 +257,17 @@ class Reconciler:
                 changes.append(set_change(op))
             elif isinstance(op, DeleteNftTable):
                 commands += delete_table_commands(op.name)
-        genid = self.generation
+        genid, alone = self.generation, True
         if commands:
+            before = self._generation()
             self.nft.transaction(f"nft transaction on table {FAMILY} {name}", commands)
             genid = self._generation()
+            # anyone else's commit between ours and that read could have touched a small set
+            alone = before is not None and genid == before + 1
         if changes:
             self.netlink_nft.change_sets(name, changes, genid)
             self.nft.writes += 1
-            if genid is not None:  # the batch committed at genid, so it made genid + 1
+            if genid is not None and alone:  # the batch committed at genid: it made genid + 1
                 self.verified.save(name, genid + 1, {s.name: (self._digest(s), s.elements)
                                                      for s in self.desired.nft.sets})
 
