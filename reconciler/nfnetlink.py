@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence, Tuple
 
-from tproxyd.state.intervals import Element, Intervals, from_kernel, key_bytes
+from tproxyd.state.intervals import Element, Intervals, from_kernel, key_bytes, to_kernel
 
 from .errors import KernelError
 
@@ -247,12 +247,14 @@ def _flags_of(data: bytes | memoryview, start: int, stop: int) -> bool:
 
 @dataclass(frozen=True)
 class SetChange:
-    """Elements to delete from and add to one set (deletions run first)."""
+    """Elements to delete from and add to one set (deletions run first); flush: empty the set
+    first instead (its elements are laid out in a way the deletions could not name)."""
 
     name: str
     type: str
     delete: Tuple[Element, ...] = ()
     add: Tuple[Element, ...] = ()
+    flush: bool = False
 
 
 class NftNetlink:
@@ -298,8 +300,11 @@ class NftNetlink:
                 raise NetlinkError(errno.EPROTO, "no generation in the answer")
 
     def set_elements(self, table: str, set_name: str, set_type: str, interval: bool = True,
-                     attempts: int = 5) -> Intervals:
-        """A set's contents (one dump; again if a concurrent change interrupted it)."""
+                     attempts: int = 5) -> Tuple[Intervals, bool]:
+        """A set's contents (one dump; again if a concurrent change interrupted it), and whether
+        its elements are laid out as we (and nft) would load those contents: someone's
+        `nft add element` of a range adjacent to another leaves two boundaries where one
+        range's worth of deletions would find one."""
         payload = attr(NFTA_SET_ELEM_LIST_TABLE, _strz(table)) + attr(NFTA_SET_ELEM_LIST_SET,
                                                                      _strz(set_name))
         for _ in range(attempts):
@@ -322,13 +327,22 @@ class NftNetlink:
                     elif kind == nft_type(NFT_MSG_NEWSETELEM):
                         elements += parse_set_elements(data, a, b)
             if not interrupted:
-                return from_kernel(set_type, elements, interval)
+                contents = from_kernel(set_type, elements, interval)
+                laid_out = {(k, e) for k, e, _ in to_kernel(set_type, contents)} if interval \
+                    else {(k, False) for k, _ in contents}
+                return contents, set(elements) == laid_out and len(elements) == len(laid_out)
         raise NetlinkError(errno.EAGAIN, f"set {table} {set_name} kept changing while read")
 
     def change_sets(self, table: str, changes: Sequence[SetChange], genid: int | None) -> int:
         """Apply the changes in one transaction; the number of netlink messages it took."""
         first = self.seq
         msgs: List[bytes] = []
+        for change in changes:
+            if change.flush:  # DELSETELEM without elements empties the set
+                msgs.append(message(nft_type(NFT_MSG_DELSETELEM), NLM_F_REQUEST | NLM_F_ACK,
+                                    first + 1 + len(msgs), NFPROTO_INET,
+                                    attr(NFTA_SET_ELEM_LIST_TABLE, _strz(table))
+                                    + attr(NFTA_SET_ELEM_LIST_SET, _strz(change.name))))
         for verb, field in ((NFT_MSG_DELSETELEM, "delete"), (NFT_MSG_NEWSETELEM, "add")):
             for change in changes:
                 elements = getattr(change, field)

@@ -72,6 +72,7 @@ class Reconciler:
         self.netlink_nft = NftNetlink()
         self.generation: int | None = None  # nftables' generation when live state was read
         self._ruleset: List[Dict] | None = None
+        self._untidy: set = set()
         self.memory = sysctl.SysctlMemory(config.daemon.state_dir)
         self.verified = VerifiedSets(config.daemon.state_dir)
         self.sysctl_writes = 0
@@ -110,6 +111,7 @@ class Reconciler:
         if table is None:
             return None
         trusted = self.verified.trusted(name, self.generation)
+        self._untidy = set()  # sets whose elements only a flush can clear: see set_change
         sets, known = [], {}
         for s in table.sets:
             want = self.desired.nft.set_named(s.name)
@@ -117,9 +119,13 @@ class Reconciler:
             if seen and want is not None and want.type == s.type and seen == self._digest(want):
                 elements = want.elements
             elif not seen or (elements := self.verified.contents(s.name, seen)) is None:
-                elements = self.netlink_nft.set_elements(name, s.name, s.type, "interval" in s.flags)
+                elements, tidy = self.netlink_nft.set_elements(name, s.name, s.type,
+                                                               "interval" in s.flags)
                 seen = digest(elements)
-            known[s.name] = (seen, elements)
+                if not tidy:  # not recorded as known: read (and found untidy) again next time
+                    self._untidy.add(s.name)
+            if s.name not in self._untidy:
+                known[s.name] = (seen, elements)
             sets.append(dataclasses.replace(s, elements=elements))
         if self.generation is not None and {n: d for n, (d, _) in known.items()} != trusted:
             self.verified.save(name, self.generation, known)
@@ -254,7 +260,7 @@ class Reconciler:
                 changes += [SetChange(s.name, s.type, add=tuple(to_kernel(s.type, s.elements)))
                             for s in op.table.sets if len(s.elements) > ATOMIC_RANGES]
             elif isinstance(op, UpdateNftSet):
-                changes.append(set_change(op))
+                changes.append(set_change(op, flush=op.set.name in self._untidy))
             elif isinstance(op, DeleteNftTable):
                 commands += delete_table_commands(op.name)
         genid, alone = self.generation, True
@@ -272,8 +278,12 @@ class Reconciler:
                                                      for s in self.desired.nft.sets})
 
 
-def set_change(op: UpdateNftSet) -> SetChange:
-    """Whole ranges out and in, and the end element nft keeps at 0 when no range starts there."""
+def set_change(op: UpdateNftSet, flush: bool = False) -> SetChange:
+    """Whole ranges out and in, and the end element nft keeps at 0 when no range starts there;
+    or, for a set whose elements someone laid out otherwise, empty it and load it whole."""
+    if flush:
+        return SetChange(op.set.name, op.set.type, add=tuple(to_kernel(op.set.type, op.set.elements)),
+                         flush=True)
     top = (1 << (8 * key_bytes(op.set.type))) - 1
     delete = [e for lo, hi in op.removed for e in range_elements(lo, hi, top)]
     add = [e for lo, hi in op.add for e in range_elements(lo, hi, top)]

@@ -249,3 +249,18 @@ def test_a_batch_planned_at_an_old_generation_is_refused_and_apply_repairs(lab: 
     assert tproxy.json("plan")["changes"][0]["removed"] == 1
     assert tproxy.json("apply")["writes"] == 1
     assert nft_set(lab, "lan_dst4") == want(tproxy, "lan_dst4")
+
+
+def test_a_set_laid_out_by_hand_is_emptied_and_reloaded(lab: Lab, tproxy: Tproxy):
+    """`nft add element` of a range next to ours leaves two ranges where we would keep one:
+    deleting our one range's boundaries would leave the hand-made ones behind, so the set is
+    flushed and loaded whole, in one batch."""
+    tproxy.json("apply")
+    lab.run(lab.gw, "nft", "add", "element", "inet", "tproxyd", "lan_dst4", "{ 198.18.3.0/24 }")
+    (change,) = tproxy.json("plan")["changes"]
+    assert (change["op"], change["added"], change["removed"]) == ("UpdateNftSet", 1, 1)
+    assert tproxy.json("apply")["writes"] == 1
+    assert nft_set(lab, "lan_dst4") == want(tproxy, "lan_dst4")
+    listed = lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd", "lan_dst4").stdout
+    assert "198.18.2.0/24" in listed and "198.18.3.0" not in listed
+    assert tproxy.json("apply")["writes"] == 0
