@@ -19,6 +19,8 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = "\n".join(ln for ln in result.stderr.splitlines() if " failed: " in ln
+                       or "did not" in ln)[-3000:]
     assert {r["scenario"] for r in rows} == {"throughput", "connections", "latency", "udp",
                                              "memory", "control"}
     assert {r["variant"] for r in rows if r["scenario"] == "udp"} == {"kernel", "tproxyd"}
@@ -28,8 +30,8 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
     proxies = {"tproxyd", "tproxyd-2w", "haproxy", "haproxy-splice"}
     for scenario in ("throughput", "connections", "latency"):
         variants = {r["variant"] for r in rows if r["scenario"] == scenario}
-        assert {"kernel", "tproxyd", "haproxy", "haproxy-splice"} <= variants <= {"kernel", *proxies}
-    assert "tproxyd-2w" in {r["variant"] for r in rows if r["scenario"] == "connections"}
+        assert {"kernel", "tproxyd", "haproxy", "haproxy-splice"} <= variants <= {"kernel", *proxies}, failed
+    assert "tproxyd-2w" in {r["variant"] for r in rows if r["scenario"] == "connections"}, failed
     assert all(r["relay_bytes"] >= 0.9 * r["bytes"] for r in rows if r["variant"] in proxies
                and r["scenario"] in ("throughput", "connections", "latency"))
     assert all(r["writes"] == 0 for r in rows if r["case"].startswith("no-op"))
