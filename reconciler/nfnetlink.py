@@ -91,36 +91,31 @@ def nft_type(msg: int) -> int:
 
 # --- set elements: packing ----------------------------------------------------------------------
 
-def _element_templates(width: int) -> Tuple[bytes, bytes, bytes, bytes]:
-    """(prefix of a start, of an end, of an open start; key padding) for keys of width bytes:
-    every element of a set has the same layout but for its key."""
+END_FLAGS = attr(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END))
+OPEN_USERDATA = attr(NFTA_SET_ELEM_USERDATA, OPEN_UDATA)
+
+
+def pack_elements(set_type: str, elements: Sequence[Element]) -> List[bytes]:
+    """Each element as an NFTA_LIST_ELEM attribute. Every element of a set has the same layout
+    but for its key, so the headers are made once per kind (start, end, open start)."""
+    width = key_bytes(set_type)
     pad = b"\0" * (_pad(width) - width)
     value_len = 4 + width
     key_len = 4 + _pad(value_len)
-    flags = attr(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END))
-    udata = attr(NFTA_SET_ELEM_USERDATA, OPEN_UDATA)
 
-    def prefix(extra: int) -> bytes:
+    def head(extra: int) -> bytes:
         return (ATTR.pack(4 + key_len + extra, NFTA_LIST_ELEM | NLA_F_NESTED)
                 + ATTR.pack(key_len, NFTA_SET_ELEM_KEY | NLA_F_NESTED)
                 + ATTR.pack(value_len, NFTA_DATA_VALUE))
 
-    return prefix(0), prefix(len(flags)), prefix(len(udata)), pad
-
-
-def pack_elements(set_type: str, elements: Sequence[Element]) -> List[bytes]:
-    """Each element as an NFTA_LIST_ELEM attribute."""
-    width = key_bytes(set_type)
-    start, end, open_, pad = _element_templates(width)
-    flags = attr(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END))
-    udata = attr(NFTA_SET_ELEM_USERDATA, OPEN_UDATA)
+    start, end, open_ = head(0), head(len(END_FLAGS)), head(len(OPEN_USERDATA))
     out = []
     for key, is_end, is_open in elements:
         k = key.to_bytes(width, "big") + pad
         if is_end:
-            out.append(end + k + flags)
+            out.append(end + k + END_FLAGS)
         elif is_open:
-            out.append(open_ + k + udata)
+            out.append(open_ + k + OPEN_USERDATA)
         else:
             out.append(start + k)
     return out
