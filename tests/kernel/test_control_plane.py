@@ -264,3 +264,35 @@ def test_a_set_laid_out_by_hand_is_emptied_and_reloaded(lab: Lab, tproxy: Tproxy
     listed = lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd", "lan_dst4").stdout
     assert "198.18.2.0/24" in listed and "198.18.3.0" not in listed
     assert tproxy.json("apply")["writes"] == 0
+
+
+RACING_APPLY = """
+import subprocess, sys
+from tproxyd.reconciler import nfnetlink
+from tproxyd.reconciler.reconcile import Reconciler
+from tproxyd.state.loader import load
+
+real, raced = nfnetlink.NftNetlink.change_sets, []
+
+def racing(self, table, changes, genid):
+    if not raced:  # someone commits between our plan and our batch, once
+        raced.append(1)
+        subprocess.run(["nft", "add", "element", "inet", "tproxyd", "lan_dst4", "{ 198.19.7.7 }"],
+                       check=True)
+    return real(self, table, changes, genid)
+
+nfnetlink.NftNetlink.change_sets = racing
+result = Reconciler(load(sys.argv[1])).apply()
+print("raced", len(raced), "ops", len(result.ops))
+"""
+
+
+def test_apply_plans_again_when_nftables_moves_under_it(lab: Lab, tproxy: Tproxy):
+    tproxy.json("apply")
+    grown = Tproxy(lab, lab.write_config(lab.config(
+        destinations='["198.18.2.0/24", "198.18.9.0/24", "2001:db8:2::/64"]'), "grown.toml"))
+    out = lab.run(lab.gw, sys.executable, "-c", RACING_APPLY, grown.config)
+    assert "raced 1" in out.stdout
+    # the second plan saw the intruder and removed it with the change it was asked for
+    assert nft_set(lab, "lan_dst4") == want(grown, "lan_dst4")
+    assert grown.json("apply")["writes"] == 0
