@@ -37,7 +37,7 @@ class Connection:
     __slots__ = ("client", "client_addr", "deadline", "down", "dst", "last_active", "masks",
                  "server", "state", "timer_at", "up")
 
-    def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
+    def __init__(self, client: socket.SocketType, client_addr: Address, server: socket.SocketType,
                  dst: Address, now: float, use_splice: bool):
         self.client, self.server = client, server
         self.client_addr, self.dst = client_addr, dst

@@ -37,7 +37,7 @@ class Flow:
 
     __slots__ = ("bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe", "shut", "src")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE):
+    def __init__(self, src: socket.SocketType, dst: socket.SocketType, use_splice: bool = SPLICE):
         self.src, self.dst = src, dst
         self.pipe: tuple[int, int] | None = None  # only for bulk flows
         self.leftover: memoryview | None = None  # copy mode: what dst did not take yet

@@ -425,3 +425,17 @@ def test_stopping_resets_connections_that_still_carry_data():
     finally:
         hold.set()
         relay.stop()
+
+
+def test_both_sockets_of_a_connection_have_nodelay_and_do_not_block():
+    """The client socket gets TCP_NODELAY from the listener (inherited by accept), not from a
+    setsockopt per connection; the outbound one is made non-blocking by socket() itself."""
+    up = Upstream(echo)
+    with running(up.addr) as (relay, addr), socket.create_connection(addr, timeout=DEADLINE) as c:
+        c.sendall(b"n")
+        assert c.recv(1) == b"n"
+        (conn,) = relay.connections
+        for sock in (conn.client, conn.server):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert sock.gettimeout() == 0.0
+    assert not up.errors
