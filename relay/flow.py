@@ -88,6 +88,27 @@ class Flow:
         self.bytes += moved
         return moved
 
+    def read_ahead(self) -> int:
+        """Before dst is connected: take what src sent already (kept as pending), so it can go
+        out the moment the connection is up. Returns the bytes taken; 0 if none yet, or at EOF
+        (then `eof` is set). Raises OSError when src failed."""
+        try:
+            n = self.src.recv_into(_SHARED)
+        except BlockingIOError:
+            return 0
+        if n == 0:
+            self.eof = True
+        else:
+            self.leftover = memoryview(bytes(_SHARED[:n]))
+            self.pending = n
+        return n
+
+    def flush(self) -> int:
+        """Write what is pending, without reading src; returns the bytes written."""
+        sent = self._write_pending() if self.pending else 0
+        self.bytes += sent
+        return sent
+
     def pass_fin(self) -> None:
         """Carry src's FIN to dst once everything before it is written."""
         if self.finished and not self.shut:

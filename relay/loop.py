@@ -355,7 +355,7 @@ class Relay:
                               "resetting new connections")
             self._refuse(client)
             return
-        server: socket.socket | None = None
+        server: socket.SocketType | None = None
         try:
             dst = self.original_dst(client)
             if dst[1] in self.ports and is_local_address(dst[0]):
@@ -365,7 +365,9 @@ class Relay:
                 self._refuse(client)
                 return
             client.setblocking(False)  # accept4 without SOCK_NONBLOCK: Python has no flags for it
-            server = self._outbound(family, client_addr, dst)
+            server = self._outbound(family, client_addr)
+            conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice)
+            conn.connect()
         except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
             self.counters.failed += 1
             log.info("connection from %s port %s: %s", *client_addr, exc)
@@ -373,14 +375,17 @@ class Relay:
                 server.close()
             self._refuse(client)
             return
-        conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice)
-        conn.deadline = self.now + self.settings.connect_timeout
         self.connections.add(conn)
         self.counters.active += 1
         self._update(conn)
-        self._schedule(conn, conn.deadline)
+        if conn.state is State.CONNECTING:
+            conn.deadline = self.now + self.settings.connect_timeout
+            self._schedule(conn, conn.deadline)
+        elif self.settings.idle_timeout:
+            self._schedule(conn, self.now + self.settings.idle_timeout)
 
-    def _outbound(self, family: int, client_addr: Address, dst: Address) -> socket.SocketType:
+    def _outbound(self, family: int, client_addr: Address) -> socket.SocketType:
+        """A socket for the server side, made and bound; Connection.connect() connects it."""
         server = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             if self.settings.mark:
@@ -392,9 +397,6 @@ class Relay:
                 # then make many more connections than one port range of binds
                 server.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 server.bind((client_addr[0], 0))
-            err = server.connect_ex(dst)
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, f"connect to {dst[0]} port {dst[1]}: {os.strerror(err)}")
         except BaseException:
             server.close()
             raise
@@ -405,7 +407,6 @@ class Relay:
     def _on_connection(self, conn: Connection, side: int, mask: int) -> None:
         if conn.state is State.CLOSED:
             return  # already ended by the other side's event in this same batch
-        up, down = conn.up.bytes, conn.down.bytes
         connecting = conn.state is State.CONNECTING
         try:
             conn.on_event(side, mask, self.now)
@@ -416,20 +417,15 @@ class Relay:
             else:
                 self.counters.resets += 1
                 log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
-            self._count(conn, up, down)
             self._end(conn, reset=True)
             return
-        self._count(conn, up, down)
-        if connecting and self.settings.idle_timeout:  # connect deadline -> idle deadline
+        if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
+            # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
         if conn.state is State.CLOSED:
             self._end(conn, reset=False)
         else:
             self._update(conn)
-
-    def _count(self, conn: Connection, up: int, down: int) -> None:
-        self.counters.bytes_up += conn.up.bytes - up
-        self.counters.bytes_down += conn.down.bytes - down
 
     def _update(self, conn: Connection) -> None:
         """Tell the selector what each socket waits for, only where that changed."""
@@ -456,6 +452,8 @@ class Relay:
         conn.close(reset)
         self.counters.active -= 1
         self.counters.closed += 1
+        self.counters.bytes_up += conn.up.bytes  # counted once, not per event
+        self.counters.bytes_down += conn.down.bytes
 
     def unregister(self, sock: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -463,8 +461,16 @@ class Relay:
 
     # --- stats and logs ------------------------------------------------------------------------
 
+    def stats(self) -> dict:
+        """The counters as JSON; bytes include those of the connections still open."""
+        out = self.counters.to_json()
+        for conn in self.connections:
+            out["bytes_up"] += conn.up.bytes
+            out["bytes_down"] += conn.down.bytes
+        return out
+
     def _serve_stats(self, listener: socket.socket) -> None:
-        unixsock.answer(listener, self.counters.to_json())
+        unixsock.answer(listener, self.stats())
 
     def warn(self, kind: str, message: str) -> None:
         """Warnings that could repeat per connection, at most one a second each."""
