@@ -59,9 +59,11 @@ class Connection:
             return 0, WRITE
         if self.state is State.CLOSED:
             return 0, 0
-        client = (READ if self.up.wants_read else 0) | (WRITE if self.down.wants_write else 0)
-        server = (READ if self.down.wants_read else 0) | (WRITE if self.up.wants_write else 0)
-        return client, server
+        # read a flow's src while it is open and nothing waits for dst; write dst while
+        # something does (backpressure)
+        up, down = self.up, self.down
+        return ((0 if up.eof or up.pending else READ) | (WRITE if down.pending else 0),
+                (0 if down.eof or down.pending else READ) | (WRITE if up.pending else 0))
 
     def connect(self) -> None:
         """Start connecting to dst, with the bytes the client sent already (clients usually

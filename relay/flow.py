@@ -48,14 +48,6 @@ class Flow:
         self.can_splice = use_splice
 
     @property
-    def wants_read(self) -> bool:
-        return not self.eof and not self.pending
-
-    @property
-    def wants_write(self) -> bool:
-        return self.pending > 0
-
-    @property
     def finished(self) -> bool:
         """src sent FIN and everything before it reached dst."""
         return self.eof and not self.pending
