@@ -72,34 +72,36 @@ class Connection:
         there. Over a local link the handshake is over when connect() returns: the bytes go
         at once, and a send that succeeds proves the connection up (a socket still
         connecting says "would block"), so no wait for writability. Raises OSError."""
-        if self.up.read_ahead():
+        first = self.up.read_ahead()  # in the shared buffer until send_ahead()
+        if first:
             self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
         err = self.server.connect_ex(self.dst)
         if err not in (0, errno.EINPROGRESS):
-            raise ConnectFailed(err, f"connect to {self.dst[0]} port {self.dst[1]}: "
-                                     f"{os.strerror(err)}")
-        if self.up.pending and self._send_first():
-            self.state = State.RELAYING
-
-    def _send_first(self) -> int:
-        """Bytes of the client's first ones written; an error here is the connect's own."""
-        try:
-            return self.up.flush()
-        except OSError as exc:
-            raise ConnectFailed(exc.errno, f"connect to {self.dst[0]} port {self.dst[1]}: "
-                                           f"{exc.strerror}") from None
+            raise self._failed(err)
+        if first:
+            try:
+                sent = self.up.send_ahead(first)
+            except OSError as exc:  # the connect's own error, reported by the send
+                raise self._failed(exc.errno) from None
+            if sent:
+                self.state = State.RELAYING
 
     def connected(self) -> None:
         """The server socket became writable while CONNECTING: did the connect succeed? With
         bytes to send, the send answers that (and sends them); else SO_ERROR does."""
         if self.up.pending:
-            self._send_first()
+            try:
+                self.up.flush()
+            except OSError as exc:
+                raise self._failed(exc.errno) from None
         else:
             err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                raise ConnectFailed(err, f"connect to {self.dst[0]} port {self.dst[1]}: "
-                                         f"{os.strerror(err)}")
+                raise self._failed(err)
         self.state = State.RELAYING
+
+    def _failed(self, err: int) -> ConnectFailed:
+        return ConnectFailed(err, f"connect to {self.dst[0]} port {self.dst[1]}: {os.strerror(err)}")
 
     def on_event(self, side: int, mask: int, now: float) -> None:
         """Move the bytes this readiness allows, then pass on FINs and advance the state.

@@ -81,19 +81,24 @@ class Flow:
         return moved
 
     def read_ahead(self) -> int:
-        """Before dst is connected: take what src sent already (kept as pending), so it can go
-        out the moment the connection is up. Returns the bytes taken; 0 if none yet, or at EOF
-        (then `eof` is set). Raises OSError when src failed."""
+        """Before dst is connected: read what src sent already into the shared buffer, for
+        send_ahead(), which must come before anything else reads. Returns the bytes read; 0 if
+        none yet, or at EOF (then `eof` is set). Raises OSError when src failed."""
         try:
             n = self.src.recv_into(_SHARED)
         except BlockingIOError:
             return 0
         if n == 0:
             self.eof = True
-        else:
-            self.leftover = memoryview(bytes(_SHARED[:n]))
-            self.pending = n
         return n
+
+    def send_ahead(self, n: int) -> int:
+        """Send the n bytes read_ahead() left in the shared buffer; what dst does not take (all
+        of it while dst still connects) is kept. Returns the bytes sent."""
+        self._send_shared(n)
+        sent = n - self.pending
+        self.bytes += sent
+        return sent
 
     def flush(self) -> int:
         """Write what is pending, without reading src; returns the bytes written."""
@@ -127,6 +132,11 @@ class Flow:
             return 0
         if n == CHUNK and self.can_splice:
             self._start_splicing()  # a bulk transfer: the next reads splice
+        self._send_shared(n)
+        return n
+
+    def _send_shared(self, n: int) -> None:
+        """Write the shared buffer's first n bytes to dst; keep a copy of what it did not take."""
         try:
             sent = self.dst.send(_SHARED[:n])
         except BlockingIOError:
@@ -134,7 +144,6 @@ class Flow:
         if sent < n:
             self.leftover = memoryview(bytes(_SHARED[sent:n]))
             self.pending = n - sent
-        return n
 
     def _write_pending(self) -> int:
         if self.leftover is not None:
