@@ -125,7 +125,8 @@ class Connection:
         is left to close(), which sends it: both sockets were read to EOF, so nothing unread
         turns it into a reset, and a shutdown() is saved."""
         up, down = self.up, self.down
-        up_done, down_done = up.finished, down.finished
+        up_done = up.eof and not up.pending  # Flow.finished, inlined
+        down_done = down.eof and not down.pending
         if up_done and down_done:
             up.shut = down.shut = True
             self.state = State.CLOSED
