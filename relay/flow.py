@@ -33,7 +33,8 @@ _SHARED = memoryview(bytearray(CHUNK))
 
 class Flow:
     """Moves bytes src -> dst. `pending` bytes were read and not yet written; `eof` once src
-    sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst)."""
+    sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst, or, for the
+    connection's last FIN, left to close())."""
 
     __slots__ = ("bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe", "shut", "src")
 

@@ -74,8 +74,8 @@ class Counters:
     idle_timeouts: int = 0
     resets: int = 0  # connections ended by an error or a peer's reset
     closed: int = 0
-    bytes_up: int = 0  # client -> server
-    bytes_down: int = 0  # server -> client
+    bytes_up: int = 0  # client -> server, of ended connections (Relay.stats() adds open ones)
+    bytes_down: int = 0  # server -> client, likewise
     accept_errors: int = 0
     internal_errors: int = 0  # bugs caught by the loop's last line of defence
     udp_sessions: int = 0  # open now
