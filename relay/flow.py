@@ -133,13 +133,7 @@ class Flow:
             return 0
         if n == CHUNK and self.can_splice:
             self._start_splicing()  # a bulk transfer: the next reads splice
-        try:  # _send_shared(n), inlined: this is the path of every small message
-            sent = self.dst.send(_SHARED[:n])
-        except BlockingIOError:
-            sent = 0
-        if sent < n:
-            self.leftover = memoryview(bytes(_SHARED[sent:n]))
-            self.pending = n - sent
+        self._send_shared(n)
         return n
 
     def _send_shared(self, n: int) -> None:
