@@ -93,14 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGUSR2, lambda *_: relay.request_drain())
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s",
-                                                      json.dumps(relay.counters.to_json())))
+                                                      json.dumps(relay.stats())))
     signal.set_wakeup_fd(relay.wakeup_fd(), warn_on_full_buffer=False)
     log.info("relaying TCP%s on %s (mode %s, spoof_source %s, max_connections %s, open files %s); "
              "stats on %s", " and UDP" if settings.udp else "",
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
              settings.spoof_source, settings.max_connections, limit, stats)
     relay.run()
-    log.info("stopped: %s", json.dumps(relay.counters.to_json()))
+    log.info("stopped: %s", json.dumps(relay.stats()))
     return 0
 
 

@@ -4,12 +4,16 @@
                                   |                                           +--> CLOSED
                                   +------server FIN passed on--> SERVER_DONE --+
     any state --error, reset, timeout--> CLOSED (reset both ways)
+
+CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once.
+Reaching CLOSED by FINs, the last FIN is still to send: close() sends it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import selectors
 import socket
@@ -37,7 +41,7 @@ class Connection:
     __slots__ = ("client", "client_addr", "deadline", "down", "dst", "last_active", "masks",
                  "server", "state", "timer_at", "up")
 
-    def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
+    def __init__(self, client: socket.SocketType, client_addr: Address, server: socket.SocketType,
                  dst: Address, now: float, use_splice: bool):
         self.client, self.server = client, server
         self.client_addr, self.dst = client_addr, dst
@@ -55,43 +59,88 @@ class Connection:
             return 0, WRITE
         if self.state is State.CLOSED:
             return 0, 0
-        client = (READ if self.up.wants_read else 0) | (WRITE if self.down.wants_write else 0)
-        server = (READ if self.down.wants_read else 0) | (WRITE if self.up.wants_write else 0)
-        return client, server
+        # read a flow's src while it is open and nothing waits for dst; write dst while
+        # something does (backpressure)
+        up, down = self.up, self.down
+        return ((0 if up.eof or up.pending else READ) | (WRITE if down.pending else 0),
+                (0 if down.eof or down.pending else READ) | (WRITE if up.pending else 0))
+
+    def connect(self) -> None:
+        """Start connecting to dst, with the bytes the client sent already (clients usually
+        speak first). With such bytes in hand, TCP_QUICKACK off delays the handshake's last
+        ACK so it rides on them: one packet less, and the server's accept finds the request
+        there. Over a local link the handshake is over when connect() returns: the bytes go
+        at once, and a send that succeeds proves the connection up (a socket still
+        connecting says "would block"), so no wait for writability. Raises OSError."""
+        first = self.up.read_ahead()  # in the shared buffer until send_ahead()
+        if first:
+            self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+        err = self.server.connect_ex(self.dst)
+        if err not in (0, errno.EINPROGRESS):
+            raise self._failed(err)
+        if first:
+            try:
+                sent = self.up.send_ahead(first)
+            except OSError as exc:  # the connect's own error, reported by the send
+                raise self._failed(exc.errno) from None
+            if sent:
+                self.state = State.RELAYING
 
     def connected(self) -> None:
-        """The server socket became writable while CONNECTING: did the connect succeed?"""
-        err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise ConnectFailed(err, f"connect to {self.dst[0]} port {self.dst[1]}: "
-                                     f"{os.strerror(err)}")
+        """The server socket became writable while CONNECTING: did the connect succeed? With
+        bytes to send, the send answers that (and sends them); else SO_ERROR does."""
+        if self.up.pending:
+            try:
+                self.up.flush()
+            except OSError as exc:
+                raise self._failed(exc.errno) from None
+        else:
+            err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise self._failed(err)
         self.state = State.RELAYING
+
+    def _failed(self, err: int) -> ConnectFailed:
+        return ConnectFailed(err, f"connect to {self.dst[0]} port {self.dst[1]}: {os.strerror(err)}")
 
     def on_event(self, side: int, mask: int, now: float) -> None:
         """Move the bytes this readiness allows, then pass on FINs and advance the state.
         Raises OSError when a socket fails; the caller resets the connection."""
+        up, down = self.up, self.down
         if self.state is State.CONNECTING:
+            # Nothing is read here: the selector says when the client sends more, or the
+            # server speaks first (reading now would mostly hear "would block").
             self.connected()
-            pump_up = pump_down = True  # the client may have sent data while we connected
-        elif side == CLIENT:
-            pump_up, pump_down = bool(mask & READ), bool(mask & WRITE)
-        else:
-            pump_up, pump_down = bool(mask & WRITE), bool(mask & READ)
-        moved = (self.up.pump() if pump_up else 0) + (self.down.pump() if pump_down else 0)
-        if moved:
             self.last_active = now
-        self.up.pass_fin()
-        self.down.pass_fin()
-        if self.up.shut and self.down.shut:
+        elif side == CLIENT:
+            if (up.pump() if mask & READ else 0) + (down.pump() if mask & WRITE else 0):
+                self.last_active = now
+        elif (up.pump() if mask & WRITE else 0) + (down.pump() if mask & READ else 0):
+            self.last_active = now
+        if up.eof or down.eof:
+            self._pass_fins()
+
+    def _pass_fins(self) -> None:
+        """Carry each FIN on once everything before it was written. The connection's last FIN
+        is left to close(), which sends it: both sockets were read to EOF, so nothing unread
+        turns it into a reset, and a shutdown() is saved."""
+        up, down = self.up, self.down
+        up_done = up.eof and not up.pending  # Flow.finished, inlined
+        down_done = down.eof and not down.pending
+        if up_done and down_done:
+            up.shut = down.shut = True
             self.state = State.CLOSED
-        elif self.up.shut:
+        elif up_done:
+            up.pass_fin()
             self.state = State.CLIENT_DONE
-        elif self.down.shut:
+        elif down_done:
+            down.pass_fin()
             self.state = State.SERVER_DONE
 
     def close(self, reset: bool) -> None:
         """Release both sockets and pipes. Runs once (later calls do nothing), never raises.
-        reset: each peer sees RST (SO_LINGER 0) instead of FIN."""
+        reset: each peer sees RST (SO_LINGER 0) instead of FIN. In state CLOSED (both flows
+        finished) this sends the last FIN."""
         self.state = State.CLOSED
         for sock in (self.client, self.server):
             if sock.fileno() < 0:

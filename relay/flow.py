@@ -33,11 +33,12 @@ _SHARED = memoryview(bytearray(CHUNK))
 
 class Flow:
     """Moves bytes src -> dst. `pending` bytes were read and not yet written; `eof` once src
-    sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst)."""
+    sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst, or, for the
+    connection's last FIN, left to close())."""
 
     __slots__ = ("bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe", "shut", "src")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE):
+    def __init__(self, src: socket.SocketType, dst: socket.SocketType, use_splice: bool = SPLICE):
         self.src, self.dst = src, dst
         self.pipe: tuple[int, int] | None = None  # only for bulk flows
         self.leftover: memoryview | None = None  # copy mode: what dst did not take yet
@@ -46,14 +47,6 @@ class Flow:
         self.shut = False
         self.bytes = 0
         self.can_splice = use_splice
-
-    @property
-    def wants_read(self) -> bool:
-        return not self.eof and not self.pending
-
-    @property
-    def wants_write(self) -> bool:
-        return self.pending > 0
 
     @property
     def finished(self) -> bool:
@@ -88,6 +81,32 @@ class Flow:
         self.bytes += moved
         return moved
 
+    def read_ahead(self) -> int:
+        """Before dst is connected: read what src sent already into the shared buffer, for
+        send_ahead(), which must come before anything else reads. Returns the bytes read; 0 if
+        none yet, or at EOF (then `eof` is set). Raises OSError when src failed."""
+        try:
+            n = self.src.recv_into(_SHARED)
+        except BlockingIOError:
+            return 0
+        if n == 0:
+            self.eof = True
+        return n
+
+    def send_ahead(self, n: int) -> int:
+        """Send the n bytes read_ahead() left in the shared buffer; what dst does not take (all
+        of it while dst still connects) is kept. Returns the bytes sent."""
+        self._send_shared(n)
+        sent = n - self.pending
+        self.bytes += sent
+        return sent
+
+    def flush(self) -> int:
+        """Write what is pending, without reading src; returns the bytes written."""
+        sent = self._write_pending() if self.pending else 0
+        self.bytes += sent
+        return sent
+
     def pass_fin(self) -> None:
         """Carry src's FIN to dst once everything before it is written."""
         if self.finished and not self.shut:
@@ -114,6 +133,11 @@ class Flow:
             return 0
         if n == CHUNK and self.can_splice:
             self._start_splicing()  # a bulk transfer: the next reads splice
+        self._send_shared(n)
+        return n
+
+    def _send_shared(self, n: int) -> None:
+        """Write the shared buffer's first n bytes to dst; keep a copy of what it did not take."""
         try:
             sent = self.dst.send(_SHARED[:n])
         except BlockingIOError:
@@ -121,7 +145,6 @@ class Flow:
         if sent < n:
             self.leftover = memoryview(bytes(_SHARED[sent:n]))
             self.pending = n - sent
-        return n
 
     def _write_pending(self) -> int:
         if self.leftover is not None:

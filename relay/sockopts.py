@@ -58,7 +58,7 @@ def parse_udp_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[Address 
     return dst, dropped
 
 
-def _set_ip_option(sock: socket.socket, v4: int, v6: int) -> None:
+def _set_ip_option(sock: socket.SocketType, v4: int, v6: int) -> None:
     """Turn on the IPv4 or the IPv6 flavour of an option, by the socket's family."""
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, v6, 1)
@@ -72,7 +72,7 @@ def set_recv_origdst(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
 
 
-def original_dst_redirect(sock: socket.socket) -> Address:
+def original_dst_redirect(sock: socket.SocketType) -> Address:
     """The destination a REDIRECT rewrote, from conntrack (SO_ORIGINAL_DST)."""
     if sock.family == socket.AF_INET6:
         return parse_sockaddr(sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST,
@@ -80,18 +80,18 @@ def original_dst_redirect(sock: socket.socket) -> Address:
     return parse_sockaddr(sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_LEN))
 
 
-def original_dst_tproxy(sock: socket.socket) -> Address:
+def original_dst_tproxy(sock: socket.SocketType) -> Address:
     """TPROXY leaves the destination alone: the accepted socket's own address is it."""
     host, port = sock.getsockname()[:2]
     return host, port
 
 
-def set_transparent(sock: socket.socket) -> None:
+def set_transparent(sock: socket.SocketType) -> None:
     """Allow binding to and accepting for addresses that are not this host's."""
     _set_ip_option(sock, IP_TRANSPARENT, IPV6_TRANSPARENT)
 
 
-def set_reset_on_close(sock: socket.socket) -> None:
+def set_reset_on_close(sock: socket.SocketType) -> None:
     """SO_LINGER {1, 0}: close() sends RST instead of FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 

@@ -352,9 +352,9 @@ def test_connection_states_on_a_socket_pair():
     conn.on_event(1, 1, now=4.0)  # a short read ends the turn...
     assert b_client.recv(10) == b"down"
     conn.on_event(1, 1, now=4.1)  # ...and the selector, level-triggered, brings the FIN next
-    assert b_client.recv(10) == b""
     assert conn.state is State.CLOSED
-    conn.close(reset=False)
+    conn.close(reset=False)  # the last FIN goes out with close(), not with a shutdown()
+    assert b_client.recv(10) == b""
     conn.close(reset=True)  # runs once: the second call does nothing and does not raise
     assert a_client.fileno() == -1 and a_server.fileno() == -1
 
@@ -425,3 +425,82 @@ def test_stopping_resets_connections_that_still_carry_data():
     finally:
         hold.set()
         relay.stop()
+
+
+def test_both_sockets_of_a_connection_have_nodelay_and_do_not_block():
+    """The client socket gets TCP_NODELAY from the listener (inherited by accept), not from a
+    setsockopt per connection; the outbound one is made non-blocking by socket() itself."""
+    up = Upstream(echo)
+    with running(up.addr) as (relay, addr), socket.create_connection(addr, timeout=DEADLINE) as c:
+        c.sendall(b"n")
+        assert c.recv(1) == b"n"
+        (conn,) = relay.connections
+        for sock in (conn.client, conn.server):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert sock.gettimeout() == 0.0
+
+
+def _outbound() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+
+
+def test_the_clients_first_bytes_go_out_with_the_connect():
+    """A client that spoke before the connect: its bytes are read ahead and sent as soon as
+    connect() returns; the send succeeding is what proves the connection up (no wait for
+    writability). On loopback the handshake completes inside connect(), as over the veth
+    links of a gateway; a busy machine can defer it, so one success in a few tries proves it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    states = []
+    for _ in range(5):
+        a_client, b_client = socket.socketpair()
+        a_client.setblocking(False)
+        b_client.sendall(b"first")
+        conn = Connection(a_client, ("c", 1), _outbound(), listener.getsockname(), now=0.0,
+                          use_splice=SPLICE)
+        conn.connect()
+        states.append(conn.state)
+        peer, _ = listener.accept()
+        with peer, b_client:
+            peer.settimeout(DEADLINE)
+            if conn.state is State.CONNECTING:  # deferred handshake: the normal path sends
+                assert conn.wanted_masks() == (0, 2) and conn.up.pending == 5
+                conn.on_event(1, 2, now=1.0)
+            assert peer.recv(10) == b"first"
+            assert conn.state is State.RELAYING and conn.up.bytes == 5
+            assert conn.wanted_masks() == (1, 1)  # both sides read now
+            conn.close(reset=False)
+        if states[-1] is State.RELAYING:
+            break
+    assert State.RELAYING in states
+    listener.close()
+
+
+def test_a_silent_client_waits_for_the_connect_and_nothing_is_read_early():
+    """Server-speaks-first protocols: no bytes in hand, so the connect completes the usual way
+    (writability, SO_ERROR) and the handshake's ACK is not delayed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    a_client, b_client = socket.socketpair()
+    a_client.setblocking(False)
+    conn = Connection(a_client, ("c", 1), _outbound(), listener.getsockname(), now=0.0,
+                      use_splice=SPLICE)
+    conn.connect()
+    assert conn.state is State.CONNECTING and conn.wanted_masks() == (0, 2)
+    peer, _ = listener.accept()  # returns only once the handshake's last ACK arrived
+    with peer, b_client:
+        conn.on_event(1, 2, now=1.0)
+        assert conn.state is State.RELAYING
+        peer.sendall(b"220 hello\r\n")
+        conn.on_event(1, 1, now=2.0)
+        assert b_client.recv(20) == b"220 hello\r\n"
+        conn.close(reset=False)
+    listener.close()
+
+
+def test_refused_connect_with_the_clients_bytes_in_hand_resets_the_client():
+    with running(closed_port()) as (relay, addr):
+        with pytest.raises(ConnectionResetError), \
+                socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")  # usually read ahead before the connect
+            c.recv(1)
+        wait_for(lambda: relay.counters.failed == 1 and relay.counters.active == 0,
+                 "the failure to be counted and the connection released")
