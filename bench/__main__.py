@@ -187,7 +187,7 @@ class TproxydWorkers(Variant):
         self.proc = self.lab.spawn(self.lab.gw, sys.executable, "-m", "tproxyd.reconciler.daemon",
                                    "-c", self.config)
         deadline = time.monotonic() + 20
-        # up when the daemon lists its workers and each worker answers on its stats socket
+        # up when the daemon lists its workers and each worker has made its stats socket
         while not os.path.exists(self.socket) or not self._workers() \
                 or not all(os.path.exists(w["stats"]) for w in self._workers()):
             if time.monotonic() > deadline or self.proc.poll() is not None:
