@@ -252,6 +252,25 @@ class SetChange:
     flush: bool = False
 
 
+@contextlib.contextmanager
+def _as_netlink_error(what: str) -> Iterator[None]:
+    """Socket errors (a timeout, ENOBUFS) as the project's own error; EPERM stays a
+    PermissionError, which the CLI answers with "run as root"."""
+    try:
+        yield
+    except PermissionError:
+        raise
+    except NetlinkError as exc:
+        if exc.code in (errno.EPERM, errno.EACCES):
+            raise PermissionError(exc.code, f"{what}: {os.strerror(exc.code)}") from None
+        raise
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        if code in (errno.EPERM, errno.EACCES):
+            raise PermissionError(code, f"{what}: {os.strerror(code)}") from None
+        raise NetlinkError(code, f"{what}: {exc.strerror or exc}") from None
+
+
 class NftNetlink:
     """A NETLINK_NETFILTER socket in the caller's network namespace."""
 
@@ -279,6 +298,10 @@ class NftNetlink:
 
     def generation(self) -> int:
         """nftables' ruleset generation: every committed transaction, anyone's, moves it on."""
+        with _as_netlink_error("read the nftables generation"):
+            return self._generation()
+
+    def _generation(self) -> int:
         seq = self._next()
         self.sock.send(message(nft_type(NFT_MSG_GETGEN), NLM_F_REQUEST, seq, socket.AF_UNSPEC, b""))
         while True:
@@ -300,6 +323,11 @@ class NftNetlink:
         its elements are laid out as we (and nft) would load those contents: someone's
         `nft add element` of a range adjacent to another leaves two boundaries where one
         range's worth of deletions would find one."""
+        with _as_netlink_error(f"read set {table} {set_name}"):
+            return self._set_elements(table, set_name, set_type, interval, attempts)
+
+    def _set_elements(self, table: str, set_name: str, set_type: str, interval: bool,
+                      attempts: int) -> Tuple[Intervals, bool]:
         payload = attr(NFTA_SET_ELEM_LIST_TABLE, _strz(table)) + attr(NFTA_SET_ELEM_LIST_SET,
                                                                      _strz(set_name))
         for _ in range(attempts):
@@ -323,13 +351,18 @@ class NftNetlink:
                         elements += parse_set_elements(data, a, b)
             if not interrupted:
                 contents = from_kernel(set_type, elements, interval)
-                laid_out = {(k, e) for k, e, _ in to_kernel(set_type, contents)} if interval \
-                    else {(k, False) for k, _ in contents}
+                if not interval:  # single keys: no layout to get wrong
+                    return contents, True
+                laid_out = {(k, e) for k, e, _ in to_kernel(set_type, contents)}
                 return contents, set(elements) == laid_out and len(elements) == len(laid_out)
         raise NetlinkError(errno.EAGAIN, f"set {table} {set_name} kept changing while read")
 
     def change_sets(self, table: str, changes: Sequence[SetChange], genid: int | None) -> int:
         """Apply the changes in one transaction; the number of netlink messages it took."""
+        with _as_netlink_error(f"change sets of table {table}"):
+            return self._change_sets(table, changes, genid)
+
+    def _change_sets(self, table: str, changes: Sequence[SetChange], genid: int | None) -> int:
         first = self.seq
         msgs: List[bytes] = []
         for change in changes:
@@ -349,12 +382,15 @@ class NftNetlink:
             return 0
         self.seq = first + 2 + len(msgs)
         data = batch(msgs, first, genid)
-        for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):  # the batch is one datagram
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, option, len(data) + 65536)
-                break
-            except OSError:
-                continue
+        # the batch is one datagram; the kernel queues an ack per message before we read any
+        for options, size in (((SO_SNDBUFFORCE, socket.SO_SNDBUF), len(data) + 65536),
+                              ((SO_RCVBUFFORCE, socket.SO_RCVBUF), max(1 << 20, 2048 * len(msgs)))):
+            for option in options:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, size)
+                    break
+                except OSError:
+                    continue
         self.sock.send(data)
         waiting = set(range(first + 1, first + 1 + len(msgs)))
         errors: Dict[int, Tuple[int, str]] = {}

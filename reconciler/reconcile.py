@@ -116,7 +116,13 @@ class Reconciler:
         for s in table.sets:
             want = self.desired.nft.set_named(s.name)
             seen = trusted.get(s.name)
-            if seen and want is not None and want.type == s.type and seen == self._digest(want):
+            if want is None or want.type != s.type or tuple(sorted(want.flags)) != tuple(
+                    sorted(s.flags)):
+                # not a set we make (maybe of a type we cannot read): the structure differs,
+                # so the whole table is rebuilt anyway; its contents do not matter
+                sets.append(s)
+                continue
+            if seen and seen == self._digest(want):
                 elements = want.elements
             elif not seen or (elements := self.verified.contents(s.name, seen)) is None:
                 elements, tidy = self.netlink_nft.set_elements(name, s.name, s.type,
@@ -274,8 +280,14 @@ class Reconciler:
             self.netlink_nft.change_sets(name, changes, genid)
             self.nft.writes += 1
             if genid is not None and alone:  # the batch committed at genid: it made genid + 1
-                self.verified.save(name, genid + 1, {s.name: (self._digest(s), s.elements)
-                                                     for s in self.desired.nft.sets})
+                # After a rebuild every set was loaded whole (laid out as to_kernel does); after
+                # a contents change, a set laid out by someone else stays unknown unless the
+                # batch flushed it.
+                rebuilt = bool(commands)
+                flushed = {c.name for c in changes if c.flush}
+                self.verified.save(name, genid + 1, {
+                    s.name: (self._digest(s), s.elements) for s in self.desired.nft.sets
+                    if rebuilt or s.name not in self._untidy or s.name in flushed})
 
 
 def set_change(op: UpdateNftSet, flush: bool = False) -> SetChange:

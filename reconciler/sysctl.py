@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from typing import Dict
 
 from .errors import KernelError
@@ -41,13 +42,27 @@ def write(key: str, value: str) -> None:
         raise KernelError(f"sysctl {key} = {value}", exc.strerror or str(exc)) from exc
 
 
+SO_NETNS_COOKIE = 71
+
+
+def netns_id() -> str:
+    """This network namespace: its inode (what `ip netns identify` compares) and, where the
+    kernel has it (5.14+), its cookie, which is never reused while the inode number can be."""
+    ino = os.stat("/proc/self/ns/net").st_ino
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return str(ino)
+    return f"{ino}-{cookie}"
+
+
 class NetnsRecord:
     """A small JSON record per network namespace in state_dir (on /run: gone at reboot, as the
     kernel state it describes). `strict` records fail loudly; the others are caches."""
 
     def __init__(self, state_dir: str, kind: str, strict: bool = False):
-        netns = os.stat("/proc/self/ns/net").st_ino
-        self.path = os.path.join(state_dir, f"{kind}-netns-{netns}.json")
+        self.path = os.path.join(state_dir, f"{kind}-netns-{netns_id()}.json")
         self.strict = strict
 
     def load(self) -> dict:

@@ -16,6 +16,7 @@ from typing import Dict, Tuple
 
 from tproxyd.state.intervals import Intervals
 
+from .desired_cache import load_own_pickle
 from .sysctl import NetnsRecord
 
 
@@ -33,14 +34,8 @@ class VerifiedSets:
         return sets if isinstance(sets, dict) else {}
 
     def contents(self, name: str, digest: str) -> Intervals | None:
-        try:
-            st = os.stat(self.contents_path)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:  # only a file we wrote
-                return None
-            with open(self.contents_path, "rb") as f:
-                found = pickle.load(f)
-        except Exception:  # missing, damaged or foreign: a dump will tell
-            return None
+        # only a file we wrote; missing, damaged or foreign: a dump will tell
+        found = load_own_pickle(*os.path.split(self.contents_path))
         entry = found.get(name) if isinstance(found, dict) else None
         return entry[1] if isinstance(entry, tuple) and entry[0] == digest else None
 

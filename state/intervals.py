@@ -63,9 +63,10 @@ def _addr(version: int, value: int) -> str:
 
 
 def to_elements(set_type: str, intervals: Intervals) -> List[Any]:
-    """nft JSON elements for canonical ranges: CIDR prefixes for addresses, ranges for ports.
-
-    Summarized prefixes never overlap, so the set needs no auto-merge to accept them.
+    """nft JSON elements for canonical ranges: one element per range (a prefix when the range
+    is exactly one, else a range), so that nft lays the set out as to_kernel() does. (A range
+    given as several prefixes would become several adjacent intervals in the kernel, and
+    deleting the range's two boundaries later would leave the inner ones behind.)
     """
     elements: List[Any] = []
     version = ADDR_TYPES.get(set_type)
@@ -73,14 +74,17 @@ def to_elements(set_type: str, intervals: Intervals) -> List[Any]:
         for lo, hi in intervals:
             elements.append(lo if lo == hi else {"range": [lo, hi]})
         return elements
-    cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-    bits = 32 if version == 4 else 128
+    bits = _BITS[version]
     for lo, hi in intervals:
-        for net in ipaddress.summarize_address_range(cls(lo), cls(hi)):
-            if net.prefixlen == bits:
-                elements.append(str(net.network_address))
+        size = hi - lo + 1
+        host = size.bit_length() - 1
+        if size & (size - 1) == 0 and lo & (size - 1) == 0:  # exactly one prefix
+            if host == 0:
+                elements.append(_addr(version, lo))
             else:
-                elements.append({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
+                elements.append({"prefix": {"addr": _addr(version, lo), "len": bits - host}})
+        else:
+            elements.append({"range": [_addr(version, lo), _addr(version, hi)]})
     return elements
 
 

@@ -296,3 +296,23 @@ def test_apply_plans_again_when_nftables_moves_under_it(lab: Lab, tproxy: Tproxy
     # the second plan saw the intruder and removed it with the change it was asked for
     assert nft_set(lab, "lan_dst4") == want(grown, "lan_dst4")
     assert grown.json("apply")["writes"] == 0
+
+
+def test_a_range_that_is_not_one_prefix_survives_later_edits(lab: Lab):
+    """198.18.4.0-198.18.6.255 is no single prefix. nft must hold it as one interval (as our own
+    batches would), or a later edit that deletes the range's two boundaries leaves the inner
+    ones behind and the set matches addresses nobody configured."""
+    def config(dests, exclude):
+        return Tproxy(lab, lab.write_config(lab.config(destinations=dests, exclude=exclude)))
+
+    three = '["198.18.4.0/24", "198.18.5.0/24", "198.18.6.0/24"]'
+    first = config('["198.18.0.0/15"]', three)
+    first.json("apply")
+    # a contents change elsewhere: the batch records every set as known
+    assert config('["198.18.0.0/15", "198.20.0.0/24"]', three).json("apply")["writes"] == 1
+    last = config('["198.18.0.0/15", "198.20.0.0/24"]', '["198.18.4.0/24", "198.18.5.0/24"]')
+    assert last.json("apply")["writes"] == 1
+    assert nft_set(lab, "lan_exclude4") == want(last, "lan_exclude4")
+    assert "198.18.6" not in lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd",
+                                     "lan_exclude4").stdout
+    assert last.json("status")["in_sync"] and last.json("apply")["writes"] == 0

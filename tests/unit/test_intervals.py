@@ -107,3 +107,11 @@ def test_changed_ranges_turn_old_into_new(old, new):
     kept = set(old) - set(removed)
     assert set(removed) <= set(old) and not (kept & set(add))
     assert merge(tuple(kept) + add) == new
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**20)), max_size=6))
+def test_nft_gets_one_element_per_range(ranges):
+    """So that nft lays a set out as to_kernel() does: a range sent as several prefixes would
+    sit in the kernel as several adjacent intervals."""
+    canon = merge((lo, min(lo + n, 2**32 - 1)) for lo, n in ranges)
+    assert len(to_elements("ipv4_addr", canon)) == len(canon)

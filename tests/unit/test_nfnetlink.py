@@ -116,3 +116,46 @@ def test_malformed_elements_raise_only_netlink_errors(parts):
             parse_set_elements(data, a, b)
     except NetlinkError:
         pass
+
+
+def _nla(kind: int, payload: bytes, nested: bool = False) -> bytes:
+    """Written out independently of the module under test."""
+    head = struct.pack("=HH", 4 + len(payload), kind | (0x8000 if nested else 0))
+    return head + payload + b"\0" * (-len(payload) % 4)
+
+
+# The NEWSETELEM message nft 1.0.6 sent for `add element inet t s { 198.18.0.0/24,
+# 255.255.255.0/24 }` (from `nft --debug=mnl`): note it puts FLAGS before KEY, numbers the list
+# entries 1..4 and adds a SET_ID; attribute order and list numbering mean nothing to the kernel.
+NFT_SENT = (struct.pack("=IHHII", 140, 0x0A0C, 1, 1, 0) + b"\x01\x00\x00\x00"
+            + _nla(1, b"t\0") + _nla(2, b"s\0") + _nla(4, b"\x00\x00\x00\x01")
+            + _nla(3, nested=True, payload=(
+                _nla(1, _nla(3, b"\x00\x00\x00\x01") + _nla(1, _nla(1, b"\x00\x00\x00\x00"), True), True)
+                + _nla(2, _nla(1, _nla(1, b"\xc6\x12\x00\x00"), True), True)
+                + _nla(3, _nla(3, b"\x00\x00\x00\x01") + _nla(1, _nla(1, b"\xc6\x12\x01\x00"), True), True)
+                + _nla(4, _nla(1, _nla(1, b"\xff\xff\xff\x00"), True) + _nla(6, b"\x01\x04\x01\x00\x00\x00"),
+                       True))))
+
+
+def _element_attrs(data: bytes) -> list:
+    """Each element of a message as {attribute type: payload}, order and numbering aside."""
+    from tproxyd.reconciler.nfnetlink import attrs
+
+    out = []
+    for _, _, _, a, b in messages(data):
+        for kind, x, y in attrs(data, a + 4, b):
+            if kind == 3:
+                out += [{k: bytes(data[p:q]) for k, p, q in attrs(data, ea, eb)}
+                        for _, ea, eb in attrs(data, x, y)]
+    return out
+
+
+def test_we_send_what_nft_sends_and_read_what_it_sends():
+    assert len(NFT_SENT) == 140
+    canon = ((0xC6120000, 0xC61200FF), (0xFFFFFF00, 0xFFFFFFFF))
+    ours = b"".join(element_messages(NFT_MSG_NEWSETELEM, "t", "s",
+                                     pack_elements("ipv4_addr", to_kernel("ipv4_addr", canon)), seq=1))
+    assert _element_attrs(ours) == _element_attrs(NFT_SENT)
+    ((_, _, _, a, b),) = list(messages(NFT_SENT))
+    assert parse_set_elements(NFT_SENT, a, b) == [(0, True), (0xC6120000, False),
+                                                  (0xC6120100, True), (0xFFFFFF00, False)]
