@@ -2,7 +2,7 @@
 
 `tproxy apply` on an unchanged 100,000-CIDR file spent half a second parsing TOML and rendering
 sets it had rendered before. An entry is keyed by the file's path and bytes and by tproxyd's own
-code (the size and mtime of its modules), so an edit or an upgrade misses; a miss or an
+code (the bytes of its modules), so an edit or an upgrade misses; a miss or an
 unreadable entry just means loading the file again. `tproxy check` always reads the file.
 
 Entries are pickles, so only files that could not have been written by anyone but us are read:
