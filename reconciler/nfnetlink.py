@@ -29,7 +29,7 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x2, 0x4, 0x10
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x4, 0x10
 NLM_F_DUMP, NLM_F_CREATE, NLM_F_ACK_TLVS = 0x300, 0x400, 0x200
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLMSGERR_ATTR_MSG = 1
@@ -283,13 +283,14 @@ class NftNetlink:
                 self.sock.setsockopt(SOL_NETLINK, option, 1)
         self.seq = 1
         self.buf = bytearray(1 << 20)
+        self.writes = 0  # committed batches
 
     def close(self) -> None:
         self.sock.close()
 
-    def _next(self, count: int = 1) -> int:
+    def _next(self) -> int:
         seq = self.seq
-        self.seq += count
+        self.seq += 1
         return seq
 
     def _recv(self) -> memoryview:
@@ -411,4 +412,5 @@ class NftNetlink:
         if errors:
             code, text = errors[min(errors)]
             raise NetlinkError(code, text or f"set elements in table {table}")
+        self.writes += 1
         return len(msgs)

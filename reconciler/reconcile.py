@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 from tproxyd.state import preflight
 from tproxyd.state.config import Config
 from tproxyd.state.desired import DesiredState, render
-from tproxyd.state.intervals import digest, key_bytes, range_elements, to_kernel, zero_end
+from tproxyd.state.intervals import digest, element_changes, to_kernel
 from tproxyd.state.live import LiveState
 from tproxyd.state.nft import (
     FAMILY,
@@ -83,7 +83,8 @@ class Reconciler:
 
     @property
     def writes(self) -> int:
-        return self.netlink.writes + self.nft.writes + self.sysctl_writes
+        return (self.netlink.writes + self.nft.writes + self.netlink_nft.writes
+                + self.sysctl_writes)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -278,7 +279,6 @@ class Reconciler:
             alone = before is not None and genid == before + 1
         if changes:
             self.netlink_nft.change_sets(name, changes, genid)
-            self.nft.writes += 1
             if genid is not None and alone:  # the batch committed at genid: it made genid + 1
                 # After a rebuild every set was loaded whole (laid out as to_kernel does); after
                 # a contents change, a set laid out by someone else stays unknown unless the
@@ -291,17 +291,10 @@ class Reconciler:
 
 
 def set_change(op: UpdateNftSet, flush: bool = False) -> SetChange:
-    """Whole ranges out and in, and the end element nft keeps at 0 when no range starts there;
-    or, for a set whose elements someone laid out otherwise, empty it and load it whole."""
+    """Whole ranges out and in; or, for a set whose elements someone laid out otherwise, empty
+    it and load it whole."""
     if flush:
         return SetChange(op.set.name, op.set.type, add=tuple(to_kernel(op.set.type, op.set.elements)),
                          flush=True)
-    top = (1 << (8 * key_bytes(op.set.type))) - 1
-    delete = [e for lo, hi in op.removed for e in range_elements(lo, hi, top)]
-    add = [e for lo, hi in op.add for e in range_elements(lo, hi, top)]
-    had, has = zero_end(op.old), zero_end(op.set.elements)
-    if had and not has:
-        delete.insert(0, (0, True, False))
-    elif has and not had:
-        add.insert(0, (0, True, False))
+    delete, add = element_changes(op.set.type, op.old, op.add, op.removed)
     return SetChange(op.set.name, op.set.type, delete=tuple(delete), add=tuple(add))

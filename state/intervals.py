@@ -212,6 +212,24 @@ def from_kernel(set_type: str, elements: Iterable[Tuple[int, bool]], interval: b
     return merge(ranges)
 
 
+def element_changes(set_type: str, old: Intervals, add: Intervals, removed: Intervals
+                    ) -> Tuple[List[Element], List[Element]]:
+    """(elements to delete, elements to add) that turn a set holding old, laid out as
+    to_kernel() lays it out, into one holding old - removed + add (whole ranges, as
+    changed_ranges() gives them), the end element at 0 included."""
+    top = (1 << (8 * key_bytes(set_type))) - 1
+    delete = [e for lo, hi in removed for e in range_elements(lo, hi, top)]
+    added = [e for lo, hi in add for e in range_elements(lo, hi, top)]
+    kept = set(old) - set(removed)
+    new = merge(tuple(kept) + add)
+    had, has = zero_end(old), zero_end(new)
+    if had and not has:
+        delete.insert(0, (0, True, False))
+    elif has and not had:
+        added.insert(0, (0, True, False))
+    return delete, added
+
+
 def changed_ranges(old: Intervals, new: Intervals) -> Tuple[Intervals, Intervals]:
     """(ranges to add, ranges to delete) turning the set holding old into one holding new.
 

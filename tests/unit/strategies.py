@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from hypothesis import strategies as st
 
 from tproxyd.state.config import Cidr, Config, Intercept, Marks, Nftables, RelayConfig, Routing
@@ -10,6 +12,11 @@ from tproxyd.state.intervals import merge
 from tproxyd.state.live import LiveState
 from tproxyd.state.nft import NftSet, NftTable
 from tproxyd.state.routing import Route, Rule
+
+
+def net(text: str) -> Cidr:
+    """A config's Cidr from its text, as tests write them."""
+    return Cidr.of(ipaddress.ip_network(text))
 
 
 @st.composite

@@ -8,10 +8,11 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tproxyd.state.config import Cidr
+from tests.unit.strategies import net
 from tproxyd.state.intervals import (
     changed_ranges,
     describe,
+    element_changes,
     from_elements,
     from_kernel,
     from_networks,
@@ -20,10 +21,6 @@ from tproxyd.state.intervals import (
     to_elements,
     to_kernel,
 )
-
-
-def net(text: str) -> Cidr:
-    return Cidr.of(ipaddress.ip_network(text))
 
 small = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)).map(lambda t: (t[0], t[0] + t[1])),
                  max_size=8)
@@ -115,3 +112,14 @@ def test_nft_gets_one_element_per_range(ranges):
     sit in the kernel as several adjacent intervals."""
     canon = merge((lo, min(lo + n, 2**32 - 1)) for lo, n in ranges)
     assert len(to_elements("ipv4_addr", canon)) == len(canon)
+
+
+@given(port_sets, port_sets)
+def test_element_changes_turn_the_kernels_old_set_into_the_new_one(old, new):
+    """Deleting and adding these elements on the kernel's layout of old leaves exactly the
+    layout nft (and our batch) would give new: no boundary left behind, none missing."""
+    add, removed = changed_ranges(old, new)
+    delete, added = element_changes("inet_service", old, add, removed)
+    before = set(to_kernel("inet_service", old))
+    assert set(delete) <= before and not (set(added) & (before - set(delete)))
+    assert (before - set(delete)) | set(added) == set(to_kernel("inet_service", new))

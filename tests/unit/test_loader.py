@@ -11,13 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.strategies import net
 from tproxyd.state.config import Cidr, Config
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import load, loads, parse_document
-
-
-def net(text: str) -> Cidr:
-    return Cidr.of(ipaddress.ip_network(text))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MINIMAL = '[[intercept]]\ninterfaces = ["lan0"]\n'

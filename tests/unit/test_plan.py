@@ -4,12 +4,11 @@ and a second plan is always empty."""
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tproxyd.state.config import Cidr
+from tests.unit.strategies import net
 from tproxyd.state.desired import render
 from tproxyd.state.intervals import from_networks
 from tproxyd.state.live import LiveState
@@ -33,10 +32,6 @@ from tproxyd.state.routing import Route, Rule
 from tproxyd.state.simulate import apply_all
 
 from .strategies import configs, live_states
-
-
-def net(text: str) -> Cidr:
-    return Cidr.of(ipaddress.ip_network(text))
 
 CONFIG = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
                'destinations = ["198.18.0.0/16", "2001:db8::/32"]\nports = [80, "8000-8080"]\n')
