@@ -6,21 +6,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 from typing import Dict
 
 from .errors import KernelError
 
 PROC_SYS = "/proc/sys"
+COMPONENT = re.compile(r"[A-Za-z0-9_-]+")
+IFNAME = re.compile(r"[^\s/:]{1,15}")  # what Linux (dev_valid_name) and the config loader allow
 
 
 def sysctl_path(key: str) -> str:
     """/proc/sys path of a dotted key; interface names may hold dots (eth0.100), so the
-    per-interface part of net.ipv{4,6}.conf.IFNAME.LEAF is kept whole."""
+    per-interface part of net.ipv{4,6}.conf.IFNAME.LEAF is kept whole.
+
+    ValueError for anything that is not such a key: keys reach here from a file in state_dir,
+    and a path built from them is written as root."""
     parts = key.split(".")
+    names = parts
     if len(parts) > 4 and parts[:1] == ["net"] and parts[2] in ("conf", "neigh"):
-        parts = [*parts[:3], ".".join(parts[3:-1]), parts[-1]]
-    return os.path.join(PROC_SYS, *parts)
+        ifname = ".".join(parts[3:-1])
+        parts = [*parts[:3], ifname, parts[-1]]
+        names = [*parts[:3], parts[-1]]
+        if not IFNAME.fullmatch(ifname) or ifname in (".", ".."):
+            raise ValueError(f"not a sysctl key: {key!r} (interface {ifname!r})")
+    if len(parts) < 2 or not all(COMPONENT.fullmatch(p) for p in names):
+        raise ValueError(f"not a sysctl key: {key!r}")
+    path = os.path.normpath(os.path.join(PROC_SYS, *parts))
+    if os.path.commonpath([PROC_SYS, path]) != PROC_SYS or path == PROC_SYS:
+        raise ValueError(f"not a sysctl key: {key!r} (outside {PROC_SYS})")
+    return path
 
 
 def read(key: str) -> str | None:

@@ -14,6 +14,8 @@ DEFAULT_DST = {4: "0.0.0.0/0", 6: "::/0"}
 # IPv6 routes get metric 1024 from the kernel when none is given; state it so live compares equal.
 ROUTE_METRIC = {4: 0, 6: 1024}
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+# Every sysctl tproxyd ever writes (preflight reads others and writes none of them).
+WRITTEN_SYSCTLS = frozenset(FORWARDING_SYSCTL.values())
 NFT_ADDR = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
 
 

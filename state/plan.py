@@ -6,10 +6,11 @@ drive `tproxy plan`, the logs and the apply layer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
-from .desired import DesiredState, Owner
+from .desired import WRITTEN_SYSCTLS, DesiredState, Owner
 from .intervals import Intervals, changed_ranges, describe
 from .live import LiveState
 from .nft import FAMILY, NftSet, NftTable
@@ -101,11 +102,28 @@ class DeleteNftTable:
         return f"- nft table {FAMILY} {self.name}"
 
 
+SYSCTL_KEY = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+")
+SYSCTL_VALUE = re.compile(r"-?[0-9]{1,19}")
+
+
+def check_sysctl(key: str, value: str) -> None:
+    """ValueError unless key is one tproxyd writes and value an integer. Values to restore come
+    from a file in state_dir, and `down` writes them as root: nothing else may get through."""
+    if not SYSCTL_KEY.fullmatch(key) or key not in WRITTEN_SYSCTLS:
+        raise ValueError(f"sysctl {key!r} is not one tproxyd writes "
+                         f"({', '.join(sorted(WRITTEN_SYSCTLS))})")
+    if not SYSCTL_VALUE.fullmatch(value):
+        raise ValueError(f"sysctl {key} = {value!r}: not an integer")
+
+
 @dataclass(frozen=True)
 class SetSysctl:
     key: str
     value: str
-    previous: str | None
+    previous: str | None  # as read, shown only
+
+    def __post_init__(self) -> None:
+        check_sysctl(self.key, self.value)
 
     def __str__(self) -> str:
         return f"~ sysctl {self.key} = {self.value} (was {self.previous})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -179,3 +180,32 @@ def test_down_after_apply_leaves_only_what_was_not_ours(data):
     assert all(r.protocol != ours or r.other for r in down.rules)
     assert all(r.protocol != ours or r.table != config.routing.table for r in down.routes)
     assert {r for r in live.rules if r.protocol != ours or r.other} == down.rules
+
+
+TAMPERED_KEYS = [
+    "net.ipv4.conf./tmp/x.rp_filter",  # an absolute path as the interface part
+    "net.ipv4.conf.lo/../../../../../tmp/x.rp_filter",
+    "net/ipv4/ip_forward",
+    "kernel.core_pattern",  # well formed, but not a key tproxyd writes
+    "net.ipv4.conf.lan0.rp_filter",  # read by preflight, never written
+    "net..ipv4.ip_forward",
+    "",
+]
+
+
+@pytest.mark.parametrize("key", TAMPERED_KEYS)
+def test_a_sysctl_op_only_names_a_key_tproxyd_writes(key):
+    with pytest.raises(ValueError, match="sysctl"):
+        SetSysctl(key, "1", None)
+
+
+@pytest.mark.parametrize("value", ["", "1\n2", "|/tmp/x", "1" * 40])
+def test_a_sysctl_op_only_carries_an_integer(value):
+    with pytest.raises(ValueError, match="sysctl"):
+        SetSysctl("net.ipv4.ip_forward", value, "1")
+
+
+def test_down_refuses_a_saved_value_under_a_foreign_key():
+    """What `down` restores comes from a file: a key it never wrote is not a plan."""
+    with pytest.raises(ValueError):
+        plan_down(DESIRED.owner, LiveState(), {"net.ipv4.conf./tmp/x.rp_filter": "0"})
