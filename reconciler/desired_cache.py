@@ -5,8 +5,8 @@ sets it had rendered before. An entry is keyed by the file's path and bytes and 
 code (the bytes of its modules), so an edit or an upgrade misses; a miss or an
 unreadable entry just means loading the file again. `tproxy check` always reads the file.
 
-Entries are pickles, so only files that could not have been written by anyone but us are read:
-the directory and the entry must belong to this user and be writable by no one else.
+Entries are pickles, so they are read and written through statefiles: only files that could not
+have been written by anyone but us are read (directory and entry ours, writable by no one else).
 Location: $TPROXYD_CACHE_DIR, else /run/tproxyd/cache (tmpfs: gone at reboot).
 """
 
@@ -25,6 +25,8 @@ from tproxyd.state import config as config_module
 from tproxyd.state.config import Cidr, Config, Intercept
 from tproxyd.state.desired import DesiredState, render
 from tproxyd.state.intervals import digest
+
+from . import statefiles
 
 DEFAULT_DIR = "/run/tproxyd/cache"
 KEEP = 8  # entries; the oldest go first
@@ -77,30 +79,8 @@ def _reduce_intercept(i: Intercept) -> tuple:
                          _flat(i.exclude)))
 
 
-def _trusted(st: os.stat_result) -> bool:
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
-def load_own_pickle(directory: str, name: str) -> object | None:
-    """Unpickle directory/name only if both are ours and writable by no one else; the file is
-    opened without following links and checked on the open descriptor. None otherwise."""
-    try:
-        if not _trusted(os.stat(directory)):
-            return None
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with open(fd, "rb") as f:
-        try:
-            if not _trusted(os.fstat(f.fileno())):
-                return None
-            return pickle.load(f)
-        except Exception:  # a damaged or outdated entry is a miss, never an error
-            return None
-
-
 def lookup(key: str) -> Rendered | None:
-    found = load_own_pickle(cache_dir(), key)
+    found = statefiles.load_pickle(os.path.join(cache_dir(), key))
     return found if isinstance(found, Rendered) else None
 
 
@@ -108,17 +88,11 @@ def store(key: str, rendered: Rendered) -> None:
     """Best effort: a cache that cannot be written is a cache that misses."""
     directory = cache_dir()
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _trusted(os.stat(directory)):
-            return
         buf = io.BytesIO()
         pickler = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
         pickler.dispatch_table = {**copyreg.dispatch_table, Intercept: _reduce_intercept}
         pickler.dump(rendered)
-        tmp = os.path.join(directory, f".{key}.{os.getpid()}")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, os.path.join(directory, key))
+        statefiles.write(os.path.join(directory, key), buf.getvalue())
         entries = sorted((e for e in os.scandir(directory) if not e.name.startswith(".")),
                          key=lambda e: e.stat().st_mtime_ns)
         for old in entries[:-KEEP]:

@@ -3,14 +3,19 @@ values tproxyd replaced, so that `down` can put them back."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import re
 import socket
 from typing import Dict
 
+from tproxyd.state.plan import check_sysctl
+
+from . import statefiles
 from .errors import KernelError
+
+log = logging.getLogger("tproxyd")
 
 PROC_SYS = "/proc/sys"
 COMPONENT = re.compile(r"[A-Za-z0-9_-]+")
@@ -75,18 +80,18 @@ def netns_id() -> str:
 
 class NetnsRecord:
     """A small JSON record per network namespace in state_dir (on /run: gone at reboot, as the
-    kernel state it describes). `strict` records fail loudly; the others are caches."""
+    kernel state it describes), read and written through statefiles. `strict` records fail
+    loudly; the others are caches."""
 
     def __init__(self, state_dir: str, kind: str, strict: bool = False):
         self.path = os.path.join(state_dir, f"{kind}-netns-{netns_id()}.json")
         self.strict = strict
 
     def load(self) -> dict:
+        """The record; empty when absent or refused by statefiles (someone else's)."""
         try:
-            with open(self.path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return {}
+            raw = statefiles.read(self.path)
+            data = json.loads(raw) if raw is not None else {}
         except (OSError, ValueError) as exc:
             if self.strict:
                 raise KernelError(f"read {self.path}", str(exc)) from exc
@@ -94,21 +99,14 @@ class NetnsRecord:
         return data if isinstance(data, dict) else {}
 
     def save(self, data: dict) -> None:
-        tmp = f"{self.path}.tmp"
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            statefiles.write(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
         except OSError:
             if self.strict:
                 raise
 
     def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        statefiles.remove(self.path)
 
 
 class SysctlMemory(NetnsRecord):
@@ -119,4 +117,14 @@ class SysctlMemory(NetnsRecord):
         super().__init__(state_dir, "sysctl", strict=True)
 
     def load(self) -> Dict[str, str]:
-        return {str(k): str(v) for k, v in super().load().items()}
+        """Only entries tproxyd could have made (a key it writes, an integer): `down` writes
+        them back as root, so anything else in the file is dropped, and said."""
+        saved = {}
+        for key, value in super().load().items():
+            try:
+                check_sysctl(str(key), str(value))
+            except ValueError as exc:
+                log.warning("ignoring an entry of %s: %s", self.path, exc)
+                continue
+            saved[str(key)] = str(value)
+        return saved

@@ -10,13 +10,12 @@ needs the old contents of a set that is about to change (a dump at 100,000 range
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 from typing import Dict, Tuple
 
 from tproxyd.state.intervals import Intervals
 
-from .desired_cache import load_own_pickle
+from . import statefiles
 from .sysctl import NetnsRecord
 
 
@@ -35,19 +34,16 @@ class VerifiedSets:
 
     def contents(self, name: str, digest: str) -> Intervals | None:
         # only a file we wrote; missing, damaged or foreign: a dump will tell
-        found = load_own_pickle(*os.path.split(self.contents_path))
+        found = statefiles.load_pickle(self.contents_path)
         entry = found.get(name) if isinstance(found, dict) else None
         return entry[1] if isinstance(entry, tuple) and entry[0] == digest else None
 
     def save(self, table: str, generation: int, sets: Dict[str, Tuple[str, Intervals]]) -> None:
         digests = {name: d for name, (d, _) in sets.items()}
         if digests != self.record.load().get("sets"):  # new contents: keep them first
-            tmp = f"{self.contents_path}.tmp"
             try:
-                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                    pickle.dump(sets, f, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(tmp, self.contents_path)
+                statefiles.write(self.contents_path, pickle.dumps(sets, pickle.HIGHEST_PROTOCOL))
             except OSError:
                 with contextlib.suppress(OSError):
-                    os.unlink(self.contents_path)
+                    statefiles.remove(self.contents_path)
         self.record.save({"generation": generation, "table": table, "sets": digests})

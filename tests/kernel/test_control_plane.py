@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import sys
 
 import pytest
@@ -135,6 +137,32 @@ def test_down_leaves_nothing_behind_and_restores_sysctls(lab: Lab, tproxy: Tprox
     assert sysctl(lab, "net.ipv4.ip_forward") == "0"
     assert sysctl(lab, "net.ipv6.conf.all.forwarding") == "0"
     assert "nothing to remove" in tproxy("down", check=True).stdout
+
+
+def test_down_with_a_tampered_sysctl_record_writes_nothing_outside_proc_sys(lab: Lab, tproxy: Tproxy):
+    """The record of sysctls to restore lives in state_dir; `down` writes what it holds as root.
+    Keys that would lead out of /proc/sys (an absolute or a .. interface part) are dropped with
+    a warning naming the record; the entries tproxyd wrote are still restored."""
+    lab.sysctl(lab.gw, "net.ipv4.ip_forward", "0")
+    tproxy("apply", check=True)
+    (record,) = glob.glob(os.path.join(lab.tmp, "state", "sysctl-netns-*.json"))
+    victims = [os.path.join(lab.tmp, "victim1"), os.path.join(lab.tmp, "victim2")]
+    assert "." not in "".join(victims)  # a dot would split the planted key differently
+    for v in victims:
+        os.mkdir(v)
+    with open(record) as f:
+        saved = json.load(f)
+    saved[f"net.ipv4.conf.{victims[0]}.rp_filter"] = "1"
+    saved[f"net.ipv4.conf.lo/{'../' * 8}{victims[1]}.rp_filter"] = "1"
+    with open(record, "w") as f:
+        json.dump(saved, f)
+
+    down = tproxy("down")
+    assert down.returncode == 0, down.stderr
+    assert [os.listdir(v) for v in victims] == [[], []]
+    assert record in down.stderr
+    assert sysctl(lab, "net.ipv4.ip_forward") == "0"
+    assert ruleset(lab).strip() == ""
 
 
 def test_down_keeps_a_sysctl_that_was_already_on(lab: Lab, tproxy: Tproxy):
