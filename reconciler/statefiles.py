@@ -45,11 +45,11 @@ def _untrusted(st: os.stat_result) -> str | None:
     return None
 
 
-def _refuse(path: str, why: str) -> None:
+def refuse(path: str, why: str) -> None:
+    """Say (once per file and reason) that path, or part of it, is ignored, and why."""
     if (path, why) not in _warned:
         _warned.add((path, why))
-        log.warning("ignoring %s: %s (tproxyd reads only state files it could have written "
-                    "alone)", path, why)
+        log.warning("ignoring %s: %s", path, why)
 
 
 @contextlib.contextmanager
@@ -79,18 +79,18 @@ def read(path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except UntrustedError as exc:
-        _refuse(path, f"its directory {directory} is {exc.why}")
+        refuse(path, f"its directory {directory} is {exc.why}")
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            _refuse(path, "a symbolic link")
+            refuse(path, "a symbolic link")
             return None
         raise
     with open(fd, "rb") as f:
         st = os.fstat(f.fileno())
         why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
         if why:
-            _refuse(path, why)
+            refuse(path, why)
             return None
         return f.read()
 

@@ -4,7 +4,6 @@ values tproxyd replaced, so that `down` can put them back."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import socket
@@ -14,8 +13,6 @@ from tproxyd.state.plan import check_sysctl
 
 from . import statefiles
 from .errors import KernelError
-
-log = logging.getLogger("tproxyd")
 
 PROC_SYS = "/proc/sys"
 COMPONENT = re.compile(r"[A-Za-z0-9_-]+")
@@ -124,7 +121,7 @@ class SysctlMemory(NetnsRecord):
             try:
                 check_sysctl(str(key), str(value))
             except ValueError as exc:
-                log.warning("ignoring an entry of %s: %s", self.path, exc)
+                statefiles.refuse(self.path, f"an entry: {exc}")
                 continue
             saved[str(key)] = str(value)
         return saved
