@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tproxyd.reconciler.lab import WAN, Lab, wait_for_port
+from lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from tproxyd.reconciler.lab import Lab
+from lab import Lab
 
 
 def _kernel_unavailable() -> str:

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from lab import Lab
 from tests.conftest import Tproxy
-from tproxyd.reconciler.lab import Lab
 from tproxyd.state.desired import render
 from tproxyd.state.intervals import from_elements
 from tproxyd.state.loader import load

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from lab import LAN, WAN, Lab, wait_for_port
 from tproxyd.reconciler.daemon import query
-from tproxyd.reconciler.lab import LAN, WAN, Lab, wait_for_port
 
 pytestmark = pytest.mark.kernel
 DEADLINE = 2.0  # the promise: a save or a drift converges within 2 seconds

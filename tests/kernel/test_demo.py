@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
+from lab import ROOT
+
 pytestmark = pytest.mark.kernel
 
 
 def test_demo_relays_and_cleans_up(lab):  # the lab fixture: root and tools are there
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    result = subprocess.run([sys.executable, "-m", "tproxyd.reconciler.lab", "demo"],
+    result = subprocess.run([sys.executable, "-m", "lab", "demo"], cwd=ROOT,  # as the README says
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout

@@ -11,8 +11,8 @@ import testinfra
 from testinfra.backend.base import CommandResult
 from testinfra.backend.local import LocalBackend
 
+from lab import Lab, wait_for_port
 from tests.conftest import Tproxy
-from tproxyd.reconciler.lab import Lab, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -52,7 +52,7 @@ def test_applied_gateway_as_an_operator_checks_it(lab: Lab, tproxy: Tproxy, gate
 
     relay = gateway.socket("tcp://0.0.0.0:12345")
     assert not relay.is_listening
-    lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.reconciler.lab", "listen", "12345")
+    lab.spawn_listener(lab.gw, 12345)
     wait_for_port(lab, lab.gw, 12345)
     assert relay.is_listening
     assert gateway.socket("tcp://:::12345").is_listening

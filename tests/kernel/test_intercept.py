@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from lab import LAN, WAN, Lab, wait_for_port
 from tests.conftest import Tproxy
-from tproxyd.reconciler.lab import LAN, WAN, Lab, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -21,7 +21,7 @@ def curl(lab: Lab, url: str) -> str:
 @pytest.fixture
 def servers(lab: Lab):
     """A transparent listener on the relay port in the gateway, a real HTTP server on the server."""
-    lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.reconciler.lab", "listen", "12345")
+    lab.spawn_listener(lab.gw, 12345)
     lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::", "--directory",
               lab.tmp, "8080")
     wait_for_port(lab, lab.gw, 12345)

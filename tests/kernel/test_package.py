@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lab import Lab
 from tests.conftest import Tproxy, _kernel_unavailable
-from tproxyd.reconciler.lab import Lab
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +58,15 @@ def test_installs_the_commands_the_unit_and_a_conffile(package):
         assert (root / path).is_file(), path
     assert (root / "usr/bin/tproxy").read_text().startswith("#!/usr/bin/python3\n")
     assert (root / "DEBIAN/conffiles").read_text().split() == ["/etc/tproxyd/tproxy.toml"]
+
+
+def test_ships_tproxyd_and_nothing_of_the_lab(package):
+    """The namespace lab sweeps namespaces by name: it stays in the checkout (lab/)."""
+    site = package["root"] / "usr/lib/python3/dist-packages"
+    modules = sorted(str(p.relative_to(site)) for p in site.rglob("*.py"))
+    assert modules and all(m.split("/")[:2] in (["tproxyd", "state"], ["tproxyd", "reconciler"],
+                                                ["tproxyd", "relay"]) for m in modules), modules
+    assert not [m for m in modules if "lab" in Path(m).stem.split("_")]
 
 
 def test_the_shipped_config_is_valid_and_captures_nothing(package):

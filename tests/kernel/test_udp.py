@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from lab import LAN, WAN, Lab, wait_for_port
 from tests.conftest import Tproxy
-from tproxyd.reconciler.lab import LAN, WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
 
 pytestmark = pytest.mark.kernel

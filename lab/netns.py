@@ -1,11 +1,9 @@
-"""A lab of network namespaces: client -- gateway -- server, for tests, the demo and benchmarks.
+"""Namespaces for a lab: client -- gateway -- server, for tests, the demo and benchmarks.
 
 Only the namespaces it creates are touched (unique names, removed on exit, also on failure or
-Ctrl-C); the machine's own namespace never sees a rule, route, table or sysctl. Addresses come
-from the benchmarking ranges 198.18.0.0/15 and 2001:db8::/32.
-
-    python -m tproxyd.reconciler.lab demo      # the README's main job
-    python -m tproxyd.reconciler.lab listen PORT   # a transparent listener (inside a namespace)
+Ctrl-C), and a sweep removes those a killed earlier run left; the machine's own namespace never
+sees a rule, route, table or sysctl. Addresses come from the benchmarking ranges 198.18.0.0/15
+and 2001:db8::/32.
 """
 
 from __future__ import annotations
@@ -14,15 +12,15 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 PREFIX = "tpx"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout holding lab/
 
 
 @dataclass(frozen=True)
@@ -162,6 +160,11 @@ class Lab:
         self.logs[proc.pid] = log_path
         return proc
 
+    def spawn_listener(self, ns: str, port: int) -> subprocess.Popen:
+        """`python -m lab listen PORT` in ns (lab is importable from the checkout only)."""
+        return self.spawn(ns, sys.executable, "-m", "lab", "listen", str(port),
+                          env={"PYTHONPATH": ROOT})
+
     def log_of(self, proc: subprocess.Popen) -> str:
         with open(self.logs[proc.pid]) as f:
             return f.read()
@@ -196,159 +199,3 @@ def wait_for_port(lab: Lab, ns: str, port: int, proto: str = "tcp", timeout: flo
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {proto} port {port} in {ns}")
-
-
-# --- a transparent listener: what the relay will be, reduced to reporting addresses ----------------
-
-def listen(port: int) -> None:
-    """Accept TCP connections for any address on port (IPv4 and IPv6, IP_TRANSPARENT) and answer
-    each HTTP request with the original destination (getsockname) and the client (getpeername)."""
-    import selectors
-
-    from tproxyd.relay.listeners import open_listeners
-
-    sel = selectors.DefaultSelector()
-    for s in open_listeners(port, ("0.0.0.0", "::"), transparent=True, udp=False):
-        sel.register(s, selectors.EVENT_READ)
-    print(f"listening on port {port}", flush=True)
-    while True:
-        for key, _ in sel.select():
-            conn, peer = key.fileobj.accept()  # type: ignore[union-attr]
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(65536)
-                    local = conn.getsockname()
-                    body = f"original-destination {local[0]} {local[1]}\nclient {peer[0]} {peer[1]}\n"
-                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
-                                 + str(len(body)).encode() + b"\r\n\r\n" + body.encode())
-                    print(body.replace("\n", "; "), flush=True)
-                except OSError as exc:
-                    print(f"connection from {peer}: {exc}", flush=True)
-
-
-# --- the README's main job -----------------------------------------------------------------------
-
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "tproxy.toml.example")
-
-
-def _step(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
-
-
-def _show(proc: subprocess.CompletedProcess) -> None:
-    sys.stdout.write(proc.stdout)
-    sys.stderr.write(proc.stderr)
-    sys.stdout.flush()
-
-
-def _until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def demo(example: str = EXAMPLE, port: int = 12345) -> int:
-    """Build a lab, run tproxyd in its gateway on the example config, relay a client's requests,
-    edit the config, break the rules by hand, and stop."""
-    from tproxyd.reconciler.daemon import query
-
-    tproxy = [sys.executable, "-m", "tproxyd.reconciler.cli"]
-    with open(example) as f:
-        text = f.read()
-    with Lab() as lab:
-        # The example, adapted to the lab: the state directory lives with the lab.
-        text = text.replace('"/run/tproxyd', f'"{lab.tmp}/state')
-        os.makedirs(os.path.join(lab.tmp, "etc"))
-        config = lab.write_config(text, "etc/tproxy.toml")
-        print(f"lab: client {lab.client} ({LAN.peer4}, {LAN.peer6}) -- gateway {lab.gw} -- "
-              f"server {lab.server} ({WAN.peer4}, {WAN.peer6}); config {config}")
-        _step("tproxy check")
-        _show(lab.run(lab.gw, *tproxy, "check", "-c", config, check=False))
-        _step("tproxy plan: what the daemon will do")
-        _show(lab.run(lab.gw, *tproxy, "plan", "-c", config, check=False))
-
-        _step("tproxyd starts in the gateway: it converges and supervises the relay")
-        daemon = lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.reconciler.daemon", "-c", config)
-        sock = os.path.join(lab.tmp, "state", "tproxyd.sock")
-        if not _until(lambda: os.path.exists(sock)):
-            print(lab.log_of(daemon))
-            return 1
-        wait_for_port(lab, lab.gw, port)
-        with open(os.path.join(lab.tmp, "index.html"), "w") as f:
-            f.write("hello from the server\n")
-        web = lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::",
-                        "--directory", lab.tmp, "80")
-        wait_for_port(lab, lab.server, 80)
-        _step("the client fetches a page from the server, IPv4 and IPv6")
-        for url in (f"http://{WAN.peer4}/index.html", f"http://[{WAN.peer6}]/index.html"):
-            print(f"client$ curl {url}")
-            _show(lab.run(lab.client, "curl", "-sS", "--max-time", "5", url, check=False))
-        print("the server's log: it saw the client's own address, not the gateway's")
-        print("".join(f"  {line}\n" for line in lab.log_of(web).splitlines() if "GET" in line))
-        _step("tproxy status: the daemon's view, and each object in sync")
-        _show(lab.run(lab.gw, *tproxy, "status", "-c", config, check=False))
-
-        _step("edit tproxy.toml: exclude the server; the daemon converges by itself")
-        with open(config) as f:
-            body = f.read()
-        with open(config, "w") as f:
-            f.write(body.replace('exclude = ["10.0.0.0/8"', f'exclude = ["{WAN.peer4}/32", "10.0.0.0/8"'))
-        ok = _until(lambda: WAN.peer4 in lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd",
-                                                 "lan_exclude4", check=False).stdout)
-        print(f"lan_exclude4 holds {WAN.peer4}: {ok}")
-        _step("a typo: the daemon keeps the last good config and says why")
-        with open(config, "w") as f:
-            f.write(body.replace("port = 12345", "port = 123456", 1))
-        _until(lambda: bool(query(sock).get("config_error")))
-        print(query(sock)["config_error"])
-        with open(config, "w") as f:
-            f.write(body)
-        _until(lambda: not query(sock).get("config_error"))
-
-        _step("someone flushes the table by hand; the daemon repairs it")
-        lab.run(lab.gw, "nft", "flush", "table", "inet", "tproxyd")
-        ok = _until(lambda: lab.run(lab.gw, *tproxy, "plan", "-c", config, check=False).returncode == 0)
-        print(f"repaired: {ok}")
-        _step("SIGTERM: the relay drains, everything tproxyd owned is removed")
-        lab.stop(daemon, timeout=60)
-        print("\n".join([line for line in lab.log_of(daemon).splitlines() if "tproxyd[" in line][-3:]))
-        left = lab.run(lab.gw, "nft", "list", "ruleset").stdout.strip()
-        rules = lab.run(lab.gw, "ip", "rule").stdout
-        print(f"left behind: nft {left if left else 'nothing'}; "
-              f"fwmark rules {'none' if 'fwmark' not in rules else rules}")
-        _step("tearing the lab down")
-    print("done: the namespaces are gone")
-    return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM ends the demo as Ctrl-C does: through the `with Lab()` teardown."""
-    raise KeyboardInterrupt
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    if args[:1] == ["listen"] and len(args) == 2:
-        listen(int(args[1]))
-        return 0
-    if args[:1] in (["demo"], []):
-        if os.geteuid() != 0:
-            print("the lab needs root (it creates network namespaces)", file=sys.stderr)
-            return 1
-        try:
-            return demo()
-        except KeyboardInterrupt:
-            print("\ninterrupted: the lab was removed", file=sys.stderr)
-            return 130
-    print("usage: python -m tproxyd.reconciler.lab [demo | listen PORT]", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
