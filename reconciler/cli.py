@@ -22,6 +22,7 @@ from tproxyd.state.status import IN_SYNC, in_sync
 
 from .desired_cache import load_rendered
 from .errors import KernelError, PreflightError
+from .statefiles import UntrustedError
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
 
@@ -255,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("tproxy: apply stopped by preflight errors (nothing was changed); "
               "--force applies anyway", file=sys.stderr)
     except KernelError as exc:
+        print(f"tproxy: {exc}", file=sys.stderr)
+    except UntrustedError as exc:  # a PermissionError that root does not cure
         print(f"tproxy: {exc}", file=sys.stderr)
     except PermissionError as exc:
         print(f"tproxy: {exc}: run as root (CAP_NET_ADMIN)", file=sys.stderr)

@@ -39,3 +39,15 @@ def test_check_json_errors(tmp_path, capsys):
 def test_missing_config(tmp_path, capsys):
     assert main(["plan", "-c", str(tmp_path / "nope.toml")]) == 1
     assert "nope.toml: cannot read" in capsys.readouterr().err
+
+
+def test_an_untrusted_state_dir_is_named_not_blamed_on_privileges(tmp_path, capsys, monkeypatch):
+    from tproxyd.reconciler import cli, statefiles
+
+    def refused(config, args):
+        raise statefiles.UntrustedError(str(tmp_path), "writable by group or others (mode 0775)")
+
+    monkeypatch.setitem(cli.COMMANDS, "down", (refused, ""))
+    assert main(["down", "-c", EXAMPLE]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "mode 0775" in err and "run as root" not in err
