@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.strategies import net
+from tproxyd.state import loader
 from tproxyd.state.config import Intercept
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import loads, parse_document
@@ -317,3 +318,24 @@ TABLES = st.lists(st.one_of(st.dictionaries(UP_KEYS, VALUES, max_size=7), VALUES
 def test_arbitrary_upstreams_and_routes_raise_only_config_error(doc):
     with contextlib.suppress(ConfigError):
         parse_document(doc)
+
+
+def example_routing_block() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "tproxy.toml.example")) as f:
+        text = f.read()
+    block = text[text.index("# [[upstream]]"):]
+    return "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in block.splitlines())
+
+
+def test_example_routing_block_is_documented_and_valid_once_uncommented(pw):
+    block = example_routing_block()
+    lines = block.splitlines()
+    for key in (*loader.UPSTREAM_KEYS, *loader.ROUTE_KEYS):
+        index = next((i for i, ln in enumerate(lines) if ln.startswith(f"{key} =")), None)
+        assert index is not None, f"{key} missing from the example"
+        assert lines[index - 1].startswith("#"), f"{key} has no comment"
+    config = loads(block.replace("/etc/tproxyd/corp.password", pw))
+    assert [u.name for u in config.upstreams] == ["corp", "backup"]
+    assert [(r.name, r.via) for r in config.routes] == [("corp-nets", ("corp", "backup")),
+                                                        ("no-telnet", ("reject",))]
