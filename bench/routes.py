@@ -93,7 +93,7 @@ def main() -> None:
     none, full = statistics.median(results["none"]), statistics.median(results["big"])
     print(f"0 routes: {none * 1e6:.2f} us a match")
     print(f"{args.cidrs:,} CIDRs in {args.routes} routes: {full * 1e6:.2f} us a match "
-          f"(build {built:.2f} s, {len(big._dst[4][0]) + len(big._dst[6][0]):,} interval starts)")
+          f"(build {built:.2f} s, {big.interval_count:,} interval starts)")
     print(f"added per connection: {(full - none) * 1e6:.2f} us (medians of {args.repeat})")
 
 

@@ -124,7 +124,11 @@ class Config:
     source: str = "<config>"
 
     def upstream(self, name: str) -> Upstream:
-        return next(u for u in self.upstreams if u.name == name)
+        """The [[upstream]] called name (KeyError if none is)."""
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
 
     @property
     def relays_udp(self) -> bool:

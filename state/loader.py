@@ -490,17 +490,14 @@ def _upstream(raw: Any, index: int, out: _Collector, relay_port: int) -> Upstrea
         out.add(f"{path}.address", "is required: host:port, [IPv6]:port or name:port")
     else:
         hostport = _hostport(raw["address"], f"{path}.address", out, "address")
-    if hostport is not None:
-        literal = ip_literal(hostport[0])
-        if literal is not None:
-            addr = ipaddress.ip_address(literal[1]) if literal[0] == 4 else \
-                ipaddress.IPv6Address(literal[1])
-            if addr.is_unspecified or addr.is_multicast:
-                out.add(f"{path}.address", f"{addr} is not an address a proxy can listen on")
-            elif addr.is_loopback and hostport[1] == relay_port:
-                # the loop guard's sure case: the relay would connect to its own port
-                out.add(f"{path}.address", f"{hostport[0]}:{hostport[1]} is the relay's own port "
-                                           "(relay.port): every connection would loop back to it")
+    if hostport is not None and ip_literal(hostport[0]) is not None:
+        addr = ipaddress.ip_address(hostport[0])
+        if addr.is_unspecified or addr.is_multicast:
+            out.add(f"{path}.address", f"{addr} is not an address a proxy can listen on")
+        elif addr.is_loopback and hostport[1] == relay_port:
+            # the loop guard's sure case: the relay would connect to its own port
+            out.add(f"{path}.address", f"{hostport[0]}:{hostport[1]} is the relay's own port "
+                                       "(relay.port): every connection would loop back to it")
     username = raw.get("username", "")
     if _str(username, f"{path}.username", out) is not None and "username" in raw:
         if not username:

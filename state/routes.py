@@ -134,6 +134,11 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self.routes)
 
+    @property
+    def interval_count(self) -> int:
+        """Elementary destination intervals, both families: what a lookup bisects."""
+        return len(self._dst[4][0]) + len(self._dst[6][0])
+
 
 def _parse(text: str) -> Tuple[int, int]:
     if ":" not in text:
