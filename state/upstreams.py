@@ -173,3 +173,24 @@ def captured_paths(intercepts: Iterable[Intercept], upstreams: Iterable[Upstream
                     and _port_in(entry.ports, ports[path.upstream])):
                 found.append((path, entry))
     return found
+
+
+def summary(upstreams: Iterable[Upstream], routes: Iterable[RouteRule]) -> List[str]:
+    """One line per upstream and route for `tproxy check` (no secret: only the file's path)."""
+    lines = []
+    for u in upstreams:
+        extras = [f"user {u.username} (password from {u.password.source})"] if u.password else []
+        extras += ["udp"] if u.udp else []
+        extras.append(f"check every {u.check_interval:g} s" if u.check_interval else "passive checks only")
+        lines.append(f"upstream {u.name}: {u.type} {u.address}, " + ", ".join(extras))
+    for r in routes:
+        keys = []
+        if r.destinations is not None:
+            keys.append(f"to {len(r.destinations)} destinations")
+        if r.ports is not None:
+            keys.append("ports " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in r.ports))
+        if r.sources is not None:
+            keys.append(f"from {len(r.sources)} sources")
+        what = " ".join(keys) or "everything"
+        lines.append(f"route {r.name}: {'/'.join(r.protocols)} {what} -> {', '.join(r.via)}")
+    return lines

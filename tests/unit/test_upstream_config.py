@@ -16,7 +16,14 @@ from tproxyd.state import loader
 from tproxyd.state.config import Intercept
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import loads, parse_document
-from tproxyd.state.upstreams import RouteRule, Secret, Upstream, UpstreamPath, captured_paths
+from tproxyd.state.upstreams import (
+    RouteRule,
+    Secret,
+    Upstream,
+    UpstreamPath,
+    captured_paths,
+    summary,
+)
 
 
 @pytest.fixture
@@ -339,3 +346,16 @@ def test_example_routing_block_is_documented_and_valid_once_uncommented(pw):
     assert [u.name for u in config.upstreams] == ["corp", "backup"]
     assert [(r.name, r.via) for r in config.routes] == [("corp-nets", ("corp", "backup")),
                                                         ("no-telnet", ("reject",))]
+
+
+def test_summary_names_everything_but_the_secret(pw):
+    config = loads(SOCKS + f'username = "alice"\npassword_file = "{pw}"\nudp = true\n' + HTTPUP
+                   + 'check_interval = 0\n[[route]]\nname = "corp-nets"\ndestinations = ["198.18.0.0/15"]\n'
+                   'ports = [443, "8000-8999"]\nsources = ["198.18.1.0/24"]\nvia = ["corp", "web"]\n'
+                   '[[route]]\nvia = "reject"\n')
+    assert summary(config.upstreams, config.routes) == [
+        f"upstream corp: socks5 198.51.100.7:1080, user alice (password from {pw}), udp, check every 10 s",
+        "upstream web: http proxy.example.net:3128, passive checks only",
+        "route corp-nets: tcp to 1 destinations ports 443, 8000-8999 from 1 sources -> corp, web",
+        "route route1: tcp/udp everything -> reject",
+    ]
