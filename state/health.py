@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, Iterable, List, Sequence
 
-from .upstreams import Upstream
+from .upstreams import DIRECT, REJECT, RouteRule, Upstream
 
 UP, DOWN = "up", "down"
 OK, DECLINED, FAILED = "ok", "declined", "failed"
@@ -184,6 +184,44 @@ class Health:
 
     def status(self, now: float) -> Dict[str, Dict[str, Any]]:
         return {name: h.status(now) for name, h in self.state.items()}
+
+
+UPSTREAM, NO_UPSTREAM = "upstream", "no_upstream"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a connection does next: DIRECT, REJECT, UPSTREAM (through `upstream`), or
+    NO_UPSTREAM (every upstream of its route is down or was tried: reset the client)."""
+
+    action: str
+    route: RouteRule | None = None
+    upstream: str | None = None
+
+    @property
+    def route_name(self) -> str:
+        return self.route.name if self.route is not None else "direct"  # issue 14's `route`
+
+    def __str__(self) -> str:
+        if self.action == NO_UPSTREAM:
+            assert self.route is not None
+            return (f"route {self.route.name}: no upstream available "
+                    f"({', '.join(self.route.via)} down or failed)")
+        if self.action == UPSTREAM:
+            return f"route {self.route_name} via {self.upstream}"
+        return f"route {self.route_name}: {self.action}"
+
+
+def decide(route: RouteRule | None, health: Health, now: float,
+           tried: Collection[str] = ()) -> Decision:
+    """At accept (tried empty) and after each failed upstream attempt of one connection (tried:
+    the upstreams it has tried): where it goes next. route: RouteTable.match()'s answer."""
+    if route is None or route.via[0] == DIRECT:
+        return Decision(DIRECT, route)
+    if route.via[0] == REJECT:
+        return Decision(REJECT, route)
+    name = health.pick(route.via, now, tried)
+    return Decision(UPSTREAM, route, name) if name is not None else Decision(NO_UPSTREAM, route)
 
 
 def _same(a: Upstream, b: Upstream) -> bool:

@@ -11,15 +11,20 @@ from hypothesis import strategies as st
 from tproxyd.state.health import (
     BACKOFF_MAX,
     DECLINED,
+    DIRECT,
     DOWN,
     FAILED,
+    NO_UPSTREAM,
     OK,
     UP,
+    UPSTREAM,
+    Decision,
     Health,
     UpstreamHealth,
     backoff,
+    decide,
 )
-from tproxyd.state.upstreams import Secret, Upstream
+from tproxyd.state.upstreams import RouteRule, Secret, Upstream
 
 
 def up(name, **kw):
@@ -186,3 +191,21 @@ def test_invariants_under_any_sequence(events, via):
                 assert not u.usable(now)
         for other in h.state.values():
             assert isinstance(other, UpstreamHealth) and other.state in (UP, DOWN)
+
+
+def test_decide_a_connections_path():
+    direct = RouteRule(name="lan", via=("direct",))
+    reject = RouteRule(name="ads", via=("reject",))
+    corp = RouteRule(name="corp-nets", via=("a", "b"))
+    h = Health([A, B], now=0)
+    assert decide(None, h, 0) == Decision(DIRECT) and str(decide(None, h, 0)) == "route direct: direct"
+    assert decide(direct, h, 0).action == DIRECT
+    assert str(decide(reject, h, 0)) == "route ads: reject"
+    first = decide(corp, h, 0)
+    assert (first.action, first.upstream, str(first)) == (UPSTREAM, "a", "route corp-nets via a")
+    h.report("a", 1, FAILED, "refused", started=0)
+    assert decide(corp, h, 1, tried={"a"}).upstream == "b"
+    h.report("b", 2, FAILED, "timeout", started=1)
+    last = decide(corp, h, 2, tried={"a", "b"})
+    assert last.action == NO_UPSTREAM
+    assert str(last) == "route corp-nets: no upstream available (a, b down or failed)"
