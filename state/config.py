@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import NamedTuple, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Tuple
+
+if TYPE_CHECKING:  # upstreams.py builds on Cidr and Intercept from here
+    from .upstreams import RouteRule, Upstream
 
 
 class Cidr(NamedTuple):
@@ -116,7 +119,16 @@ class Config:
     nftables: Nftables = field(default_factory=Nftables)
     daemon: Daemon = field(default_factory=Daemon)
     intercepts: Tuple[Intercept, ...] = ()
+    upstreams: Tuple[Upstream, ...] = ()  # [[upstream]], by name in routes' `via`
+    routes: Tuple[RouteRule, ...] = ()  # [[route]] in file order: the first match decides
     source: str = "<config>"
+
+    def upstream(self, name: str) -> Upstream:
+        """The [[upstream]] called name (KeyError if none is)."""
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
 
     @property
     def relays_udp(self) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import socket
+import stat
 import sys
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Set, Tuple
 
 from .config import (
     REDIRECT,
@@ -23,6 +25,18 @@ from .config import (
     Routing,
 )
 from .errors import ConfigError, Problem
+from .upstreams import (
+    DIRECT,
+    HTTP,
+    PROTOCOLS,
+    REJECT,
+    SOCKS5,
+    UPSTREAM_TYPES,
+    RouteRule,
+    Secret,
+    Upstream,
+    ip_literal,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -283,7 +297,7 @@ def _intercept(raw: Any, index: int, out: _Collector, mode: str) -> Intercept | 
                      destinations=dests or (), ports=ports or (), exclude=exclude or ())
 
 
-TOP_KEYS = ("relay", "marks", "routing", "nftables", "daemon", "intercept")
+TOP_KEYS = ("relay", "marks", "routing", "nftables", "daemon", "intercept", "upstream", "route")
 
 
 def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
@@ -350,10 +364,309 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         seen[entry.name] = i
         intercepts.append(entry)
 
+    upstreams, defined = _upstreams(doc, out, relay.port)
+    routes = _routes(doc, out, upstreams, defined)
+
     if out.problems:
         raise ConfigError(source, out.problems)
     return Config(relay=relay, marks=marks, routing=routing, nftables=nft, daemon=daemon,
-                  intercepts=tuple(intercepts), source=source)
+                  intercepts=tuple(intercepts), upstreams=tuple(upstreams.values()),
+                  routes=tuple(routes), source=source)
+
+
+def _array_of_tables(doc: Dict[str, Any], key: str, out: _Collector) -> List[Any]:
+    raw = doc.get(key, [])
+    if not isinstance(raw, list):
+        out.add(key, f"must be an array of tables ([[{key}]])")
+        return []
+    return raw
+
+
+# --- [[upstream]] ----------------------------------------------------------------------------------
+
+UPSTREAM_KEYS = ("name", "type", "address", "username", "password_file", "udp", "connect_timeout",
+                 "check_interval", "check_target")
+UPSTREAM_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+PASSWORD_FILE_MAX = 4096  # bytes read: the first line is the password
+
+
+def _hostport(value: Any, path: str, out: _Collector, what: str) -> Tuple[str, int] | None:
+    """'198.51.100.7:1080', '[2001:db8::7]:1080' or 'proxy.example.net:1080' -> (host, port).
+    A name is checked for its form only: it is resolved when used, not at load."""
+    text = _str(value, path, out)
+    if text is None:
+        return None
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep or ip_literal(host) is None or ":" not in host or "%" in host:
+            out.add(path, f"'{text}' is not [IPv6 address]:port")
+            return None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            out.add(path, f"'{text}' has no port: write {what} as host:port, [IPv6]:port or name:port")
+            return None
+        if ":" in host:
+            out.add(path, f"'{text}': write an IPv6 {what} in brackets, as [2001:db8::7]:1080")
+            return None
+        if ip_literal(host) is None and not _hostname(host):
+            out.add(path, f"'{host}' is neither an IP address nor a DNS name")
+            return None
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        out.add(path, f"'{port_text}' is not a port (1..65535)")
+        return None
+    return host, int(port_text)
+
+
+def _hostname(host: str) -> bool:
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    # an all-digit last label is a mistyped IPv4 address, never a name (RFC 3696 2)
+    return (len(name) <= 253 and all(HOST_LABEL_RE.match(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
+def _password(value: Any, path: str, out: _Collector) -> Secret | None:
+    """The first line of the file. Read now so that a missing or unsafe file is a config
+    error like any other, not a failure at the first connection."""
+    name = _abs_path(value, path, out)
+    if name is None:
+        return None
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the loader; fstat judges the file
+        # actually opened, after any symlink (a Kubernetes secret is one)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                out.add(path, f"'{name}' is not a regular file")
+                return None
+            if st.st_mode & 0o044:
+                out.add(path, f"'{name}' is readable by group or others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 {name}")
+                return None
+            raw = os.read(fd, PASSWORD_FILE_MAX)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        out.add(path, f"cannot read '{name}': {exc.strerror or exc}")
+        return None
+    first = raw.split(b"\n", 1)[0]
+    first = first[:-1] if first.endswith(b"\r") else first
+    if b"\n" not in raw and len(raw) == PASSWORD_FILE_MAX:
+        out.add(path, f"'{name}': the first line is longer than {PASSWORD_FILE_MAX} bytes")
+        return None
+    try:
+        password = first.decode("utf-8")
+    except UnicodeDecodeError:
+        out.add(path, f"'{name}': the password is not valid UTF-8")
+        return None
+    if not password:
+        out.add(path, f"'{name}': the first line (the password) is empty")
+        return None
+    return Secret(password, name)
+
+
+def _upstream(raw: Any, index: int, out: _Collector, relay_port: int) -> Upstream | None:
+    path = f"upstream[{index}]"
+    if not isinstance(raw, dict):
+        out.add(path, f"must be a table ([[upstream]]), not {_type_name(raw)}")
+        return None
+    _check_keys(raw, UPSTREAM_KEYS, path, out)
+    before = len(out.problems)
+    defaults = Upstream(name="", type=SOCKS5, host="", port=0)
+    name = _required(raw, "name", path, out, "the name routes use in `via`")
+    if name is not None and _str(name, f"{path}.name", out) is not None:
+        if not UPSTREAM_NAME_RE.match(name):
+            out.add(f"{path}.name", f"'{name}' must be 1-64 lowercase letters, digits, '_' or '-'")
+        elif name in (DIRECT, REJECT):
+            out.add(f"{path}.name", f"'{name}' is reserved: `via = \"{name}\"` means {name}")
+    kind = _required(raw, "type", path, out, '"socks5" or "http"')
+    if kind is not None:
+        kind = _choice(kind, f"{path}.type", out, UPSTREAM_TYPES)
+    hostport = None
+    if "address" not in raw:
+        out.add(f"{path}.address", "is required: host:port, [IPv6]:port or name:port")
+    else:
+        hostport = _hostport(raw["address"], f"{path}.address", out, "address")
+    if hostport is not None and ip_literal(hostport[0]) is not None:
+        addr = ipaddress.ip_address(hostport[0])
+        if addr.is_unspecified or addr.is_multicast:
+            out.add(f"{path}.address", f"{addr} is not an address a proxy can listen on")
+        elif addr.is_loopback and hostport[1] == relay_port:
+            # the loop guard's sure case: the relay would connect to its own port
+            out.add(f"{path}.address", f"{hostport[0]}:{hostport[1]} is the relay's own port "
+                                       "(relay.port): every connection would loop back to it")
+    username = raw.get("username", "")
+    if _str(username, f"{path}.username", out) is not None and "username" in raw:
+        if not username:
+            out.add(f"{path}.username", "is empty; leave the key out for no authentication")
+        elif kind == SOCKS5 and len(username.encode()) > 255:
+            out.add(f"{path}.username", "is longer than 255 bytes (RFC 1929's limit)")
+        elif kind == HTTP and ":" in username:
+            out.add(f"{path}.username", "contains ':', which Basic authentication cannot carry")
+    password = None
+    if "password_file" in raw:
+        if "username" not in raw:
+            out.add(f"{path}.password_file", "is given without a username")
+        password = _password(raw["password_file"], f"{path}.password_file", out)
+        if password is not None and kind == SOCKS5 and len(password.reveal().encode()) > 255:
+            out.add(f"{path}.password_file", "the password is longer than 255 bytes "
+                                             "(RFC 1929's limit)")
+    elif "username" in raw:
+        out.add(f"{path}.password_file", "is required with a username: a file (mode 600) whose "
+                                         "first line is the password; secrets never sit in the TOML")
+    udp = _bool(raw.get("udp", False), f"{path}.udp", out)
+    if udp and kind == HTTP:
+        out.add(f"{path}.udp", "HTTP CONNECT carries TCP only; udp = true needs type = \"socks5\"")
+    timeout = _seconds(raw.get("connect_timeout", defaults.connect_timeout),
+                       f"{path}.connect_timeout", out, 0.001, 3600)
+    interval = _seconds(raw.get("check_interval", defaults.check_interval),
+                        f"{path}.check_interval", out, 0, 86400)
+    target = ""
+    if "check_target" in raw:
+        if kind == SOCKS5:
+            out.add(f"{path}.check_target", "is for http upstreams; a socks5 check is the "
+                                             "greeting and authentication")
+        elif _hostport(raw["check_target"], f"{path}.check_target", out, "check_target"):
+            target = raw["check_target"]
+    if len(out.problems) != before or name is None or kind is None or hostport is None:
+        return None
+    return Upstream(name=name, type=kind, host=hostport[0], port=hostport[1],
+                    username=username, password=password, udp=bool(udp),
+                    connect_timeout=timeout or defaults.connect_timeout,
+                    check_interval=defaults.check_interval if interval is None else interval,
+                    check_target=target)
+
+
+def _required(raw: Dict[str, Any], key: str, path: str, out: _Collector, what: str) -> Any:
+    if key not in raw:
+        out.add(f"{path}.{key}", f"is required: {what}")
+        return None
+    return raw[key]
+
+
+def _upstreams(doc: Dict[str, Any], out: _Collector, relay_port: int
+               ) -> Tuple[Dict[str, Upstream], Set[str]]:
+    """The valid upstreams by name, and every name given (valid or not)."""
+    found: Dict[str, Upstream] = {}
+    index_of: Dict[str, int] = {}
+    for i, raw in enumerate(_array_of_tables(doc, "upstream", out)):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if isinstance(name, str) and name in index_of:
+            out.add(f"upstream[{i}].name", f"'{name}' is already the name of "
+                                           f"upstream[{index_of[name]}]; names must be unique")
+            continue
+        if isinstance(name, str):
+            index_of[name] = i
+        entry = _upstream(raw, i, out, relay_port)
+        if entry is not None:
+            found[entry.name] = entry
+    return found, set(index_of)
+
+
+# --- [[route]] --------------------------------------------------------------------------------------
+
+ROUTE_KEYS = ("name", "destinations", "ports", "sources", "protocols", "via")
+
+
+def _via(value: Any, path: str, out: _Collector, upstreams: Dict[str, Upstream],
+         defined: Set[str]) -> Tuple[str, ...] | None:
+    items = [value] if isinstance(value, str) else _list(value, path, out)
+    if items is None:
+        return None
+    if not items:
+        out.add(path, 'must name at least one upstream, or be "direct" or "reject"')
+        return None
+    names: List[str] = []
+    for i, item in enumerate(items):
+        where = path if isinstance(value, str) else f"{path}[{i}]"
+        if _str(item, where, out) is None:
+            return None
+        if item in (DIRECT, REJECT) and len(items) > 1:
+            out.add(where, f'"{item}" stands alone (via = "{item}"), not in a list of upstreams')
+            return None
+        if item in names:
+            out.add(where, f"upstream '{item}' is listed twice")
+            return None
+        if item not in (DIRECT, REJECT) and item not in upstreams:
+            if item not in defined:
+                known = ", ".join(sorted(upstreams)) or "none defined"
+                hint = difflib.get_close_matches(item, list(upstreams), n=1)
+                out.add(where, f"'{item}' is not an upstream"
+                               + (f" (did you mean '{hint[0]}'?)" if hint else f"; upstreams: {known}"))
+            return None
+        names.append(item)
+    return tuple(names)
+
+
+def _nonempty(value: Tuple[Any, ...] | None, raw: Dict[str, Any], key: str, path: str,
+              out: _Collector, what: str) -> None:
+    if value is not None and not raw[key]:
+        out.add(f"{path}.{key}", f"is empty, so the route would match nothing; leave the key out "
+                                 f"to match every {what}")
+
+
+def _route(raw: Any, index: int, out: _Collector, upstreams: Dict[str, Upstream],
+           defined: Set[str]) -> RouteRule | None:
+    path = f"route[{index}]"
+    if not isinstance(raw, dict):
+        out.add(path, f"must be a table ([[route]]), not {_type_name(raw)}")
+        return None
+    _check_keys(raw, ROUTE_KEYS, path, out)
+    before = len(out.problems)
+    name = raw.get("name", f"route{index}")
+    if _str(name, f"{path}.name", out) is not None and not UPSTREAM_NAME_RE.match(name):
+        out.add(f"{path}.name", f"'{name}' must be 1-64 lowercase letters, digits, '_' or '-'")
+    dests = sources = None
+    ports = None
+    if "destinations" in raw:
+        dests = _networks(raw["destinations"], f"{path}.destinations", out)
+        _nonempty(dests, raw, "destinations", path, out, "destination")
+    if "sources" in raw:
+        sources = _networks(raw["sources"], f"{path}.sources", out)
+        _nonempty(sources, raw, "sources", path, out, "client")
+    if "ports" in raw:
+        ports = _ports(raw["ports"], f"{path}.ports", out)
+        _nonempty(ports, raw, "ports", path, out, "port")
+    via = None
+    if "via" not in raw:
+        out.add(f"{path}.via", 'is required: upstream names in failover order, "direct" or "reject"')
+    else:
+        via = _via(raw["via"], f"{path}.via", out, upstreams, defined)
+    no_udp = [n for n in via or () if n in upstreams and not upstreams[n].udp]
+    if "protocols" in raw:
+        protocols = _protocols(raw["protocols"], f"{path}.protocols", out)
+        if protocols and "udp" in protocols and no_udp:
+            out.add(f"{path}.protocols", f"UDP cannot go through upstream '{no_udp[0]}' "
+                                         "(it needs type = \"socks5\" and udp = true)")
+    else:
+        # UDP is routed only where every upstream can carry it; otherwise it goes on down the routes
+        protocols = ("tcp",) if no_udp else PROTOCOLS
+    if len(out.problems) != before or via is None or protocols is None:
+        return None
+    return RouteRule(name=name, via=via, destinations=dests, ports=ports, sources=sources,
+                     protocols=protocols)
+
+
+def _routes(doc: Dict[str, Any], out: _Collector, upstreams: Dict[str, Upstream],
+            defined: Set[str]) -> List[RouteRule]:
+    """defined: upstream names given, valid or not; a route naming an upstream that failed
+    its own checks gets no second error for it."""
+    routes: List[RouteRule] = []
+    seen: Dict[str, int] = {}
+    for i, raw in enumerate(_array_of_tables(doc, "route", out)):
+        entry = _route(raw, i, out, upstreams, defined)
+        if entry is None:
+            continue
+        if entry.name in seen:
+            out.add(f"route[{i}].name", f"'{entry.name}' is already the name of "
+                                        f"route[{seen[entry.name]}]; names must be unique")
+            continue
+        seen[entry.name] = i
+        routes.append(entry)
+    return routes
 
 
 def _workers(value: Any, path: str, out: _Collector) -> int | None:

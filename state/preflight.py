@@ -12,6 +12,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 from .config import Config
 from .desired import DEFAULT_DST, FORWARDING_SYSCTL
 from .routing import Route, Rule
+from .upstreams import UpstreamPath, captured_paths
 
 ERROR, WARNING = "error", "warning"
 BRIDGE_SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
@@ -42,6 +43,8 @@ class HostFacts:
     table_routes: FrozenSet[Route] = frozenset()
     nft_error: str | None = None  # the kernel's answer to a dry run of our table, if it failed
     foreign_mark_users: Tuple[str, ...] = ()  # other nft tables' rules that read or set our marks
+    # each upstream address (names resolved) with the interface the kernel routes it out of
+    upstream_paths: Tuple[UpstreamPath, ...] = ()
 
 
 def rp_filter_keys(config: Config) -> List[str]:
@@ -139,6 +142,14 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
                                       f"{route}; intercepted packets to it would not reach the relay",
                                f"pick another routing.table, or move that route out of table "
                                f"{routing.table}"))
+
+    for path, entry in captured_paths(config.intercepts, config.upstreams, facts.upstream_paths):
+        out.append(Finding(WARNING, f"upstream '{path.upstream}' ({path.address}) is reached through "
+                                    f"{path.interface}, where intercept '{entry.name}' captures that "
+                                    "address: if it is routed through this gateway, its traffic "
+                                    "comes back in and is captured again (a loop)",
+                           f"add {path.address} to intercept '{entry.name}' exclude, or reach the "
+                           "upstream through an interface that is not captured"))
 
     for where in facts.foreign_mark_users:
         out.append(Finding(WARNING, f"another nftables rule uses our marks: {where}",

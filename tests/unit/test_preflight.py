@@ -5,6 +5,7 @@ from __future__ import annotations
 from tproxyd.state.loader import loads
 from tproxyd.state.preflight import ERROR, WARNING, HostFacts, check, errors
 from tproxyd.state.routing import Route, Rule
+from tproxyd.state.upstreams import UpstreamPath
 
 CONFIG = loads('[routing]\nforwarding = false\n[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n')
 GOOD = HostFacts(sysctls={"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
@@ -85,3 +86,17 @@ def test_other_tables_using_our_marks_and_no_intercepts():
     facts = HostFacts(**{**GOOD.__dict__, "foreign_mark_users": ("inet fw chain pre (handle 4)",)})
     only(check(CONFIG, facts), WARNING, "uses our marks")
     only(check(loads(""), GOOD), WARNING, "nothing is captured")
+
+
+def test_loop_guard_warns_for_an_upstream_captured_where_it_is_reached():
+    config = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
+                   '[[upstream]]\nname = "corp"\ntype = "socks5"\naddress = "198.51.100.7:1080"\n')
+    def paths(ifname):
+        return HostFacts(**{**GOOD.__dict__,
+                            "upstream_paths": (UpstreamPath("corp", "198.51.100.7", ifname),)})
+
+    far = paths("wan0")
+    assert check(config, far) == []
+    (finding,) = check(config, paths("lan0"))
+    assert finding.level == WARNING and "upstream 'corp'" in finding.message
+    assert "exclude" in finding.fix
