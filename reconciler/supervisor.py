@@ -117,8 +117,6 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     w.proc.kill()
                     w.proc.wait()
-        self.workers.clear()
-        for w in self.workers:
             self._forget(w)
         self._close_sockets(self.sockets)
         self.sockets = []
