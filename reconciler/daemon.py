@@ -1,9 +1,11 @@
 """`tproxyd`: converge to tproxy.toml, keep converging, and supervise the relay.
 
-One loop (selectors) waits on: signals, config file events (watchdog, debounced), netlink
-notifications for rules, routes and nftables (drift), the status socket, and timers (debounce,
-periodic resync, worker restarts). A bad config is logged and shown in status while the last
-good one stays in force; a kernel error is retried with backoff.
+One loop (selectors) waits on: signals (signals.py), config file events (watch.py, debounced),
+netlink notifications for rules, routes and nftables (drift.py), the status socket
+(status_server.py), and timers (debounce, periodic resync, worker restarts, the systemd watchdog:
+notify.py). This file holds the loop and what it decides: when to reconcile, when a config is
+taken, when the workers are replaced (supervisor.py runs them). A bad config is logged and shown
+in status while the last good one stays in force; a kernel error is retried with backoff.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tproxyd.relay import unixsock
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
@@ -28,34 +30,20 @@ from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import load
 from tproxyd.state.status import in_sync
 
+from . import drift
 from .errors import KernelError, PreflightError
+from .notify import Notifier
 from .reconcile import Reconciler
+from .signals import SignalQueue
+from .status_server import StatusServer
 from .supervisor import Supervisor, listener_shape
+from .watch import ConfigWatcher
 
 log = logging.getLogger("tproxyd")
 
 DEBOUNCE = 0.2  # seconds of quiet after a file or netlink event before reconciling
 DEBOUNCE_MAX = 1.0  # a steady stream of events still converges this soon
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
-# rtnetlink groups: IPv4 routes, IPv4 rules, IPv6 routes; IPv6 rules is group 19
-RTNL_GROUPS = 0x40 | 0x80 | 0x400 | (1 << (19 - 1))
-NETLINK_NETFILTER, NFNLGRP_NFTABLES = 12, 7
-
-
-class Notifier:
-    """systemd's sd_notify protocol without a dependency: datagrams to $NOTIFY_SOCKET."""
-
-    def __init__(self) -> None:
-        path = os.environ.get("NOTIFY_SOCKET", "")
-        self.addr = "\0" + path[1:] if path.startswith("@") else path
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        self.watchdog = int(usec) / 2e6 if usec.isdigit() else None  # ping at half the interval
-
-    def send(self, message: str) -> None:
-        if not self.addr:
-            return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-            s.sendto(message.encode(), self.addr)
 
 
 class Daemon:
@@ -72,7 +60,7 @@ class Daemon:
         self.reconcile_due: tuple[float, float] | None = None  # (when, first event's time)
         self.retry_delay = RETRY_FIRST
         self.running = True
-        self.signals: list[int] = []
+        self.signals = SignalQueue()
         self.file_event = False
         self.started = time.time()
         self.reconciles = 0
@@ -80,9 +68,9 @@ class Daemon:
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.status_sock: socket.socket | None = None
-        self.observer = None
+        self._on_read(self._wake_r, self._drain_wake)
+        self.status_server: StatusServer | None = None
+        self.watcher = ConfigWatcher(path, self._on_file_event)
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -97,9 +85,8 @@ class Daemon:
         except OSError as exc:
             log.error("cannot write to state_dir: %s", exc)
             return 1
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, self._on_signal)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.signals.install((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD),
+                             self._wake_w.fileno())
         self._reconcile(initial=True)
         try:
             self.supervisor.start(self.config)
@@ -107,9 +94,11 @@ class Daemon:
             log.error("cannot open the relay's listeners on port %s: %s", self.config.relay.port, exc)
             self._exit_cleanup()
             return 1
-        self._watch()
-        self._subscribe()
-        self._open_status()
+        self.watcher.start()
+        for sock in drift.subscribe():
+            self._on_read(sock, lambda s=sock: (drift.drain(s), self._schedule_reconcile()))
+        self.status_server = StatusServer(self.config.daemon.socket_path, self.status)
+        self._on_read(self.status_server.open(), self.status_server.on_readable)
         self._at(time.monotonic() + self.config.daemon.resync_interval, "resync")
         if self.notifier.watchdog:
             self._at(time.monotonic() + self.notifier.watchdog, "watchdog")
@@ -124,8 +113,7 @@ class Daemon:
 
     def _exit_cleanup(self) -> None:
         self.notifier.send("STOPPING=1")
-        if self.observer is not None:
-            self.observer.stop()
+        self.watcher.stop()
         assert self.config is not None
         log.info("stopping: draining the relay workers")
         try:
@@ -141,15 +129,25 @@ class Daemon:
                 log.error("could not remove everything: %s", exc)
         else:
             log.info("on_exit = keep: rules left in force")
-        if self.status_sock is not None:
-            self.status_sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.config.daemon.socket_path)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.signals.append(signum)  # handled in the loop, not here
+        if self.status_server is not None:
+            self.status_server.close()
 
     # --- the loop ------------------------------------------------------------------------------
+
+    def _on_read(self, fileobj: socket.socket, handler: Callable[[], object]) -> None:
+        """Each registered object carries its handler: the loop only calls it."""
+        self.selector.register(fileobj, selectors.EVENT_READ, handler)
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _on_file_event(self) -> None:
+        """watchdog's thread: only flag and wake."""
+        self.file_event = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"f")
 
     def _turn(self) -> None:
         now = time.monotonic()
@@ -161,15 +159,7 @@ class Daemon:
             deadlines.append(nxt)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for key, _ in self.selector.select(timeout):
-            if key.data == "wake":
-                with contextlib.suppress(BlockingIOError):
-                    while self._wake_r.recv(4096):
-                        pass
-            elif key.data == "netlink":
-                self._drain_netlink(key.fileobj)
-                self._schedule_reconcile()
-            elif key.data == "status":
-                self._serve_status()
+            key.data()
         self._handle_signals()
         if self.file_event:
             self.file_event = False
@@ -189,8 +179,7 @@ class Daemon:
             self._reconcile()
 
     def _handle_signals(self) -> None:
-        while self.signals:
-            sig = self.signals.pop(0)
+        for sig in self.signals.pop():
             if sig in (signal.SIGTERM, signal.SIGINT):
                 log.info("signal %s: stopping", signal.Signals(sig).name)
                 self.running = False
@@ -311,57 +300,7 @@ class Daemon:
         self.reconcile_due = (t + self.retry_delay, t)
         self.retry_delay = min(RETRY_MAX, self.retry_delay * 2)
 
-    # --- watching ------------------------------------------------------------------------------
-
-    def _watch(self) -> None:
-        """watchdog on the config's directory: in-place writes, rename-over saves, sed -i and
-        Kubernetes' ..data symlink swaps all show up as some event there."""
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        daemon = self
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event) -> None:  # watchdog's thread: only flag and wake
-                daemon.file_event = True
-                with contextlib.suppress(OSError):
-                    daemon._wake_w.send(b"f")
-
-        self.observer = Observer()
-        self.observer.schedule(Handler(), os.path.dirname(os.path.abspath(self.path)) or ".",
-                               recursive=False)
-        self.observer.daemon = True
-        self.observer.start()
-
-    def _subscribe(self) -> None:
-        """Netlink notifications as a drift signal: any rule, route or nftables change makes a
-        (debounced) reconcile, which reads the state and does nothing if ours is intact."""
-        for proto, groups in ((socket.NETLINK_ROUTE, RTNL_GROUPS),
-                              (NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))):
-            try:
-                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-                s.bind((0, groups))
-                s.setblocking(False)
-            except OSError as exc:
-                log.warning("no netlink notifications (%s): drift is found by the periodic "
-                            "resync only", exc)
-                continue
-            self.selector.register(s, selectors.EVENT_READ, "netlink")
-
-    @staticmethod
-    def _drain_netlink(sock: socket.socket) -> None:
-        """Read and forget: any message means "look again". ENOBUFS (the kernel dropped
-        notifications we were too slow for) means the same."""
-        with contextlib.suppress(OSError):
-            while sock.recv(65536):
-                pass
-
     # --- status --------------------------------------------------------------------------------
-
-    def _open_status(self) -> None:
-        assert self.config is not None
-        self.status_sock = unixsock.listen(self.config.daemon.socket_path)
-        self.selector.register(self.status_sock, selectors.EVENT_READ, "status")
 
     def status(self) -> dict:
         assert self.config is not None
@@ -380,10 +319,6 @@ class Daemon:
                 "config_error": self.config_error, "last_reconcile": self.last,
                 "reconciles": self.reconciles, "in_sync": sync, "objects": objects,
                 **self.supervisor.info(now), "counters": self.supervisor.counters()}
-
-    def _serve_status(self) -> None:
-        assert self.status_sock is not None
-        unixsock.answer(self.status_sock, self.status(), timeout=2)
 
 
 def relay_view(config: Config) -> tuple:
