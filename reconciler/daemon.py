@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import heapq
 import logging
 import os
@@ -25,12 +24,14 @@ from collections.abc import Callable, Sequence
 
 from tproxyd.relay import unixsock
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
+from tproxyd.state.config import Daemon as DaemonConfig
 from tproxyd.state.desired import owner_of
-from tproxyd.state.errors import ConfigError
-from tproxyd.state.loader import load
+from tproxyd.state.errors import ConfigError, Problem
+from tproxyd.state.loader import from_bytes
 from tproxyd.state.status import in_sync
 
 from . import drift
+from .config_file import ConfigFile, Settled, Unreadable, Unsettled
 from .errors import KernelError, PreflightError
 from .notify import Notifier
 from .reconcile import Reconciler
@@ -50,8 +51,11 @@ class Daemon:
     def __init__(self, path: str):
         self.path = path
         self.config: Config | None = None  # the last good config, in force
-        self.config_digest = ""
+        self.config_digest = ""  # of the settled bytes last looked at, good or bad
         self.config_error: str | None = None
+        self.file = ConfigFile(path, DaemonConfig().settle)  # the loaded config's settle, later
+        self.settle_at: float | None = None  # when to read an unsettled file again
+        self.reload_requested = False  # SIGHUP: take the file and replace the workers
         self.reconciler: Reconciler | None = None
         self.supervisor = Supervisor(path)
         self.notifier = Notifier()
@@ -75,10 +79,12 @@ class Daemon:
     # --- start and stop ------------------------------------------------------------------------
 
     def run(self) -> int:
-        raw, self.config_digest = self._read()
         try:
-            self.config = load(self.path)
-            self._keep_running_copy(raw, self.config)
+            settled = self._wait_until_settled()
+            self.config = from_bytes(settled.raw, self.path)
+            self.config_digest = settled.digest
+            self.file.settle = self.config.daemon.settle
+            self._keep_running_copy(settled.raw, self.config)
         except ConfigError as exc:
             log.error("%s", exc)
             return 1
@@ -110,6 +116,17 @@ class Daemon:
         finally:
             self._exit_cleanup()
         return 0
+
+    def _wait_until_settled(self) -> Settled:
+        """At start there is no loop yet and nothing in force: wait here."""
+        while True:
+            outcome = self.file.check(time.monotonic())
+            if isinstance(outcome, Settled):
+                return outcome
+            if isinstance(outcome, Unreadable):
+                exc = outcome.error
+                raise ConfigError(self.path, [Problem(f"cannot read: {exc.strerror or exc}")])
+            time.sleep(max(0.0, outcome.check_again_at - time.monotonic()))
 
     def _exit_cleanup(self) -> None:
         self.notifier.send("STOPPING=1")
@@ -154,6 +171,8 @@ class Daemon:
         deadlines = [t for t, _ in self.timers[:1]]
         if self.reconcile_due:
             deadlines.append(self.reconcile_due[0])
+        if self.settle_at is not None:
+            deadlines.append(self.settle_at)
         nxt = self.supervisor.tick(now)
         if nxt is not None:
             deadlines.append(nxt)
@@ -177,6 +196,10 @@ class Daemon:
         if self.reconcile_due and now >= self.reconcile_due[0]:
             self.reconcile_due = None
             self._reconcile()
+        elif self.settle_at is not None and now >= self.settle_at:
+            self.settle_at = None
+            if self._take_file():  # look at the file again; converge only if it was taken
+                self._converge()
 
     def _handle_signals(self) -> None:
         for sig in self.signals.pop():
@@ -185,7 +208,7 @@ class Daemon:
                 self.running = False
             elif sig == signal.SIGHUP:
                 log.info("SIGHUP: reloading %s", self.path)
-                self.config_digest = ""  # reload even if the bytes did not change
+                self.reload_requested = True  # even if the bytes did not change
                 self._schedule_reconcile(now=True)
 
     def _at(self, when: float, what: str) -> None:
@@ -201,14 +224,6 @@ class Daemon:
 
     # --- reconciling ---------------------------------------------------------------------------
 
-    def _read(self) -> tuple[bytes, str]:
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except OSError:
-            return b"", ""
-        return raw, hashlib.sha256(raw).hexdigest()
-
     def _keep_running_copy(self, raw: bytes, config: Config) -> None:
         """Workers (re)start from this copy of the last good config, never from a file that a
         person may have just broken."""
@@ -220,50 +235,81 @@ class Daemon:
         self.supervisor.config_path = path
 
     def _reconcile(self, initial: bool = False) -> None:
-        """Pick up a changed file (keeping the last good config if it is bad), then converge."""
-        raw, digest = self._read()
-        if not initial and digest != self.config_digest:
-            self.config_digest = digest
-            try:
-                new = load(self.path)
-            except ConfigError as exc:
-                self.config_error = str(exc)
-                log.error("config not applied, the last good one stays in force:\n%s", exc)
-                self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
-                return
-            self.config_error = None
-            self._switch(new, raw)
+        """Take the file if it settled on something new (keeping the last good config if it is
+        bad), then converge to the config in force."""
+        if not initial:
+            self._take_file()
         self._converge()
 
-    def _switch(self, new: Config, raw: bytes) -> None:
+    def _take_file(self) -> bool:
+        """Look at the file once. True when a config was taken (the kernel may need to
+        change); an unsettled file is looked at again later, an unreadable or bad one leaves
+        the last good config in force."""
+        outcome = self.file.check(time.monotonic())
+        if isinstance(outcome, Unsettled):
+            self.settle_at = outcome.check_again_at
+            return False
+        self.settle_at = None
+        if isinstance(outcome, Unreadable):
+            exc = outcome.error
+            self.config_digest = ""  # whatever is read next is evaluated afresh
+            self._refuse(ConfigError(self.path, [Problem(f"cannot read: {exc.strerror or exc}")]))
+            self.reload_requested = False
+            return False
+        force, self.reload_requested = self.reload_requested, False
+        if outcome.digest == self.config_digest and not force:
+            return False
+        self.config_digest = outcome.digest
+        try:
+            new = from_bytes(outcome.raw, self.path)
+        except ConfigError as exc:
+            self._refuse(exc)
+            return False
+        self.config_error = None
+        return self._switch(new, outcome.raw)
+
+    def _refuse(self, exc: ConfigError) -> None:
+        self.config_error = str(exc)
+        log.error("config not applied, the last good one stays in force:\n%s", exc)
+        self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
+
+    def _switch(self, new: Config, raw: bytes, replace_workers: bool = False) -> bool:
+        """Put new in force. replace_workers: start new workers even if the relay's settings
+        did not change (SIGHUP). True when anything changed."""
         old = self.config
         assert old is not None
-        if new == old:
-            return
+        if new == old and not replace_workers:
+            return False
         try:
             self._keep_running_copy(raw, new)
         except OSError as exc:
             self.config_error = f"cannot write to {new.daemon.state_dir}: {exc}"
             log.error("config not applied: %s", self.config_error)
-            return
+            return False
         self.notifier.send("RELOADING=1")
-        log.info("config changed: converging to the new one")
-        if owner_of(new) != owner_of(old):  # a new table, protocol or nft table: leave the old
-            try:
-                (self.reconciler or Reconciler(old)).down(restore_sysctls=False)
-            except KernelError as exc:
-                log.error("removing the old config's objects: %s", exc)
-        if self.reconciler is not None:
-            self.reconciler.close()
-            self.reconciler = None
-        self.config = new
-        if relay_view(new) != relay_view(old):
-            log.info("relay settings changed: reloading the relay workers")
+        if new != old:
+            log.info("config changed: converging to the new one")
+            if old.intercepts and not new.intercepts:
+                log.warning("%s names no [[intercept]]: removing capture (%s in force until now)",
+                            self.path, ", ".join(i.name for i in old.intercepts))
+            self.file.settle = new.daemon.settle
+            if owner_of(new) != owner_of(old):  # a new table, protocol or nft table: leave the old
+                try:
+                    (self.reconciler or Reconciler(old)).down(restore_sysctls=False)
+                except KernelError as exc:
+                    log.error("removing the old config's objects: %s", exc)
+            if self.reconciler is not None:
+                self.reconciler.close()
+                self.reconciler = None
+            self.config = new
+        if replace_workers or relay_view(new) != relay_view(old):
+            log.info("reloading the relay workers")
             try:
                 self.supervisor.reload(new)
             except OSError as exc:  # e.g. the new port is taken: the old workers keep serving
                 log.error("relay reload failed, the running workers keep serving: %s", exc)
         self.notifier.send("READY=1")
+        return True
 
     def _converge(self) -> None:
         assert self.config is not None

@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -365,3 +367,83 @@ def test_workers_do_not_outlive_a_killed_daemon(lab: Lab):
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
 
     eventually(gone, "the orphaned worker to exit", timeout=5)
+
+
+def capturing(lab: Lab) -> bool:
+    """The intercept's chain and set are in force (the table alone is not capture)."""
+    out = lab.run(lab.gw, "nft", "list", "table", "inet", "tproxyd", check=False).stdout
+    return "jump intercept_lan" in out and "@lan_dst4" in out and "tproxy ip to :12345" in out
+
+
+def test_an_emptied_config_keeps_capture(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    assert capturing(lab) and fetch_through_relay(lab)
+    with open(d.path, "w"):  # `: > tproxy.toml`
+        pass
+    status = eventually(lambda: (s := d.status()) and s["config_error"] and s, "the error in status",
+                        timeout=10)
+    assert "empty" in status["config_error"] and d.path in status["config_error"]
+    time.sleep(1.0)  # past debounce and settle: had it been applied, capture would be gone
+    assert capturing(lab)
+    before = d.status()["counters"]["accepted"]
+    assert fetch_through_relay(lab)
+    eventually(lambda: d.status()["counters"]["accepted"] > before, "the relay to carry it")
+    d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16"]'), "rename")
+    eventually(lambda: "198.19.0.0/16" in dst4(lab), "the next good save to converge", timeout=5)
+    assert d.status()["config_error"] is None
+    # A valid config without [[intercept]] is taken, and the log says what it removed.
+    d.save(f'[daemon]\nstate_dir = "{lab.tmp}/state"\n', "rename")
+    eventually(lambda: not capturing(lab), "capture to be removed", timeout=5)
+    assert f"WARNING {d.path} names no [[intercept]]: removing capture (lan" in lab.log_of(d.proc)
+
+
+def two_part_saves(path: str, bodies: list[str], stop: threading.Event, saves: list[int]) -> None:
+    """An editor saving in place in two writes: truncate and write the head (a valid config
+    without [[intercept]]), 5 ms later the rest. Saves come in bursts longer than the daemon's
+    longest debounce (a person hammering save, a script), with quiet gaps between bursts."""
+    rng = random.Random(11)
+    i = 0
+    while not stop.is_set():
+        burst_end = time.monotonic() + 1.5
+        while time.monotonic() < burst_end and not stop.is_set():
+            body = bodies[i % len(bodies)]
+            cut = body.index("[[intercept]]")
+            with open(path, "w") as f:
+                f.write(body[:cut])
+                f.flush()
+                time.sleep(0.005)
+                f.write(body[cut:])
+            i += 1
+            saves[0] = i
+            time.sleep(rng.uniform(0, 0.02))
+        stop.wait(0.6)
+
+
+def rapid_saves_trial(lab: Lab, d: Tproxyd, seconds: float) -> tuple[int, int, int]:
+    """(samples with capture missing, samples, saves) while two-part saves run."""
+    bodies = [config(lab, destinations=f'["198.18.2.0/24", "198.19.{n}.0/24"]') for n in (1, 2)]
+    stop, saves = threading.Event(), [0]
+    writer = threading.Thread(target=two_part_saves, args=(d.path, bodies, stop, saves))
+    writer.start()
+    missing = samples = 0
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            samples += 1
+            missing += not capturing(lab)
+    finally:
+        stop.set()
+        writer.join()
+    return missing, samples, saves[0]
+
+
+def test_two_part_in_place_saves_never_drop_capture(lab: Lab):
+    d = Tproxyd(lab, config(lab))
+    seconds = float(os.environ.get("TPROXYD_TRIAL_SECONDS", "4"))
+    missing, samples, saves = rapid_saves_trial(lab, d, seconds)
+    print(f"rapid saves for {seconds:g}s: {saves} saves, capture missing in {missing} of "
+          f"{samples} samples")
+    assert samples >= 20 and saves >= 5
+    assert missing == 0, f"capture missing in {missing} of {samples} samples"
+    last = "198.19.2.0/24" if saves % 2 == 0 else "198.19.1.0/24"  # the last body written
+    eventually(lambda: last in dst4(lab), "the last save to converge", timeout=5)
