@@ -266,7 +266,7 @@ class Daemon:
             self._refuse(exc)
             return False
         self.config_error = None
-        return self._switch(new, outcome.raw)
+        return self._switch(new, outcome.raw, replace_workers=force)
 
     def _refuse(self, exc: ConfigError) -> None:
         self.config_error = str(exc)

@@ -447,3 +447,21 @@ def test_two_part_in_place_saves_never_drop_capture(lab: Lab):
     assert missing == 0, f"capture missing in {missing} of {samples} samples"
     last = "198.19.2.0/24" if saves % 2 == 0 else "198.19.1.0/24"  # the last body written
     eventually(lambda: last in dst4(lab), "the last save to converge", timeout=5)
+
+
+def test_sighup_replaces_the_workers_with_an_unchanged_file(lab: Lab):
+    digest = serve_body(lab, 12 << 20)
+    d = Tproxyd(lab, config(lab, extra="[relay]\nworkers = 2\n"))
+    old = eventually(lambda: len(p := worker_pids(d)) == 2 and p, "two workers")
+    transfer = lab.spawn(lab.client, "sh", "-c", f"curl -sS --limit-rate 4M "
+                                                 f"http://{WAN.peer4}:8080/body | sha256sum")
+    eventually(lambda: d.status()["counters"].get("active", 0) >= 1, "the transfer to start",
+               timeout=10)
+    t = time.monotonic()
+    os.kill(d.proc.pid, signal.SIGHUP)
+    new = eventually(lambda: len(p := worker_pids(d)) == 2 and not set(p) & set(old) and p,
+                     "new workers after SIGHUP", timeout=10)
+    print(f"SIGHUP to {len(new)} new serving workers: {time.monotonic() - t:.2f}s")
+    assert "SIGHUP: reloading" in lab.log_of(d.proc)
+    assert transfer.wait(timeout=60) == 0  # the established connection survived the reload
+    assert lab.log_of(transfer).split()[0] == digest
