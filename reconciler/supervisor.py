@@ -27,6 +27,9 @@ log = logging.getLogger("tproxyd")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # seconds before restarting a worker that died
 CRASH_LOOP = 5  # this many unexpected exits within a minute is reported as a crash loop
+# What workers report "now" rather than "so far": summed over live workers only. Every other
+# integer a worker reports is a running total, kept when the worker ends.
+GAUGES = frozenset({"active", "udp_sessions"})
 
 
 def worker_count(config: Config) -> int:
@@ -48,6 +51,7 @@ class Worker:
     draining: bool = False
     drain_deadline: float = 0.0
     terminated: bool = False  # SIGTERM sent after drain_timeout; SIGKILL next
+    last: dict = field(default_factory=dict)  # the counters it last reported
 
     def info(self, now: float) -> dict:
         return {"slot": self.slot, "pid": self.proc.pid, "uptime": round(now - self.started, 1),
@@ -71,6 +75,7 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.slots: list[Slot] = []
         self.generation = 0
+        self.retired: dict[str, int] = {}  # the totals of workers that ended
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -162,17 +167,18 @@ class Supervisor:
         return {"workers": workers, "crash_loop": crash,
                 "last_exits": {n: s.last_exit for n, s in enumerate(self.slots) if s.last_exit}}
 
-    def counters(self) -> dict:
-        """The workers' counters, summed (a worker that does not answer is left out)."""
-        total: dict[str, float] = {}
+    def counters(self) -> dict[str, int]:
+        """Every integer counter the workers report, summed: the live workers' latest reports
+        plus the totals of those that ended, so no total ever goes down."""
         for w in self.workers:
             try:
-                stats = read_stats(w.stats, timeout=0.5)
+                w.last = read_stats(w.stats, timeout=0.5)
             except (OSError, ValueError):
-                continue
-            for key, value in stats.items():
-                if key not in ("pid", "started") and isinstance(value, (int, float)):
-                    total[key] = total.get(key, 0) + value
+                continue  # not answering: its last report stands
+        total = dict(self.retired)
+        for w in self.workers:
+            for key, value in counts(w.last).items():
+                total[key] = total.get(key, 0) + value
         return total
 
     # --- internals -----------------------------------------------------------------------------
@@ -214,6 +220,8 @@ class Supervisor:
     def _forget(self, w: Worker) -> None:
         if w in self.workers:
             self.workers.remove(w)
+            for key, value in counts(w.last).items():
+                self.retired[key] = self.retired.get(key, 0) + (0 if key in GAUGES else value)
         with contextlib.suppress(OSError):
             os.unlink(w.stats)  # a killed worker could not remove its own
 
@@ -242,3 +250,9 @@ class Supervisor:
     @staticmethod
     def _crash_looping(slot: Slot, now: float) -> bool:
         return len([t for t in slot.deaths if now - t < 60]) >= CRASH_LOOP
+
+
+def counts(report: dict) -> dict[str, int]:
+    """The counters in a worker's report: its integers but its pid (bools are not counts)."""
+    return {k: v for k, v in report.items()
+            if k != "pid" and isinstance(v, int) and not isinstance(v, bool)}

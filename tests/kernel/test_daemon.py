@@ -465,3 +465,18 @@ def test_sighup_replaces_the_workers_with_an_unchanged_file(lab: Lab):
     assert "SIGHUP: reloading" in lab.log_of(d.proc)
     assert transfer.wait(timeout=60) == 0  # the established connection survived the reload
     assert lab.log_of(transfer).split()[0] == digest
+
+
+def test_totals_do_not_go_down_across_reloads(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    for _ in range(3):
+        assert fetch_through_relay(lab)
+    eventually(lambda: d.status()["counters"].get("accepted") == 3, "three accepted")
+    for _ in range(2):  # the drained workers' counts stay in the totals
+        (old,) = worker_pids(d)
+        os.kill(d.proc.pid, signal.SIGHUP)
+        eventually(lambda o=old: worker_pids(d) and o not in worker_pids(d), "a new worker")
+        assert fetch_through_relay(lab)
+    totals = eventually(lambda: (c := d.status()["counters"]).get("accepted") == 5 and c,
+                        "five accepted over three generations of workers")
+    assert totals["closed"] >= 4 and totals["bytes_down"] > 0

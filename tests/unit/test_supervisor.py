@@ -7,13 +7,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from tproxyd.reconciler.supervisor import Supervisor, Worker
+from tproxyd.reconciler.supervisor import Slot, Supervisor, Worker
 from tproxyd.state.config import Config, Daemon, RelayConfig
 
 
 def supervisor(tmp_path: Path) -> Supervisor:
     sup = Supervisor(str(tmp_path / "tproxy.toml"))
     sup.config = Config(relay=RelayConfig(drain_timeout=5.0), daemon=Daemon(state_dir=str(tmp_path)))
+    sup.slots = [Slot()]
     return sup
 
 
@@ -34,3 +35,25 @@ def test_stop_removes_every_workers_stats_socket(tmp_path: Path):
     assert not sup.workers
     assert all(w.proc.poll() is not None for w in workers)
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".sock"] == []
+
+
+def test_counters_keep_what_ended_workers_counted(tmp_path: Path):
+    """Totals never go down: a worker that drained, died or was replaced leaves its counts
+    behind, summed generically (any integer a worker reports), gauges aside."""
+    sup = supervisor(tmp_path)
+    first = stand_in(sup, tmp_path)
+    first.last = {"pid": 11, "started": 1.5, "accepted": 5, "active": 2, "bytes_up": 100,
+                  "end_client_reset": 1}
+    assert sup.counters() == {"accepted": 5, "active": 2, "bytes_up": 100, "end_client_reset": 1}
+    first.proc.kill()
+    first.proc.wait()
+    sup.tick(time.monotonic())  # reaped: its counts are retired, its open connections are gone
+    assert first not in sup.workers
+    second = stand_in(sup, tmp_path)  # its replacement counts from zero
+    second.last = {"pid": 12, "accepted": 1, "active": 1, "udp_sessions": 3, "new_counter": 7}
+    totals = sup.counters()
+    assert totals == {"accepted": 6, "active": 1, "bytes_up": 100, "end_client_reset": 1,
+                      "udp_sessions": 3, "new_counter": 7}
+    sup.stop(timeout=5)
+    after = sup.counters()
+    assert after["accepted"] == 6 and after["new_counter"] == 7 and after["active"] == 0
