@@ -28,7 +28,6 @@ from tproxyd.state.config import Daemon as DaemonConfig
 from tproxyd.state.desired import owner_of
 from tproxyd.state.errors import ConfigError, Problem
 from tproxyd.state.loader import from_bytes
-from tproxyd.state.status import in_sync
 
 from . import drift
 from .config_file import ConfigFile, Settled, Unreadable, Unsettled
@@ -39,12 +38,15 @@ from .signals import SignalQueue
 from .status_server import StatusServer
 from .supervisor import Supervisor, listener_shape
 from .watch import ConfigWatcher
+from .worker_stats import StatsPoller
 
 log = logging.getLogger("tproxyd")
 
 DEBOUNCE = 0.2  # seconds of quiet after a file or netlink event before reconciling
 DEBOUNCE_MAX = 1.0  # a steady stream of events still converges this soon
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+STATS_INTERVAL = 1.0  # the workers' counters are collected this often (a drained worker's
+# last second of counting is what the totals can miss)
 
 
 class Daemon:
@@ -73,6 +75,7 @@ class Daemon:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         self._on_read(self._wake_r, self._drain_wake)
+        self.stats = StatsPoller(self.selector, time.monotonic, self.supervisor.report)
         self.status_server: StatusServer | None = None
         self.watcher = ConfigWatcher(path, self._on_file_event)
 
@@ -103,9 +106,13 @@ class Daemon:
         self.watcher.start()
         for sock in drift.subscribe():
             self._on_read(sock, lambda s=sock: (drift.drain(s), self._schedule_reconcile()))
-        self.status_server = StatusServer(self.config.daemon.socket_path, self.status)
-        self._on_read(self.status_server.open(), self.status_server.on_readable)
+        self.status_server = StatusServer(
+            self.config.daemon.socket_path, self.selector, time.monotonic, self.status,
+            refresh=lambda: self.stats.ask(self.supervisor.workers, again=True),
+            fresh=lambda: self.stats.idle)
+        self.status_server.open()
         self._at(time.monotonic() + self.config.daemon.resync_interval, "resync")
+        self._at(time.monotonic() + STATS_INTERVAL, "stats")
         if self.notifier.watchdog:
             self._at(time.monotonic() + self.notifier.watchdog, "watchdog")
         self.notifier.send("READY=1\nSTATUS=converged")
@@ -148,6 +155,7 @@ class Daemon:
             log.info("on_exit = keep: rules left in force")
         if self.status_server is not None:
             self.status_server.close()
+        self.stats.close()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -173,9 +181,10 @@ class Daemon:
             deadlines.append(self.reconcile_due[0])
         if self.settle_at is not None:
             deadlines.append(self.settle_at)
-        nxt = self.supervisor.tick(now)
-        if nxt is not None:
-            deadlines.append(nxt)
+        for nxt in (self.supervisor.tick(now), self.stats.expire(),
+                    self.status_server.tick() if self.status_server else None):
+            if nxt is not None:
+                deadlines.append(nxt)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for key, _ in self.selector.select(timeout):
             key.data()
@@ -193,6 +202,9 @@ class Daemon:
             elif what == "watchdog":
                 self.notifier.send("WATCHDOG=1")
                 self._at(now + (self.notifier.watchdog or 1), "watchdog")
+            elif what == "stats":
+                self.stats.ask(self.supervisor.workers)
+                self._at(now + STATS_INTERVAL, "stats")
         if self.reconcile_due and now >= self.reconcile_due[0]:
             self.reconcile_due = None
             self._reconcile()
@@ -349,21 +361,15 @@ class Daemon:
     # --- status --------------------------------------------------------------------------------
 
     def status(self) -> dict:
+        """What the daemon knows, without asking the kernel or waiting on a worker: the
+        kernel's state as of the last reconcile (`tproxy status` reads the kernel itself),
+        the workers and their last reported counters."""
         assert self.config is not None
         now = time.monotonic()
-        objects: list = []
-        sync = None
-        try:
-            if self.reconciler is None:
-                self.reconciler = Reconciler(self.config)
-            statuses = self.reconciler.status()
-            objects = [s.to_json() for s in statuses]
-            sync = in_sync(statuses)
-        except Exception as exc:  # status must answer, whatever the kernel says
-            objects = [{"kind": "error", "name": str(exc), "state": "unknown", "detail": ""}]
         return {"pid": os.getpid(), "config": self.path, "started": self.started,
                 "config_error": self.config_error, "last_reconcile": self.last,
-                "reconciles": self.reconciles, "in_sync": sync, "objects": objects,
+                "reconciles": self.reconciles, "in_sync": self.last.get("result") == "ok",
+                "pending": self.reconcile_due is not None or self.settle_at is not None,
                 **self.supervisor.info(now), "counters": self.supervisor.counters()}
 
 

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 from tproxyd.relay.listeners import open_listeners
-from tproxyd.relay.loop import read_stats
 from tproxyd.state.config import TPROXY, Config
 
 log = logging.getLogger("tproxyd")
@@ -52,10 +51,13 @@ class Worker:
     drain_deadline: float = 0.0
     terminated: bool = False  # SIGTERM sent after drain_timeout; SIGKILL next
     last: dict = field(default_factory=dict)  # the counters it last reported
+    last_at: float | None = None  # monotonic time of that report
 
     def info(self, now: float) -> dict:
+        age = None if self.last_at is None else round(now - self.last_at, 1)
         return {"slot": self.slot, "pid": self.proc.pid, "uptime": round(now - self.started, 1),
-                "state": "draining" if self.draining else "serving", "stats": self.stats}
+                "state": "draining" if self.draining else "serving", "stats": self.stats,
+                "counters_age": age}
 
 
 @dataclass
@@ -169,17 +171,23 @@ class Supervisor:
 
     def counters(self) -> dict[str, int]:
         """Every integer counter the workers report, summed: the live workers' latest reports
-        plus the totals of those that ended, so no total ever goes down."""
-        for w in self.workers:
-            try:
-                w.last = read_stats(w.stats, timeout=0.5)
-            except (OSError, ValueError):
-                continue  # not answering: its last report stands
+        plus the totals of those that ended, so no total ever goes down. No I/O: the reports
+        are collected by worker_stats.StatsPoller."""
         total = dict(self.retired)
         for w in self.workers:
             for key, value in counts(w.last).items():
                 total[key] = total.get(key, 0) + value
         return total
+
+    def report(self, w: Worker, report: dict, now: float) -> None:
+        """A worker's counters arrived. One that ended meanwhile adds what it counted since
+        its previous report to the retired totals."""
+        if w not in self.workers:
+            before = counts(w.last)
+            for key, value in counts(report).items():
+                if key not in GAUGES:
+                    self.retired[key] = self.retired.get(key, 0) + max(0, value - before.get(key, 0))
+        w.last, w.last_at = report, now
 
     # --- internals -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -480,3 +481,46 @@ def test_totals_do_not_go_down_across_reloads(lab: Lab, web):
     totals = eventually(lambda: (c := d.status()["counters"]).get("accepted") == 5 and c,
                         "five accepted over three generations of workers")
     assert totals["closed"] >= 4 and totals["bytes_down"] > 0
+
+
+def timed_query(d: Tproxyd) -> tuple[float, dict]:
+    t = time.monotonic()
+    answer = query(d.socket, timeout=30)
+    return time.monotonic() - t, answer
+
+
+def test_a_stopped_worker_stalls_neither_status_nor_reconciles(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    (pid,) = worker_pids(d)
+    assert fetch_through_relay(lab)
+    eventually(lambda: d.status()["counters"].get("accepted") == 1, "the fetch counted")
+    os.kill(pid, signal.SIGSTOP)  # a worker that answers nothing (ours: started by the daemon)
+    try:
+        with ThreadPoolExecutor(6) as pool:  # six readers at once, as a dashboard and people
+            answers = list(pool.map(lambda _: timed_query(d), range(6)))
+        latencies = sorted(t for t, _ in answers)
+        print(f"status with a stopped worker, 6 at once: {', '.join(f'{t:.2f}' for t in latencies)}s")
+        assert latencies[-1] < 1.5, latencies  # before: one after another, 0.5 s each, in the loop
+        assert all(a["counters"]["accepted"] == 1 for _, a in answers)  # the last report stands
+        out = d.tproxy("status")
+        assert out.returncode == 0 and f"pid {pid}" in out.stdout, out
+        # readers keep asking while a save converges: the loop is not held up by them
+        stop = threading.Event()
+
+        def ask() -> None:
+            while not stop.is_set():
+                query(d.socket, timeout=30)
+
+        readers = [threading.Thread(target=ask) for _ in range(4)]
+        for r in readers:
+            r.start()
+        try:
+            d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16"]'), "rename")
+            eventually(lambda: "198.19.0.0/16" in dst4(lab), "a save to converge", timeout=3)
+        finally:
+            stop.set()
+            for r in readers:
+                r.join()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert fetch_through_relay(lab)
