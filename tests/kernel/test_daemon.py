@@ -481,6 +481,15 @@ def test_totals_do_not_go_down_across_reloads(lab: Lab, web):
     totals = eventually(lambda: (c := d.status()["counters"]).get("accepted") == 5 and c,
                         "five accepted over three generations of workers")
     assert totals["closed"] >= 4 and totals["bytes_down"] > 0
+    state = os.path.join(lab.tmp, "state")
+
+    def stats_sockets() -> set[str]:
+        return {os.path.join(state, n) for n in os.listdir(state) if n.startswith("relay-")}
+
+    live = {w["stats"] for w in d.status()["workers"]}
+    eventually(lambda: stats_sockets() == live, "only the live worker's stats socket")
+    assert d.stop() == 0
+    assert stats_sockets() == set()
 
 
 def timed_query(d: Tproxyd) -> tuple[float, dict]:
