@@ -87,12 +87,12 @@ class Daemon:
             self.config = from_bytes(settled.raw, self.path)
             self.config_digest = settled.digest
             self.file.settle = self.config.daemon.settle
-            self._keep_running_copy(settled.raw, self.config)
+            self._keep_for_workers(settled.raw, self.config)
         except ConfigError as exc:
             log.error("%s", exc)
             return 1
         except OSError as exc:
-            log.error("cannot write to state_dir: %s", exc)
+            log.error("cannot keep a copy of the config for the workers: %s", exc)
             return 1
         self.signals.install((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD),
                              self._wake_w.fileno())
@@ -236,15 +236,11 @@ class Daemon:
 
     # --- reconciling ---------------------------------------------------------------------------
 
-    def _keep_running_copy(self, raw: bytes, config: Config) -> None:
-        """Workers (re)start from this copy of the last good config, never from a file that a
-        person may have just broken."""
-        path = os.path.join(config.daemon.state_dir, "running.toml")
-        os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(raw)
-        os.replace(f"{path}.tmp", path)
-        self.supervisor.config_path = path
+    def _keep_for_workers(self, raw: bytes, config: Config) -> None:
+        """Workers (re)start from these bytes (handed over in memory, see Supervisor)."""
+        self.supervisor.keep_config(raw)
+        with contextlib.suppress(FileNotFoundError):  # where earlier versions kept the copy
+            os.unlink(os.path.join(config.daemon.state_dir, "running.toml"))
 
     def _reconcile(self, initial: bool = False) -> None:
         """Take the file if it settled on something new (keeping the last good config if it is
@@ -293,9 +289,9 @@ class Daemon:
         if new == old and not replace_workers:
             return False
         try:
-            self._keep_running_copy(raw, new)
+            self._keep_for_workers(raw, new)
         except OSError as exc:
-            self.config_error = f"cannot write to {new.daemon.state_dir}: {exc}"
+            self.config_error = f"cannot keep a copy for the workers: {exc}"
             log.error("config not applied: %s", self.config_error)
             return False
         self.notifier.send("RELOADING=1")

@@ -10,6 +10,7 @@ so a connection is always either in a live worker or in the shared accept queue.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -68,9 +69,26 @@ class Slot:
     last_exit: str = ""
 
 
+def sealed_memfd(data: bytes, name: str) -> int:
+    """A read-only in-memory file holding data: sealed, so neither we nor a child can change
+    it, and in no directory, so nothing else can swap it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Supervisor:
     def __init__(self, config_path: str):
-        self.config_path = config_path
+        self.config_path = config_path  # names the config in the workers' messages
+        self.config_fd: int | None = None  # the last good config's bytes, handed to workers
         self.config: Config | None = None
         self.sockets: list[list[socket.socket]] = []  # per slot
         self.shape: tuple = ()
@@ -80,6 +98,14 @@ class Supervisor:
         self.retired: dict[str, int] = {}  # the totals of workers that ended
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def keep_config(self, raw: bytes) -> None:
+        """The bytes workers (re)start from: the last good config, never a file that a person
+        may have just broken, and no file in state_dir for anyone to replace."""
+        fd = sealed_memfd(raw, "tproxyd-config")
+        if self.config_fd is not None:
+            os.close(self.config_fd)
+        self.config_fd = fd
 
     def start(self, config: Config) -> None:
         self.config = config
@@ -127,6 +153,9 @@ class Supervisor:
             self._forget(w)
         self._close_sockets(self.sockets)
         self.sockets = []
+        if self.config_fd is not None:
+            os.close(self.config_fd)
+            self.config_fd = None
 
     # --- the daemon's loop calls these -----------------------------------------------------------
 
@@ -216,12 +245,13 @@ class Supervisor:
         assert self.config is not None
         state = self.config.daemon.state_dir
         stats = os.path.join(state, f"relay-{slot}-{self.generation}-{time.monotonic_ns()}.sock")
+        assert self.config_fd is not None
         fds = [s.fileno() for s in self.sockets[slot]]
         args = [sys.executable, "-m", "tproxyd.relay", "--config", self.config_path,
-                "--stats", stats, "--name", f"relay{slot}"]
+                "--config-fd", str(self.config_fd), "--stats", stats, "--name", f"relay{slot}"]
         for fd in fds:
             args += ["--listen-fd", str(fd)]
-        proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, pass_fds=[*fds, self.config_fd], stdin=subprocess.DEVNULL)
         self.workers.append(Worker(slot, proc, stats, time.monotonic()))
         log.info("worker %s started (pid %s)", slot, proc.pid)
 

@@ -533,3 +533,17 @@ def test_a_stopped_worker_stalls_neither_status_nor_reconciles(lab: Lab, web):
     finally:
         os.kill(pid, signal.SIGCONT)
     assert fetch_through_relay(lab)
+
+
+def test_workers_get_the_last_good_config_without_a_file_in_state_dir(lab: Lab, web):
+    d = Tproxyd(lab, config(lab, extra="[relay]\nidle_timeout = 77.0\n"))
+    d.save("[relay\n")  # broken on disk: a restarted worker must still get the last good one
+    eventually(lambda: "TOML syntax" in (d.status()["config_error"] or ""), "the syntax error")
+    (first,) = worker_pids(d)
+    os.kill(first, signal.SIGKILL)
+    (second,) = eventually(lambda: [p for p in worker_pids(d) if p != first], "a new worker")
+    with open(f"/proc/{second}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"--config-fd" in argv
+    eventually(lambda: fetch_through_relay(lab), "the new worker to serve")
+    assert "running.toml" not in os.listdir(os.path.join(lab.tmp, "state"))
