@@ -76,6 +76,7 @@ class Daemon:
             s.setblocking(False)
         self._on_read(self._wake_r, self._drain_wake)
         self.stats = StatsPoller(self.selector, time.monotonic, self.supervisor.report)
+        self.supervisor.on_spawn = self.stats.watch_exit
         self.status_server: StatusServer | None = None
         self.watcher = ConfigWatcher(path, self._on_file_event)
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tproxyd.relay.listeners import open_listeners
@@ -53,6 +54,7 @@ class Worker:
     terminated: bool = False  # SIGTERM sent after drain_timeout; SIGKILL next
     last: dict = field(default_factory=dict)  # the counters it last reported
     last_at: float | None = None  # monotonic time of that report
+    report_fd: int | None = None  # a pipe the worker writes its final counters to as it exits
 
     def info(self, now: float) -> dict:
         age = None if self.last_at is None else round(now - self.last_at, 1)
@@ -96,6 +98,9 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.generation = 0
         self.retired: dict[str, int] = {}  # the totals of workers that ended
+        # takes each new worker's report_fd (the daemon reads it in its loop); without one,
+        # nobody reads the final report and the pipe is closed at once
+        self.on_spawn: Callable[[Worker], None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -247,13 +252,28 @@ class Supervisor:
         stats = os.path.join(state, f"relay-{slot}-{self.generation}-{time.monotonic_ns()}.sock")
         assert self.config_fd is not None
         fds = [s.fileno() for s in self.sockets[slot]]
+        report_r, report_w = os.pipe()
         args = [sys.executable, "-m", "tproxyd.relay", "--config", self.config_path,
-                "--config-fd", str(self.config_fd), "--stats", stats, "--name", f"relay{slot}"]
+                "--config-fd", str(self.config_fd), "--report-fd", str(report_w),
+                "--stats", stats, "--name", f"relay{slot}"]
         for fd in fds:
             args += ["--listen-fd", str(fd)]
-        proc = subprocess.Popen(args, pass_fds=[*fds, self.config_fd], stdin=subprocess.DEVNULL)
-        self.workers.append(Worker(slot, proc, stats, time.monotonic()))
+        try:
+            proc = subprocess.Popen(args, pass_fds=[*fds, self.config_fd, report_w],
+                                    stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(report_r)
+            raise
+        finally:
+            os.close(report_w)
+        w = Worker(slot, proc, stats, time.monotonic(), report_fd=report_r)
+        self.workers.append(w)
         log.info("worker %s started (pid %s)", slot, proc.pid)
+        if self.on_spawn is not None:
+            self.on_spawn(w)
+        else:
+            os.close(report_r)
+            w.report_fd = None
 
     def _forget(self, w: Worker) -> None:
         if w in self.workers:

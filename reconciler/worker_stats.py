@@ -4,12 +4,16 @@ Each worker answers one JSON document per connection on its stats socket. A work
 busy, stopped or stuck must not hold up reconciles or status: connects are non-blocking, the
 sockets sit in the daemon's selector, and an answer is read as it arrives. A worker that has
 not answered within STATS_TIMEOUT is asked again in a later round; its last report stands.
+As it exits, a worker writes its final counters to a pipe (--report-fd), read the same way:
+what it counted after the last round still reaches the totals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 import selectors
 import socket
 from collections.abc import Callable, Iterable
@@ -37,6 +41,7 @@ class StatsPoller:
         self.clock = clock
         self.on_report = on_report
         self.requests: dict[int, _Request] = {}  # by worker pid
+        self.exits: list[io.FileIO] = []  # pipes of final reports still to come
 
     @property
     def idle(self) -> bool:
@@ -72,9 +77,44 @@ class StatsPoller:
                 self._end(req)
         return min((r.started + STATS_TIMEOUT for r in self.requests.values()), default=None)
 
+    def watch_exit(self, w: Worker) -> None:
+        """Read w's final report from its pipe when it comes (at EOF: the worker is gone)."""
+        fd, w.report_fd = w.report_fd, None
+        if fd is None:
+            return
+        os.set_blocking(fd, False)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        chunks: list[bytes] = []
+
+        def on_readable() -> None:
+            try:
+                chunk = pipe.read(65536)
+            except OSError:
+                chunk = b""
+            if chunk is None:  # nothing yet (EAGAIN)
+                return
+            if chunk and sum(map(len, chunks)) + len(chunk) <= MAX_REPORT:
+                chunks.append(chunk)
+                return
+            self.exits.remove(pipe)
+            self.selector.unregister(pipe)
+            pipe.close()
+            with contextlib.suppress(ValueError):  # killed before it could report: nothing
+                report = json.loads(b"".join(chunks))
+                if isinstance(report, dict):
+                    self.on_report(w, report, self.clock())
+
+        self.exits.append(pipe)
+        self.selector.register(pipe, selectors.EVENT_READ, on_readable)
+
     def close(self) -> None:
         for req in list(self.requests.values()):
             self._end(req)
+        for pipe in self.exits:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(pipe)
+            pipe.close()
+        self.exits.clear()
 
     def _on_readable(self, req: _Request) -> None:
         try:

@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "(default: STATE_DIR/relay.sock)")
     p.add_argument("--listen-fd", type=int, action="append", default=[], metavar="FD",
                    help="an inherited listening socket (TCP or UDP) to serve; repeatable")
+    p.add_argument("--report-fd", type=int, metavar="FD",
+                   help="write the final counters (JSON) to this inherited pipe on exit")
     p.add_argument("--name", default="relay", help="the name in log lines (worker names)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection's end")
     args = p.parse_args(argv)
@@ -120,7 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
              settings.spoof_source, settings.max_connections, limit, stats)
     relay.run()
-    log.info("stopped: %s", json.dumps(relay.stats()))
+    final = json.dumps(relay.stats())
+    log.info("stopped: %s", final)
+    if args.report_fd is not None:  # the daemon's totals: what we counted since it last asked
+        with contextlib.suppress(OSError):
+            os.write(args.report_fd, final.encode())  # far below a pipe's 64 KiB: one write
+            os.close(args.report_fd)
     return 0
 
 

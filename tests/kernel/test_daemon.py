@@ -551,3 +551,15 @@ def test_workers_get_the_last_good_config_without_a_file_in_state_dir(lab: Lab, 
     assert b"--config-fd" in argv
     eventually(lambda: fetch_through_relay(lab), "the new worker to serve")
     assert "running.toml" not in os.listdir(os.path.join(lab.tmp, "state"))
+
+
+def test_a_reload_right_after_traffic_loses_no_count(lab: Lab, web):
+    """A drained worker's last counts reach the totals even when it ends between two of the
+    daemon's periodic reads (it reports them as it exits)."""
+    d = Tproxyd(lab, config(lab))
+    for _ in range(3):
+        (old,) = worker_pids(d)
+        assert fetch_through_relay(lab)
+        os.kill(d.proc.pid, signal.SIGHUP)  # at once: no periodic read in between, mostly
+        eventually(lambda o=old: worker_pids(d) and o not in worker_pids(d), "a new worker")
+    eventually(lambda: d.status()["counters"].get("accepted") == 3, "three accepted", timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import subprocess
@@ -95,3 +96,26 @@ def test_status_answers_readers_without_waiting_on_a_silent_worker(tmp_path: Pat
         silent_listener.close()
         silent.proc.kill()
         silent.proc.wait()
+
+
+def test_a_final_report_arrives_through_the_exit_pipe(tmp_path: Path):
+    sel, clock, reports = selectors.DefaultSelector(), Clock(), []
+    poller = worker_stats.StatsPoller(sel, clock, lambda w, r, t: reports.append((w, r)))
+    quitter, listener = worker(tmp_path, "quitter")
+    killed, listener2 = worker(tmp_path, "killed")
+    try:
+        for w in (quitter, killed):
+            w.report_fd, write_end = os.pipe()
+            poller.watch_exit(w)
+            assert w.report_fd is None  # the poller owns it now
+            if w is quitter:
+                os.write(write_end, b'{"pid": 1, "accepted": 9}')
+            os.close(write_end)  # the worker is gone
+        run(sel, lambda: not poller.exits)
+        assert reports == [(quitter, {"pid": 1, "accepted": 9})]  # killed: nothing to report
+    finally:
+        poller.close()
+        for w, stats in ((quitter, listener), (killed, listener2)):
+            stats.close()
+            w.proc.kill()
+            w.proc.wait()
