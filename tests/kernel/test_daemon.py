@@ -354,20 +354,20 @@ def read_stats_of(worker: dict) -> int:
     return read_stats(worker["stats"])["accepted"]
 
 
+def exited(pid: int) -> bool:
+    """pid has exited: gone, or a zombie waiting for its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_workers_do_not_outlive_a_killed_daemon(lab: Lab):
     d = Tproxyd(lab, config(lab))
     (worker,) = worker_pids(d)
     os.kill(d.proc.pid, signal.SIGKILL)
-
-    def gone() -> bool:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return True
-        with open(f"/proc/{worker}/stat") as f:  # a zombie waiting for its reaper is gone too
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-
-    eventually(gone, "the orphaned worker to exit", timeout=5)
+    eventually(lambda: exited(worker), "the orphaned worker to exit", timeout=5)
 
 
 def capturing(lab: Lab) -> bool:
@@ -561,5 +561,6 @@ def test_a_reload_right_after_traffic_loses_no_count(lab: Lab, web):
         (old,) = worker_pids(d)
         assert fetch_through_relay(lab)
         os.kill(d.proc.pid, signal.SIGHUP)  # at once: no periodic read in between, mostly
-        eventually(lambda o=old: worker_pids(d) and o not in worker_pids(d), "a new worker")
+        # no status request (which asks every worker) until the old worker is gone
+        eventually(lambda o=old: exited(o), "the old worker to drain and exit", timeout=10)
     eventually(lambda: d.status()["counters"].get("accepted") == 3, "three accepted", timeout=5)
