@@ -278,6 +278,8 @@ class Daemon:
         return self._switch(new, outcome.raw, replace_workers=force)
 
     def _refuse(self, exc: ConfigError) -> None:
+        if str(exc) == self.config_error:  # an unreadable file is looked at on every reconcile
+            return
         self.config_error = str(exc)
         log.error("config not applied, the last good one stays in force:\n%s", exc)
         self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")

@@ -564,3 +564,18 @@ def test_a_reload_right_after_traffic_loses_no_count(lab: Lab, web):
         # no status request (which asks every worker) until the old worker is gone
         eventually(lambda o=old: exited(o), "the old worker to drain and exit", timeout=10)
     eventually(lambda: d.status()["counters"].get("accepted") == 3, "three accepted", timeout=5)
+
+
+def test_an_unreadable_config_keeps_capture(lab: Lab):
+    body = config(lab)
+    d = Tproxyd(lab, body)
+    os.unlink(d.path)
+    status = eventually(lambda: (s := d.status()) and s["config_error"] and s, "the error in status")
+    assert f"{d.path}: cannot read: No such file or directory" in status["config_error"]
+    os.kill(d.proc.pid, signal.SIGHUP)  # a reload of a missing file changes nothing either
+    time.sleep(1.0)
+    assert capturing(lab)
+    assert lab.log_of(d.proc).count("cannot read") == 1  # said once, not on every reconcile
+    d.save(body, "rename")
+    eventually(lambda: d.status()["config_error"] is None, "the restored file to clear the error")
+    assert capturing(lab)
