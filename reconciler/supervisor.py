@@ -5,6 +5,10 @@ The daemon makes the listening sockets and keeps them; each worker inherits one 
 sets with SO_REUSEPORT when relay.workers > 1). A reload starts new workers on the same sockets,
 then tells the old ones to drain (SIGUSR2: stop accepting, exit when their connections end),
 so a connection is always either in a live worker or in the shared accept queue.
+
+Each worker also inherits the last good config's bytes (a sealed memfd) and a pipe for its final
+counters. The supervisor keeps the counters each worker last reported and the totals of the
+workers that ended, so the sum it reports never goes down.
 """
 
 from __future__ import annotations
