@@ -25,6 +25,7 @@ from .errors import KernelError, PreflightError
 from .statefiles import UntrustedError
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
+STALE = 3.0  # seconds: a worker's counters older than this say it is not answering
 
 
 def _print_json(data: Any) -> None:
@@ -164,8 +165,10 @@ def _daemon_lines(path: str, view: dict | None) -> list[str]:
     if view.get("config_error"):
         lines.append(f"config error (the last good config stays in force):\n  {view['config_error']}")
     for w in view.get("workers", []):
+        age = w.get("counters_age")
+        stale = f", not answering (counters from {age:.0f}s ago)" if age and age > STALE else ""
         lines.append(f"worker {w['slot']}: pid {w['pid']}, up {w['uptime']}s, {w['state']}, "
-                     f"{w['restarts']} restarts")
+                     f"{w['restarts']} restarts{stale}")
     for slot in view.get("crash_loop", []):
         lines.append(f"worker {slot}: CRASH LOOP ({view['last_exits'].get(str(slot), '')})")
     c = view.get("counters") or {}

@@ -1,16 +1,17 @@
 """`tproxyd`: converge to tproxy.toml, keep converging, and supervise the relay.
 
-One loop (selectors) waits on: signals, config file events (watchdog, debounced), netlink
-notifications for rules, routes and nftables (drift), the status socket, and timers (debounce,
-periodic resync, worker restarts). A bad config is logged and shown in status while the last
-good one stays in force; a kernel error is retried with backoff.
+One loop (selectors) waits on: signals (signals.py), config file events (watch.py, debounced),
+netlink notifications for rules, routes and nftables (drift.py), the status socket
+(status_server.py), and timers (debounce, periodic resync, worker restarts, the systemd watchdog:
+notify.py). This file holds the loop and what it decides: when to reconcile, when a config is
+taken, when the workers are replaced (supervisor.py runs them). A bad config is logged and shown
+in status while the last good one stays in force; a kernel error is retried with backoff.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import heapq
 import logging
 import os
@@ -19,51 +20,44 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tproxyd.relay import unixsock
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
+from tproxyd.state.config import Daemon as DaemonConfig
 from tproxyd.state.desired import owner_of
-from tproxyd.state.errors import ConfigError
-from tproxyd.state.loader import load
-from tproxyd.state.status import in_sync
+from tproxyd.state.errors import ConfigError, Problem
+from tproxyd.state.loader import from_bytes
 
+from . import drift
+from .config_file import ConfigFile, Settled, Unreadable, Unsettled
 from .errors import KernelError, PreflightError
+from .notify import Notifier
 from .reconcile import Reconciler
+from .signals import SignalQueue
+from .status_server import StatusServer
 from .supervisor import Supervisor, listener_shape
+from .watch import ConfigWatcher
+from .worker_stats import StatsPoller
 
 log = logging.getLogger("tproxyd")
 
 DEBOUNCE = 0.2  # seconds of quiet after a file or netlink event before reconciling
 DEBOUNCE_MAX = 1.0  # a steady stream of events still converges this soon
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
-# rtnetlink groups: IPv4 routes, IPv4 rules, IPv6 routes; IPv6 rules is group 19
-RTNL_GROUPS = 0x40 | 0x80 | 0x400 | (1 << (19 - 1))
-NETLINK_NETFILTER, NFNLGRP_NFTABLES = 12, 7
-
-
-class Notifier:
-    """systemd's sd_notify protocol without a dependency: datagrams to $NOTIFY_SOCKET."""
-
-    def __init__(self) -> None:
-        path = os.environ.get("NOTIFY_SOCKET", "")
-        self.addr = "\0" + path[1:] if path.startswith("@") else path
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        self.watchdog = int(usec) / 2e6 if usec.isdigit() else None  # ping at half the interval
-
-    def send(self, message: str) -> None:
-        if not self.addr:
-            return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-            s.sendto(message.encode(), self.addr)
+STATS_INTERVAL = 1.0  # the workers' counters are collected this often (a drained worker's
+# last second of counting is what the totals can miss)
 
 
 class Daemon:
     def __init__(self, path: str):
         self.path = path
         self.config: Config | None = None  # the last good config, in force
-        self.config_digest = ""
+        self.config_digest = ""  # of the settled bytes last looked at, good or bad
         self.config_error: str | None = None
+        self.file = ConfigFile(path, DaemonConfig().settle)  # the loaded config's settle, later
+        self.settle_at: float | None = None  # when to read an unsettled file again
+        self.reload_requested = False  # SIGHUP: take the file and replace the workers
         self.reconciler: Reconciler | None = None
         self.supervisor = Supervisor(path)
         self.notifier = Notifier()
@@ -72,7 +66,7 @@ class Daemon:
         self.reconcile_due: tuple[float, float] | None = None  # (when, first event's time)
         self.retry_delay = RETRY_FIRST
         self.running = True
-        self.signals: list[int] = []
+        self.signals = SignalQueue()
         self.file_event = False
         self.started = time.time()
         self.reconciles = 0
@@ -80,26 +74,29 @@ class Daemon:
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.status_sock: socket.socket | None = None
-        self.observer = None
+        self._on_read(self._wake_r, self._drain_wake)
+        self.stats = StatsPoller(self.selector, time.monotonic, self.supervisor.report)
+        self.supervisor.on_spawn = self.stats.watch_exit
+        self.status_server: StatusServer | None = None
+        self.watcher = ConfigWatcher(path, self._on_file_event)
 
     # --- start and stop ------------------------------------------------------------------------
 
     def run(self) -> int:
-        raw, self.config_digest = self._read()
         try:
-            self.config = load(self.path)
-            self._keep_running_copy(raw, self.config)
+            settled = self._wait_until_settled()
+            self.config = from_bytes(settled.raw, self.path)
+            self.config_digest = settled.digest
+            self.file.settle = self.config.daemon.settle
+            self._keep_for_workers(settled.raw, self.config)
         except ConfigError as exc:
             log.error("%s", exc)
             return 1
         except OSError as exc:
-            log.error("cannot write to state_dir: %s", exc)
+            log.error("cannot keep a copy of the config for the workers: %s", exc)
             return 1
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, self._on_signal)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.signals.install((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD),
+                             self._wake_w.fileno())
         self._reconcile(initial=True)
         try:
             self.supervisor.start(self.config)
@@ -107,10 +104,16 @@ class Daemon:
             log.error("cannot open the relay's listeners on port %s: %s", self.config.relay.port, exc)
             self._exit_cleanup()
             return 1
-        self._watch()
-        self._subscribe()
-        self._open_status()
+        self.watcher.start()
+        for sock in drift.subscribe():
+            self._on_read(sock, lambda s=sock: (drift.drain(s), self._schedule_reconcile()))
+        self.status_server = StatusServer(
+            self.config.daemon.socket_path, self.selector, time.monotonic, self.status,
+            refresh=lambda: self.stats.ask(self.supervisor.workers, again=True),
+            fresh=lambda: self.stats.idle)
+        self.status_server.open()
         self._at(time.monotonic() + self.config.daemon.resync_interval, "resync")
+        self._at(time.monotonic() + STATS_INTERVAL, "stats")
         if self.notifier.watchdog:
             self._at(time.monotonic() + self.notifier.watchdog, "watchdog")
         self.notifier.send("READY=1\nSTATUS=converged")
@@ -122,10 +125,20 @@ class Daemon:
             self._exit_cleanup()
         return 0
 
+    def _wait_until_settled(self) -> Settled:
+        """At start there is no loop yet and nothing in force: wait here."""
+        while True:
+            outcome = self.file.check(time.monotonic())
+            if isinstance(outcome, Settled):
+                return outcome
+            if isinstance(outcome, Unreadable):
+                exc = outcome.error
+                raise ConfigError(self.path, [Problem(f"cannot read: {exc.strerror or exc}")])
+            time.sleep(max(0.0, outcome.check_again_at - time.monotonic()))
+
     def _exit_cleanup(self) -> None:
         self.notifier.send("STOPPING=1")
-        if self.observer is not None:
-            self.observer.stop()
+        self.watcher.stop()
         assert self.config is not None
         log.info("stopping: draining the relay workers")
         try:
@@ -141,35 +154,41 @@ class Daemon:
                 log.error("could not remove everything: %s", exc)
         else:
             log.info("on_exit = keep: rules left in force")
-        if self.status_sock is not None:
-            self.status_sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.config.daemon.socket_path)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.signals.append(signum)  # handled in the loop, not here
+        if self.status_server is not None:
+            self.status_server.close()
+        self.stats.close()
 
     # --- the loop ------------------------------------------------------------------------------
+
+    def _on_read(self, fileobj: socket.socket, handler: Callable[[], object]) -> None:
+        """Each registered object carries its handler: the loop only calls it."""
+        self.selector.register(fileobj, selectors.EVENT_READ, handler)
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _on_file_event(self) -> None:
+        """watchdog's thread: only flag and wake."""
+        self.file_event = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"f")
 
     def _turn(self) -> None:
         now = time.monotonic()
         deadlines = [t for t, _ in self.timers[:1]]
         if self.reconcile_due:
             deadlines.append(self.reconcile_due[0])
-        nxt = self.supervisor.tick(now)
-        if nxt is not None:
-            deadlines.append(nxt)
+        if self.settle_at is not None:
+            deadlines.append(self.settle_at)
+        for nxt in (self.supervisor.tick(now), self.stats.expire(),
+                    self.status_server.tick() if self.status_server else None):
+            if nxt is not None:
+                deadlines.append(nxt)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for key, _ in self.selector.select(timeout):
-            if key.data == "wake":
-                with contextlib.suppress(BlockingIOError):
-                    while self._wake_r.recv(4096):
-                        pass
-            elif key.data == "netlink":
-                self._drain_netlink(key.fileobj)
-                self._schedule_reconcile()
-            elif key.data == "status":
-                self._serve_status()
+            key.data()
         self._handle_signals()
         if self.file_event:
             self.file_event = False
@@ -184,19 +203,25 @@ class Daemon:
             elif what == "watchdog":
                 self.notifier.send("WATCHDOG=1")
                 self._at(now + (self.notifier.watchdog or 1), "watchdog")
+            elif what == "stats":
+                self.stats.ask(self.supervisor.workers)
+                self._at(now + STATS_INTERVAL, "stats")
         if self.reconcile_due and now >= self.reconcile_due[0]:
             self.reconcile_due = None
             self._reconcile()
+        elif self.settle_at is not None and now >= self.settle_at:
+            self.settle_at = None
+            if self._take_file():  # look at the file again; converge only if it was taken
+                self._converge()
 
     def _handle_signals(self) -> None:
-        while self.signals:
-            sig = self.signals.pop(0)
+        for sig in self.signals.pop():
             if sig in (signal.SIGTERM, signal.SIGINT):
                 log.info("signal %s: stopping", signal.Signals(sig).name)
                 self.running = False
             elif sig == signal.SIGHUP:
                 log.info("SIGHUP: reloading %s", self.path)
-                self.config_digest = ""  # reload even if the bytes did not change
+                self.reload_requested = True  # even if the bytes did not change
                 self._schedule_reconcile(now=True)
 
     def _at(self, when: float, what: str) -> None:
@@ -212,69 +237,90 @@ class Daemon:
 
     # --- reconciling ---------------------------------------------------------------------------
 
-    def _read(self) -> tuple[bytes, str]:
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except OSError:
-            return b"", ""
-        return raw, hashlib.sha256(raw).hexdigest()
-
-    def _keep_running_copy(self, raw: bytes, config: Config) -> None:
-        """Workers (re)start from this copy of the last good config, never from a file that a
-        person may have just broken."""
-        path = os.path.join(config.daemon.state_dir, "running.toml")
-        os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(raw)
-        os.replace(f"{path}.tmp", path)
-        self.supervisor.config_path = path
+    def _keep_for_workers(self, raw: bytes, config: Config) -> None:
+        """Workers (re)start from these bytes (handed over in memory, see Supervisor)."""
+        self.supervisor.keep_config(raw)
+        with contextlib.suppress(FileNotFoundError):  # where earlier versions kept the copy
+            os.unlink(os.path.join(config.daemon.state_dir, "running.toml"))
 
     def _reconcile(self, initial: bool = False) -> None:
-        """Pick up a changed file (keeping the last good config if it is bad), then converge."""
-        raw, digest = self._read()
-        if not initial and digest != self.config_digest:
-            self.config_digest = digest
-            try:
-                new = load(self.path)
-            except ConfigError as exc:
-                self.config_error = str(exc)
-                log.error("config not applied, the last good one stays in force:\n%s", exc)
-                self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
-                return
-            self.config_error = None
-            self._switch(new, raw)
+        """Take the file if it settled on something new (keeping the last good config if it is
+        bad), then converge to the config in force."""
+        if not initial:
+            self._take_file()
         self._converge()
 
-    def _switch(self, new: Config, raw: bytes) -> None:
+    def _take_file(self) -> bool:
+        """Look at the file once. True when a config was taken (the kernel may need to
+        change); an unsettled file is looked at again later, an unreadable or bad one leaves
+        the last good config in force."""
+        outcome = self.file.check(time.monotonic())
+        if isinstance(outcome, Unsettled):
+            self.settle_at = outcome.check_again_at
+            return False
+        self.settle_at = None
+        if isinstance(outcome, Unreadable):
+            exc = outcome.error
+            self.config_digest = ""  # whatever is read next is evaluated afresh
+            self._refuse(ConfigError(self.path, [Problem(f"cannot read: {exc.strerror or exc}")]))
+            self.reload_requested = False
+            return False
+        force, self.reload_requested = self.reload_requested, False
+        if outcome.digest == self.config_digest and not force:
+            return False
+        self.config_digest = outcome.digest
+        try:
+            new = from_bytes(outcome.raw, self.path)
+        except ConfigError as exc:
+            self._refuse(exc)
+            return False
+        self.config_error = None
+        return self._switch(new, outcome.raw, replace_workers=force)
+
+    def _refuse(self, exc: ConfigError) -> None:
+        if str(exc) == self.config_error:  # an unreadable file is looked at on every reconcile
+            return
+        self.config_error = str(exc)
+        log.error("config not applied, the last good one stays in force:\n%s", exc)
+        self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
+
+    def _switch(self, new: Config, raw: bytes, replace_workers: bool = False) -> bool:
+        """Put new in force. replace_workers: start new workers even if the relay's settings
+        did not change (SIGHUP). True when anything changed."""
         old = self.config
         assert old is not None
-        if new == old:
-            return
+        if new == old and not replace_workers:
+            return False
         try:
-            self._keep_running_copy(raw, new)
+            self._keep_for_workers(raw, new)
         except OSError as exc:
-            self.config_error = f"cannot write to {new.daemon.state_dir}: {exc}"
+            self.config_error = f"cannot keep a copy for the workers: {exc}"
             log.error("config not applied: %s", self.config_error)
-            return
+            return False
         self.notifier.send("RELOADING=1")
-        log.info("config changed: converging to the new one")
-        if owner_of(new) != owner_of(old):  # a new table, protocol or nft table: leave the old
-            try:
-                (self.reconciler or Reconciler(old)).down(restore_sysctls=False)
-            except KernelError as exc:
-                log.error("removing the old config's objects: %s", exc)
-        if self.reconciler is not None:
-            self.reconciler.close()
-            self.reconciler = None
-        self.config = new
-        if relay_view(new) != relay_view(old):
-            log.info("relay settings changed: reloading the relay workers")
+        if new != old:
+            log.info("config changed: converging to the new one")
+            if old.intercepts and not new.intercepts:
+                log.warning("%s names no [[intercept]]: removing capture (%s in force until now)",
+                            self.path, ", ".join(i.name for i in old.intercepts))
+            self.file.settle = new.daemon.settle
+            if owner_of(new) != owner_of(old):  # a new table, protocol or nft table: leave the old
+                try:
+                    (self.reconciler or Reconciler(old)).down(restore_sysctls=False)
+                except KernelError as exc:
+                    log.error("removing the old config's objects: %s", exc)
+            if self.reconciler is not None:
+                self.reconciler.close()
+                self.reconciler = None
+            self.config = new
+        if replace_workers or relay_view(new) != relay_view(old):
+            log.info("reloading the relay workers")
             try:
                 self.supervisor.reload(new)
             except OSError as exc:  # e.g. the new port is taken: the old workers keep serving
                 log.error("relay reload failed, the running workers keep serving: %s", exc)
         self.notifier.send("READY=1")
+        return True
 
     def _converge(self) -> None:
         assert self.config is not None
@@ -311,79 +357,19 @@ class Daemon:
         self.reconcile_due = (t + self.retry_delay, t)
         self.retry_delay = min(RETRY_MAX, self.retry_delay * 2)
 
-    # --- watching ------------------------------------------------------------------------------
-
-    def _watch(self) -> None:
-        """watchdog on the config's directory: in-place writes, rename-over saves, sed -i and
-        Kubernetes' ..data symlink swaps all show up as some event there."""
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        daemon = self
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event) -> None:  # watchdog's thread: only flag and wake
-                daemon.file_event = True
-                with contextlib.suppress(OSError):
-                    daemon._wake_w.send(b"f")
-
-        self.observer = Observer()
-        self.observer.schedule(Handler(), os.path.dirname(os.path.abspath(self.path)) or ".",
-                               recursive=False)
-        self.observer.daemon = True
-        self.observer.start()
-
-    def _subscribe(self) -> None:
-        """Netlink notifications as a drift signal: any rule, route or nftables change makes a
-        (debounced) reconcile, which reads the state and does nothing if ours is intact."""
-        for proto, groups in ((socket.NETLINK_ROUTE, RTNL_GROUPS),
-                              (NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))):
-            try:
-                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-                s.bind((0, groups))
-                s.setblocking(False)
-            except OSError as exc:
-                log.warning("no netlink notifications (%s): drift is found by the periodic "
-                            "resync only", exc)
-                continue
-            self.selector.register(s, selectors.EVENT_READ, "netlink")
-
-    @staticmethod
-    def _drain_netlink(sock: socket.socket) -> None:
-        """Read and forget: any message means "look again". ENOBUFS (the kernel dropped
-        notifications we were too slow for) means the same."""
-        with contextlib.suppress(OSError):
-            while sock.recv(65536):
-                pass
-
     # --- status --------------------------------------------------------------------------------
 
-    def _open_status(self) -> None:
-        assert self.config is not None
-        self.status_sock = unixsock.listen(self.config.daemon.socket_path)
-        self.selector.register(self.status_sock, selectors.EVENT_READ, "status")
-
     def status(self) -> dict:
+        """What the daemon knows, without asking the kernel or waiting on a worker: the
+        kernel's state as of the last reconcile (`tproxy status` reads the kernel itself),
+        the workers and their last reported counters."""
         assert self.config is not None
         now = time.monotonic()
-        objects: list = []
-        sync = None
-        try:
-            if self.reconciler is None:
-                self.reconciler = Reconciler(self.config)
-            statuses = self.reconciler.status()
-            objects = [s.to_json() for s in statuses]
-            sync = in_sync(statuses)
-        except Exception as exc:  # status must answer, whatever the kernel says
-            objects = [{"kind": "error", "name": str(exc), "state": "unknown", "detail": ""}]
         return {"pid": os.getpid(), "config": self.path, "started": self.started,
                 "config_error": self.config_error, "last_reconcile": self.last,
-                "reconciles": self.reconciles, "in_sync": sync, "objects": objects,
+                "reconciles": self.reconciles, "in_sync": self.last.get("result") == "ok",
+                "pending": self.reconcile_due is not None or self.settle_at is not None,
                 **self.supervisor.info(now), "counters": self.supervisor.counters()}
-
-    def _serve_status(self) -> None:
-        assert self.status_sock is not None
-        unixsock.answer(self.status_sock, self.status(), timeout=2)
 
 
 def relay_view(config: Config) -> tuple:

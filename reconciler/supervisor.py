@@ -5,11 +5,16 @@ The daemon makes the listening sockets and keeps them; each worker inherits one 
 sets with SO_REUSEPORT when relay.workers > 1). A reload starts new workers on the same sockets,
 then tells the old ones to drain (SIGUSR2: stop accepting, exit when their connections end),
 so a connection is always either in a live worker or in the shared accept queue.
+
+Each worker also inherits the last good config's bytes (a sealed memfd) and a pipe for its final
+counters. The supervisor keeps the counters each worker last reported and the totals of the
+workers that ended, so the sum it reports never goes down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -17,16 +22,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tproxyd.relay.listeners import open_listeners
-from tproxyd.relay.loop import read_stats
 from tproxyd.state.config import TPROXY, Config
 
 log = logging.getLogger("tproxyd")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # seconds before restarting a worker that died
 CRASH_LOOP = 5  # this many unexpected exits within a minute is reported as a crash loop
+# What workers report "now" rather than "so far": summed over live workers only. Every other
+# integer a worker reports is a running total, kept when the worker ends.
+GAUGES = frozenset({"active", "udp_sessions"})
 
 
 def worker_count(config: Config) -> int:
@@ -48,10 +56,15 @@ class Worker:
     draining: bool = False
     drain_deadline: float = 0.0
     terminated: bool = False  # SIGTERM sent after drain_timeout; SIGKILL next
+    last: dict = field(default_factory=dict)  # the counters it last reported
+    last_at: float | None = None  # monotonic time of that report
+    report_fd: int | None = None  # a pipe the worker writes its final counters to as it exits
 
     def info(self, now: float) -> dict:
+        age = None if self.last_at is None else round(now - self.last_at, 1)
         return {"slot": self.slot, "pid": self.proc.pid, "uptime": round(now - self.started, 1),
-                "state": "draining" if self.draining else "serving", "stats": self.stats}
+                "state": "draining" if self.draining else "serving", "stats": self.stats,
+                "counters_age": age}
 
 
 @dataclass
@@ -62,17 +75,46 @@ class Slot:
     last_exit: str = ""
 
 
+def sealed_memfd(data: bytes, name: str) -> int:
+    """A read-only in-memory file holding data: sealed, so neither we nor a child can change
+    it, and in no directory, so nothing else can swap it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Supervisor:
     def __init__(self, config_path: str):
-        self.config_path = config_path
+        self.config_path = config_path  # names the config in the workers' messages
+        self.config_fd: int | None = None  # the last good config's bytes, handed to workers
         self.config: Config | None = None
         self.sockets: list[list[socket.socket]] = []  # per slot
         self.shape: tuple = ()
         self.workers: list[Worker] = []
         self.slots: list[Slot] = []
         self.generation = 0
+        self.retired: dict[str, int] = {}  # the totals of workers that ended
+        # takes each new worker's report_fd (the daemon reads it in its loop); without one,
+        # nobody reads the final report and the pipe is closed at once
+        self.on_spawn: Callable[[Worker], None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def keep_config(self, raw: bytes) -> None:
+        """The bytes workers (re)start from: the last good config, never a file that a person
+        may have just broken, and no file in state_dir for anyone to replace."""
+        fd = sealed_memfd(raw, "tproxyd-config")
+        if self.config_fd is not None:
+            os.close(self.config_fd)
+        self.config_fd = fd
 
     def start(self, config: Config) -> None:
         self.config = config
@@ -117,11 +159,12 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     w.proc.kill()
                     w.proc.wait()
-        self.workers.clear()
-        for w in self.workers:
             self._forget(w)
         self._close_sockets(self.sockets)
         self.sockets = []
+        if self.config_fd is not None:
+            os.close(self.config_fd)
+            self.config_fd = None
 
     # --- the daemon's loop calls these -----------------------------------------------------------
 
@@ -164,18 +207,25 @@ class Supervisor:
         return {"workers": workers, "crash_loop": crash,
                 "last_exits": {n: s.last_exit for n, s in enumerate(self.slots) if s.last_exit}}
 
-    def counters(self) -> dict:
-        """The workers' counters, summed (a worker that does not answer is left out)."""
-        total: dict[str, float] = {}
+    def counters(self) -> dict[str, int]:
+        """Every integer counter the workers report, summed: the live workers' latest reports
+        plus the totals of those that ended, so no total ever goes down. No I/O: the reports
+        are collected by worker_stats.StatsPoller."""
+        total = dict(self.retired)
         for w in self.workers:
-            try:
-                stats = read_stats(w.stats, timeout=0.5)
-            except (OSError, ValueError):
-                continue
-            for key, value in stats.items():
-                if key not in ("pid", "started") and isinstance(value, (int, float)):
-                    total[key] = total.get(key, 0) + value
+            for key, value in counts(w.last).items():
+                total[key] = total.get(key, 0) + value
         return total
+
+    def report(self, w: Worker, report: dict, now: float) -> None:
+        """A worker's counters arrived. One that ended meanwhile adds what it counted since
+        its previous report to the retired totals."""
+        if w not in self.workers:
+            before = counts(w.last)
+            for key, value in counts(report).items():
+                if key not in GAUGES:
+                    self.retired[key] = self.retired.get(key, 0) + max(0, value - before.get(key, 0))
+        w.last, w.last_at = report, now
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -204,18 +254,36 @@ class Supervisor:
         assert self.config is not None
         state = self.config.daemon.state_dir
         stats = os.path.join(state, f"relay-{slot}-{self.generation}-{time.monotonic_ns()}.sock")
+        assert self.config_fd is not None
         fds = [s.fileno() for s in self.sockets[slot]]
+        report_r, report_w = os.pipe()
         args = [sys.executable, "-m", "tproxyd.relay", "--config", self.config_path,
+                "--config-fd", str(self.config_fd), "--report-fd", str(report_w),
                 "--stats", stats, "--name", f"relay{slot}"]
         for fd in fds:
             args += ["--listen-fd", str(fd)]
-        proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
-        self.workers.append(Worker(slot, proc, stats, time.monotonic()))
+        try:
+            proc = subprocess.Popen(args, pass_fds=[*fds, self.config_fd, report_w],
+                                    stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(report_r)
+            raise
+        finally:
+            os.close(report_w)
+        w = Worker(slot, proc, stats, time.monotonic(), report_fd=report_r)
+        self.workers.append(w)
         log.info("worker %s started (pid %s)", slot, proc.pid)
+        if self.on_spawn is not None:
+            self.on_spawn(w)
+        else:
+            os.close(report_r)
+            w.report_fd = None
 
     def _forget(self, w: Worker) -> None:
         if w in self.workers:
             self.workers.remove(w)
+            for key, value in counts(w.last).items():
+                self.retired[key] = self.retired.get(key, 0) + (0 if key in GAUGES else value)
         with contextlib.suppress(OSError):
             os.unlink(w.stats)  # a killed worker could not remove its own
 
@@ -244,3 +312,9 @@ class Supervisor:
     @staticmethod
     def _crash_looping(slot: Slot, now: float) -> bool:
         return len([t for t in slot.deaths if now - t < 60]) >= CRASH_LOOP
+
+
+def counts(report: dict) -> dict[str, int]:
+    """The counters in a worker's report: its integers but its pid (bools are not counts)."""
+    return {k: v for k, v in report.items()
+            if k != "pid" and isinstance(v, int) and not isinstance(v, bool)}

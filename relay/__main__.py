@@ -18,7 +18,7 @@ from typing import Sequence
 
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, TPROXY, Config
 from tproxyd.state.errors import ConfigError
-from tproxyd.state.loader import load
+from tproxyd.state.loader import from_bytes, load
 
 from .loop import FDS_PER_CONNECTION, Relay, Settings, log
 from .sockopts import raise_nofile
@@ -47,21 +47,43 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def read_fd(fd: int) -> bytes:
+    """All of an inherited file, from its start (pread: the offset is shared with the parent),
+    and the descriptor closed."""
+    try:
+        chunks, offset = [], 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tproxyd.relay",
                                 description="tproxyd's TCP relay, in the foreground")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+    p.add_argument("--config-fd", type=int, metavar="FD",
+                   help="read the config from this inherited descriptor (the daemon's last good "
+                        "one); --config then only names it in messages")
     p.add_argument("--stats", help="Unix socket answering the counters as JSON "
                                    "(default: STATE_DIR/relay.sock)")
     p.add_argument("--listen-fd", type=int, action="append", default=[], metavar="FD",
                    help="an inherited listening socket (TCP or UDP) to serve; repeatable")
+    p.add_argument("--report-fd", type=int, metavar="FD",
+                   help="write the final counters (JSON) to this inherited pipe on exit")
     p.add_argument("--name", default="relay", help="the name in log lines (worker names)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection's end")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=f"%(asctime)s {args.name}[%(process)d] %(levelname)s %(message)s")
     try:
-        config = load(args.config)
+        config = (from_bytes(read_fd(args.config_fd), args.config) if args.config_fd is not None
+                  else load(args.config))
+    except OSError as exc:
+        print(f"cannot read the config from descriptor {args.config_fd}: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -100,7 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
              settings.spoof_source, settings.max_connections, limit, stats)
     relay.run()
-    log.info("stopped: %s", json.dumps(relay.stats()))
+    final = json.dumps(relay.stats())
+    log.info("stopped: %s", final)
+    if args.report_fd is not None:  # the daemon's totals: what we counted since it last asked
+        with contextlib.suppress(OSError):
+            os.write(args.report_fd, final.encode())  # far below a pipe's 64 KiB: one write
+            os.close(args.report_fd)
     return 0
 
 

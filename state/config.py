@@ -91,6 +91,7 @@ class Daemon:
     socket: str = ""  # the daemon's status socket; "" means STATE_DIR/tproxyd.sock
     resync_interval: float = 30.0  # full drift check even without a notification
     on_exit: str = "remove"  # on SIGTERM: "remove" everything, or "keep" the rules in force
+    settle: float = 0.2  # a changed file is taken once two reads this far apart agree
 
     @property
     def socket_path(self) -> str:

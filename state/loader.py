@@ -345,6 +345,7 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "socket": lambda v, p: _abs_path(v, p, out),
         "resync_interval": lambda v, p: _seconds(v, p, out, 0.1, 86400),
         "on_exit": lambda v, p: _choice(v, p, out, ("remove", "keep")),
+        "settle": lambda v, p: _seconds(v, p, out, 0.01, 60),
     }, Daemon()))
 
     intercepts: List[Intercept] = []
@@ -736,6 +737,10 @@ def _abs_path(value: Any, path: str, out: _Collector) -> str | None:
 
 def loads(text: str, source: str = "<config>") -> Config:
     """Parse TOML text and validate it. Raises ConfigError (with line and column for syntax)."""
+    if not text.strip():  # what a save caught half-way looks like: never "capture nothing"
+        raise ConfigError(source, [Problem(message="the file is empty; a config without "
+                                                   "[[intercept]] needs at least a section "
+                                                   "such as [relay]")])
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -351,17 +354,228 @@ def read_stats_of(worker: dict) -> int:
     return read_stats(worker["stats"])["accepted"]
 
 
+def exited(pid: int) -> bool:
+    """pid has exited: gone, or a zombie waiting for its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_workers_do_not_outlive_a_killed_daemon(lab: Lab):
     d = Tproxyd(lab, config(lab))
     (worker,) = worker_pids(d)
     os.kill(d.proc.pid, signal.SIGKILL)
+    eventually(lambda: exited(worker), "the orphaned worker to exit", timeout=5)
 
-    def gone() -> bool:
+
+def capturing(lab: Lab) -> bool:
+    """The intercept's chain and set are in force (the table alone is not capture)."""
+    out = lab.run(lab.gw, "nft", "list", "table", "inet", "tproxyd", check=False).stdout
+    return "jump intercept_lan" in out and "@lan_dst4" in out and "tproxy ip to :12345" in out
+
+
+def test_an_emptied_config_keeps_capture(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    assert capturing(lab) and fetch_through_relay(lab)
+    with open(d.path, "w"):  # `: > tproxy.toml`
+        pass
+    status = eventually(lambda: (s := d.status()) and s["config_error"] and s, "the error in status",
+                        timeout=10)
+    assert "empty" in status["config_error"] and d.path in status["config_error"]
+    time.sleep(1.0)  # past debounce and settle: had it been applied, capture would be gone
+    assert capturing(lab)
+    before = d.status()["counters"]["accepted"]
+    assert fetch_through_relay(lab)
+    eventually(lambda: d.status()["counters"]["accepted"] > before, "the relay to carry it")
+    d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16"]'), "rename")
+    eventually(lambda: "198.19.0.0/16" in dst4(lab), "the next good save to converge", timeout=5)
+    assert d.status()["config_error"] is None
+    # A valid config without [[intercept]] is taken, and the log says what it removed.
+    d.save(f'[daemon]\nstate_dir = "{lab.tmp}/state"\n', "rename")
+    eventually(lambda: not capturing(lab), "capture to be removed", timeout=5)
+    assert f"WARNING {d.path} names no [[intercept]]: removing capture (lan" in lab.log_of(d.proc)
+
+
+def two_part_saves(path: str, bodies: list[str], stop: threading.Event, saves: list[int]) -> None:
+    """An editor saving in place in two writes: truncate and write the head (a valid config
+    without [[intercept]]), 5 ms later the rest. Saves come in bursts longer than the daemon's
+    longest debounce (a person hammering save, a script), with quiet gaps between bursts."""
+    rng = random.Random(11)
+    i = 0
+    while not stop.is_set():
+        burst_end = time.monotonic() + 1.5
+        while time.monotonic() < burst_end and not stop.is_set():
+            body = bodies[i % len(bodies)]
+            cut = body.index("[[intercept]]")
+            with open(path, "w") as f:
+                f.write(body[:cut])
+                f.flush()
+                time.sleep(0.005)
+                f.write(body[cut:])
+            i += 1
+            saves[0] = i
+            time.sleep(rng.uniform(0, 0.02))
+        stop.wait(0.6)
+
+
+def rapid_saves_trial(lab: Lab, d: Tproxyd, seconds: float) -> tuple[int, int, int]:
+    """(samples with capture missing, samples, saves) while two-part saves run."""
+    bodies = [config(lab, destinations=f'["198.18.2.0/24", "198.19.{n}.0/24"]') for n in (1, 2)]
+    stop, saves = threading.Event(), [0]
+    writer = threading.Thread(target=two_part_saves, args=(d.path, bodies, stop, saves))
+    writer.start()
+    missing = samples = 0
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            samples += 1
+            missing += not capturing(lab)
+    finally:
+        stop.set()
+        writer.join()
+    return missing, samples, saves[0]
+
+
+def test_two_part_in_place_saves_never_drop_capture(lab: Lab):
+    d = Tproxyd(lab, config(lab))
+    seconds = float(os.environ.get("TPROXYD_TRIAL_SECONDS", "4"))
+    missing, samples, saves = rapid_saves_trial(lab, d, seconds)
+    print(f"rapid saves for {seconds:g}s: {saves} saves, capture missing in {missing} of "
+          f"{samples} samples")
+    assert samples >= 20 and saves >= 5
+    assert missing == 0, f"capture missing in {missing} of {samples} samples"
+    last = "198.19.2.0/24" if saves % 2 == 0 else "198.19.1.0/24"  # the last body written
+    eventually(lambda: last in dst4(lab), "the last save to converge", timeout=5)
+
+
+def test_sighup_replaces_the_workers_with_an_unchanged_file(lab: Lab):
+    digest = serve_body(lab, 12 << 20)
+    d = Tproxyd(lab, config(lab, extra="[relay]\nworkers = 2\n"))
+    old = eventually(lambda: len(p := worker_pids(d)) == 2 and p, "two workers")
+    transfer = lab.spawn(lab.client, "sh", "-c", f"curl -sS --limit-rate 4M "
+                                                 f"http://{WAN.peer4}:8080/body | sha256sum")
+    eventually(lambda: d.status()["counters"].get("active", 0) >= 1, "the transfer to start",
+               timeout=10)
+    t = time.monotonic()
+    os.kill(d.proc.pid, signal.SIGHUP)
+    new = eventually(lambda: len(p := worker_pids(d)) == 2 and not set(p) & set(old) and p,
+                     "new workers after SIGHUP", timeout=10)
+    print(f"SIGHUP to {len(new)} new serving workers: {time.monotonic() - t:.2f}s")
+    assert "SIGHUP: reloading" in lab.log_of(d.proc)
+    assert transfer.wait(timeout=60) == 0  # the established connection survived the reload
+    assert lab.log_of(transfer).split()[0] == digest
+
+
+def test_totals_do_not_go_down_across_reloads(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    for _ in range(3):
+        assert fetch_through_relay(lab)
+    eventually(lambda: d.status()["counters"].get("accepted") == 3, "three accepted")
+    for _ in range(2):  # the drained workers' counts stay in the totals
+        (old,) = worker_pids(d)
+        os.kill(d.proc.pid, signal.SIGHUP)
+        eventually(lambda o=old: worker_pids(d) and o not in worker_pids(d), "a new worker")
+        assert fetch_through_relay(lab)
+    totals = eventually(lambda: (c := d.status()["counters"]).get("accepted") == 5 and c,
+                        "five accepted over three generations of workers")
+    assert totals["closed"] >= 4 and totals["bytes_down"] > 0
+    state = os.path.join(lab.tmp, "state")
+
+    def stats_sockets() -> set[str]:
+        return {os.path.join(state, n) for n in os.listdir(state) if n.startswith("relay-")}
+
+    live = {w["stats"] for w in d.status()["workers"]}
+    eventually(lambda: stats_sockets() == live, "only the live worker's stats socket")
+    assert d.stop() == 0
+    assert stats_sockets() == set()
+
+
+def timed_query(d: Tproxyd) -> tuple[float, dict]:
+    t = time.monotonic()
+    answer = query(d.socket, timeout=30)
+    return time.monotonic() - t, answer
+
+
+def test_a_stopped_worker_stalls_neither_status_nor_reconciles(lab: Lab, web):
+    d = Tproxyd(lab, config(lab))
+    (pid,) = worker_pids(d)
+    assert fetch_through_relay(lab)
+    eventually(lambda: d.status()["counters"].get("accepted") == 1, "the fetch counted")
+    os.kill(pid, signal.SIGSTOP)  # a worker that answers nothing (ours: started by the daemon)
+    try:
+        with ThreadPoolExecutor(6) as pool:  # six readers at once, as a dashboard and people
+            answers = list(pool.map(lambda _: timed_query(d), range(6)))
+        latencies = sorted(t for t, _ in answers)
+        print(f"status with a stopped worker, 6 at once: {', '.join(f'{t:.2f}' for t in latencies)}s")
+        assert latencies[-1] < 1.5, latencies  # before: one after another, 0.5 s each, in the loop
+        assert all(a["counters"]["accepted"] == 1 for _, a in answers)  # the last report stands
+        t = time.monotonic()
+        out = d.tproxy("status")
+        print(f"`tproxy status` with a stopped worker: {time.monotonic() - t:.2f}s")
+        assert out.returncode == 0 and f"pid {pid}" in out.stdout, out
+        # readers keep asking while a save converges: the loop is not held up by them
+        stop = threading.Event()
+
+        def ask() -> None:
+            while not stop.is_set():
+                query(d.socket, timeout=30)
+
+        readers = [threading.Thread(target=ask) for _ in range(4)]
+        for r in readers:
+            r.start()
         try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return True
-        with open(f"/proc/{worker}/stat") as f:  # a zombie waiting for its reaper is gone too
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            t = time.monotonic()
+            d.save(config(lab, destinations='["198.18.2.0/24", "198.19.0.0/16"]'), "rename")
+            eventually(lambda: "198.19.0.0/16" in dst4(lab), "a save to converge", timeout=3)
+            print(f"a save converged in {time.monotonic() - t:.2f}s with 4 readers asking")
+        finally:
+            stop.set()
+            for r in readers:
+                r.join()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert fetch_through_relay(lab)
 
-    eventually(gone, "the orphaned worker to exit", timeout=5)
+
+def test_workers_get_the_last_good_config_without_a_file_in_state_dir(lab: Lab, web):
+    d = Tproxyd(lab, config(lab, extra="[relay]\nidle_timeout = 77.0\n"))
+    d.save("[relay\n")  # broken on disk: a restarted worker must still get the last good one
+    eventually(lambda: "TOML syntax" in (d.status()["config_error"] or ""), "the syntax error")
+    (first,) = worker_pids(d)
+    os.kill(first, signal.SIGKILL)
+    (second,) = eventually(lambda: [p for p in worker_pids(d) if p != first], "a new worker")
+    with open(f"/proc/{second}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"--config-fd" in argv
+    eventually(lambda: fetch_through_relay(lab), "the new worker to serve")
+    assert "running.toml" not in os.listdir(os.path.join(lab.tmp, "state"))
+
+
+def test_a_reload_right_after_traffic_loses_no_count(lab: Lab, web):
+    """A drained worker's last counts reach the totals even when it ends between two of the
+    daemon's periodic reads (it reports them as it exits)."""
+    d = Tproxyd(lab, config(lab))
+    for _ in range(3):
+        (old,) = worker_pids(d)
+        assert fetch_through_relay(lab)
+        os.kill(d.proc.pid, signal.SIGHUP)  # at once: no periodic read in between, mostly
+        # no status request (which asks every worker) until the old worker is gone
+        eventually(lambda o=old: exited(o), "the old worker to drain and exit", timeout=10)
+    eventually(lambda: d.status()["counters"].get("accepted") == 3, "three accepted", timeout=5)
+
+
+def test_an_unreadable_config_keeps_capture(lab: Lab):
+    body = config(lab)
+    d = Tproxyd(lab, body)
+    os.unlink(d.path)
+    status = eventually(lambda: (s := d.status()) and s["config_error"] and s, "the error in status")
+    assert f"{d.path}: cannot read: No such file or directory" in status["config_error"]
+    os.kill(d.proc.pid, signal.SIGHUP)  # a reload of a missing file changes nothing either
+    time.sleep(1.0)
+    assert capturing(lab)
+    assert lab.log_of(d.proc).count("cannot read") == 1  # said once, not on every reconcile
+    d.save(body, "rename")
+    eventually(lambda: d.status()["config_error"] is None, "the restored file to clear the error")
+    assert capturing(lab)

@@ -51,3 +51,17 @@ def test_an_untrusted_state_dir_is_named_not_blamed_on_privileges(tmp_path, caps
     assert main(["down", "-c", EXAMPLE]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "mode 0775" in err and "run as root" not in err
+
+
+def test_daemon_lines_say_which_worker_does_not_answer():
+    from tproxyd.reconciler.cli import _daemon_lines
+
+    view = {"pid": 7, "started": 0.0, "reconciles": 1, "last_reconcile": {}, "config_error": None,
+            "workers": [{"slot": 0, "pid": 11, "uptime": 9.0, "state": "serving", "restarts": 0,
+                         "counters_age": 0.4},
+                        {"slot": 1, "pid": 12, "uptime": 9.0, "state": "serving", "restarts": 0,
+                         "counters_age": 8.2}],
+            "crash_loop": [], "last_exits": {}, "counters": {"accepted": 3}}
+    lines = _daemon_lines("/run/tproxyd/tproxyd.sock", view)
+    assert lines[1] == "worker 0: pid 11, up 9.0s, serving, 0 restarts"
+    assert lines[2] == "worker 1: pid 12, up 9.0s, serving, 0 restarts, not answering (counters from 8s ago)"

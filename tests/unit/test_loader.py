@@ -26,8 +26,23 @@ def problems(text: str) -> list[str]:
     return str(info.value).splitlines()
 
 
-def test_empty_file_is_valid_and_captures_nothing():
-    config = loads("")
+@pytest.mark.parametrize("text", ["", " ", "\n\n", " \t\r\n  \n"])
+def test_an_empty_file_is_an_error_not_intercept_nothing(text):
+    """A file truncated by a save in progress must never read as "capture nothing"."""
+    (line,) = problems(text)
+    assert line.startswith("t.toml: ") and "empty" in line, line
+
+
+def test_unread_empty_file_is_an_error_too(tmp_path):
+    empty = tmp_path / "tproxy.toml"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError) as info:
+        load(str(empty))
+    assert f"{empty}: " in str(info.value) and "empty" in str(info.value)
+
+
+def test_a_file_without_intercepts_is_valid_and_captures_nothing():
+    config = loads("[relay]\n")
     assert config.intercepts == ()
     assert config.relay.port == 12345
     assert (config.marks.intercept, config.marks.relay) == (1, 2)
@@ -68,7 +83,7 @@ def test_example_documents_every_key():
 
 def test_workers_auto_is_left_to_the_supervisor():
     assert loads('[relay]\nworkers = "auto"\n').relay.workers == 0
-    assert loads("").daemon.socket_path == "/run/tproxyd/tproxyd.sock"
+    assert loads("[daemon]\n").daemon.socket_path == "/run/tproxyd/tproxyd.sock"
 
 
 def test_ports_and_ranges():
@@ -103,6 +118,9 @@ def test_ports_and_ranges():
     ('[daemon]\non_exit = "stay"\n', "daemon.on_exit", "not one of"),
     ('[daemon]\nsocket = "x.sock"\n', "daemon.socket", "absolute"),
     ('[daemon]\nresync_interval = 0\n', "daemon.resync_interval", "out of range"),
+    ('[daemon]\nsettle = 0\n', "daemon.settle", "out of range"),
+    ('[daemon]\nsettle = 61\n', "daemon.settle", "out of range"),
+    ('[daemon]\nsettle = "1s"\n', "daemon.settle", "number of seconds"),
     ('[relay]\nmode = "redirect"\n[[intercept]]\ninterfaces = ["a"]\nprotocols = ["udp"]\n',
      "intercept[0].protocols", "TCP only"),
     ('relay = 1\n', "relay", "must be a table"),

@@ -85,7 +85,7 @@ def test_someone_elses_rules_and_routes():
 def test_other_tables_using_our_marks_and_no_intercepts():
     facts = HostFacts(**{**GOOD.__dict__, "foreign_mark_users": ("inet fw chain pre (handle 4)",)})
     only(check(CONFIG, facts), WARNING, "uses our marks")
-    only(check(loads(""), GOOD), WARNING, "nothing is captured")
+    only(check(loads("[relay]\n"), GOOD), WARNING, "nothing is captured")
 
 
 def test_loop_guard_warns_for_an_upstream_captured_where_it_is_reached():

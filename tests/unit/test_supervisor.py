@@ -1,0 +1,59 @@
+"""The supervisor's bookkeeping without root: workers are stand-in processes (`sleep`), which
+SIGUSR2 (drain) ends as it ends a real worker that has no connections left."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from tproxyd.reconciler.supervisor import Slot, Supervisor, Worker
+from tproxyd.state.config import Config, Daemon, RelayConfig
+
+
+def supervisor(tmp_path: Path) -> Supervisor:
+    sup = Supervisor(str(tmp_path / "tproxy.toml"))
+    sup.config = Config(relay=RelayConfig(drain_timeout=5.0), daemon=Daemon(state_dir=str(tmp_path)))
+    sup.slots = [Slot()]
+    return sup
+
+
+def stand_in(sup: Supervisor, tmp_path: Path, slot: int = 0) -> Worker:
+    """A worker whose stats socket file exists, as a killed worker's would."""
+    stats = tmp_path / f"relay-{slot}-{len(sup.workers)}.sock"
+    stats.touch()
+    proc = subprocess.Popen(["sleep", "60"])
+    w = Worker(slot, proc, str(stats), time.monotonic())
+    sup.workers.append(w)
+    return w
+
+
+def test_stop_removes_every_workers_stats_socket(tmp_path: Path):
+    sup = supervisor(tmp_path)
+    workers = [stand_in(sup, tmp_path, slot) for slot in range(3)]
+    sup.stop(timeout=5)
+    assert not sup.workers
+    assert all(w.proc.poll() is not None for w in workers)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".sock"] == []
+
+
+def test_counters_keep_what_ended_workers_counted(tmp_path: Path):
+    """Totals never go down: a worker that drained, died or was replaced leaves its counts
+    behind, summed generically (any integer a worker reports), gauges aside."""
+    sup = supervisor(tmp_path)
+    first = stand_in(sup, tmp_path)
+    first.last = {"pid": 11, "started": 1.5, "accepted": 5, "active": 2, "bytes_up": 100,
+                  "end_client_reset": 1}
+    assert sup.counters() == {"accepted": 5, "active": 2, "bytes_up": 100, "end_client_reset": 1}
+    first.proc.kill()
+    first.proc.wait()
+    sup.tick(time.monotonic())  # reaped: its counts are retired, its open connections are gone
+    assert first not in sup.workers
+    second = stand_in(sup, tmp_path)  # its replacement counts from zero
+    second.last = {"pid": 12, "accepted": 1, "active": 1, "udp_sessions": 3, "new_counter": 7}
+    totals = sup.counters()
+    assert totals == {"accepted": 6, "active": 1, "bytes_up": 100, "end_client_reset": 1,
+                      "udp_sessions": 3, "new_counter": 7}
+    sup.stop(timeout=5)
+    after = sup.counters()
+    assert after["accepted"] == 6 and after["new_counter"] == 7 and after["active"] == 0
