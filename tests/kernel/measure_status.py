@@ -12,8 +12,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tproxyd.reconciler.daemon import query
 from lab import Lab
+from tproxyd.reconciler.daemon import query
 
 from .test_daemon import Tproxyd, config, dst4, timed_query, worker_pids
 
