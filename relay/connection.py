@@ -18,7 +18,7 @@ import os
 import selectors
 import socket
 
-from .flow import Flow
+from .flow import Flow, Pool
 from .sockopts import Address, set_reset_on_close
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -41,12 +41,13 @@ class Connection:
     __slots__ = ("client", "client_addr", "deadline", "down", "dst", "last_active", "masks",
                  "server", "state", "timer_at", "up")
 
-    def __init__(self, client: socket.SocketType, client_addr: Address, server: socket.SocketType,
-                 dst: Address, now: float, use_splice: bool):
+    def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
+                 dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
         self.client, self.server = client, server
         self.client_addr, self.dst = client_addr, dst
-        self.up = Flow(client, server, use_splice)  # client -> server
-        self.down = Flow(server, client, use_splice)  # server -> client
+        pool = pool or Pool()
+        self.up = Flow(client, server, use_splice, pool)  # client -> server
+        self.down = Flow(server, client, use_splice, pool)  # server -> client
         self.state = State.CONNECTING
         self.last_active = now
         self.deadline = 0.0  # connect deadline while CONNECTING
@@ -72,7 +73,7 @@ class Connection:
         there. Over a local link the handshake is over when connect() returns: the bytes go
         at once, and a send that succeeds proves the connection up (a socket still
         connecting says "would block"), so no wait for writability. Raises OSError."""
-        first = self.up.read_ahead()  # in the shared buffer until send_ahead()
+        first = self.up.read_ahead()  # in the pool's buffer until send_ahead()
         if first:
             self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
         err = self.server.connect_ex(self.dst)
@@ -125,8 +126,7 @@ class Connection:
         is left to close(), which sends it: both sockets were read to EOF, so nothing unread
         turns it into a reset, and a shutdown() is saved."""
         up, down = self.up, self.down
-        up_done = up.eof and not up.pending  # Flow.finished, inlined
-        down_done = down.eof and not down.pending
+        up_done, down_done = up.finished, down.finished
         if up_done and down_done:
             up.shut = down.shut = True
             self.state = State.CLOSED

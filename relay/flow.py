@@ -1,6 +1,6 @@
 """One direction of a relayed connection: bytes from src to dst.
 
-A flow starts by copying: recv_into one buffer shared by the whole relay, then send at once
+A flow starts by copying: recv_into one buffer shared by the relay's flows, then send at once
 (requests and answers of a few KiB never cost a pipe, its two descriptors or its syscalls).
 When a read fills the buffer, the flow is a bulk transfer and moves to splice(2) through a pipe
 of its own: the bytes no longer enter Python. Backpressure is structural: src is read only
@@ -26,9 +26,14 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 ROUNDS = 4  # reads per readiness event: bounds one fast flow's share of a loop iteration
 _UNSPLICEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
-# The relay is one thread: one buffer serves every copying read, because each read is written
-# out (or its remainder saved) before the next read happens.
-_SHARED = memoryview(bytearray(CHUNK))
+
+
+class Pool:
+    """What one relay's flows share. The relay is one thread: one buffer serves every copying
+    read, because each read is written out (or its remainder saved) before the next happens."""
+
+    def __init__(self) -> None:
+        self.buffer = memoryview(bytearray(CHUNK))
 
 
 class Flow:
@@ -36,10 +41,14 @@ class Flow:
     sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst, or, for the
     connection's last FIN, left to close())."""
 
-    __slots__ = ("bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe", "shut", "src")
+    __slots__ = ("buffer", "bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe",
+                 "pool", "shut", "src")
 
-    def __init__(self, src: socket.SocketType, dst: socket.SocketType, use_splice: bool = SPLICE):
+    def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE,
+                 pool: Pool | None = None):
         self.src, self.dst = src, dst
+        self.pool = pool or Pool()
+        self.buffer = self.pool.buffer
         self.pipe: tuple[int, int] | None = None  # only for bulk flows
         self.leftover: memoryview | None = None  # copy mode: what dst did not take yet
         self.pending = 0
@@ -86,7 +95,7 @@ class Flow:
         send_ahead(), which must come before anything else reads. Returns the bytes read; 0 if
         none yet, or at EOF (then `eof` is set). Raises OSError when src failed."""
         try:
-            n = self.src.recv_into(_SHARED)
+            n = self.src.recv_into(self.buffer)
         except BlockingIOError:
             return 0
         if n == 0:
@@ -126,7 +135,7 @@ class Flow:
         """One read into the shared buffer, written out at once; what dst does not take is
         kept as leftover (pending). Returns the bytes read, 0 at EOF, None if nothing now."""
         try:
-            n = self.src.recv_into(_SHARED)
+            n = self.src.recv_into(self.buffer)
         except BlockingIOError:
             return None
         if n == 0:
@@ -139,11 +148,11 @@ class Flow:
     def _send_shared(self, n: int) -> None:
         """Write the shared buffer's first n bytes to dst; keep a copy of what it did not take."""
         try:
-            sent = self.dst.send(_SHARED[:n])
+            sent = self.dst.send(self.buffer[:n])
         except BlockingIOError:
             sent = 0
         if sent < n:
-            self.leftover = memoryview(bytes(_SHARED[sent:n]))
+            self.leftover = memoryview(bytes(self.buffer[sent:n]))
             self.pending = n - sent
 
     def _write_pending(self) -> int:

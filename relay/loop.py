@@ -23,7 +23,7 @@ from tproxyd.state.config import REDIRECT, TPROXY
 
 from . import unixsock
 from .connection import CLIENT, READ, SERVER, Connection, State
-from .flow import SPLICE
+from .flow import SPLICE, Pool
 from .listeners import open_listeners
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
@@ -98,12 +98,13 @@ class Counters:
 
 class Relay:
     def __init__(self, settings: Settings,
-                 original_dst: Callable[[socket.SocketType], Address] | None = None):
+                 original_dst: Callable[[socket.socket], Address] | None = None):
         self.settings = settings
         self.original_dst = original_dst or (
             original_dst_redirect if settings.mode == REDIRECT else original_dst_tproxy)
         self.selector = selectors.DefaultSelector()
         self.counters = Counters()
+        self.pool = Pool()  # the copy buffer this relay's flows share
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
         self.timers: list[tuple[float, int, Callable[[object, float], None], object]] = []
@@ -193,12 +194,8 @@ class Relay:
             self.now = time.monotonic()
             self.iterations += 1
             for key, mask in events:
-                data = key.data
                 try:
-                    if data[0].__class__ is Connection:  # the hot path: one call less
-                        self._on_connection(data[0], data[1], mask)
-                    else:
-                        self._dispatch(data, mask)
+                    self._dispatch(key.data, mask)
                 except Exception:  # a bug costs one connection, never the relay
                     self.counters.internal_errors += 1
                     log.exception("internal error handling %s", key.data[0])
@@ -213,7 +210,7 @@ class Relay:
 
     def _dispatch(self, data: tuple, mask: int) -> None:
         kind, obj = data
-        if isinstance(kind, Connection):
+        if kind.__class__ is Connection:
             self._on_connection(kind, obj, mask)
         elif kind == LISTENER:
             self._accept(obj)
@@ -309,13 +306,10 @@ class Relay:
     # --- accepting -----------------------------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
-        # socket.accept() wraps the descriptor in a Python-level socket.socket and turns family
-        # and type into enums, several microseconds a connection: the C socket type
-        # (SocketType) has every method the relay uses.
         family = int(listener.family)
         for _ in range(ACCEPTS_PER_EVENT):
             try:
-                fd, addr = listener._accept()
+                client, addr = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -327,7 +321,7 @@ class Relay:
                     return
                 continue  # ECONNABORTED and kin: that one connection is gone already
             self.counters.accepted += 1
-            self._start(socket.SocketType(family, socket.SOCK_STREAM, 0, fd), addr[:2], family)
+            self._start(client, addr[:2], family)
 
     def _pause_listening(self) -> None:
         if self.accepting:
@@ -347,19 +341,19 @@ class Relay:
         for s in self.listeners:
             self.selector.register(s, READ, (LISTENER, s))
 
-    def _refuse(self, client: socket.SocketType) -> None:
+    def _refuse(self, client: socket.socket) -> None:
         with contextlib.suppress(OSError):
             set_reset_on_close(client)
         client.close()
 
-    def _start(self, client: socket.SocketType, client_addr: Address, family: int) -> None:
+    def _start(self, client: socket.socket, client_addr: Address, family: int) -> None:
         if self.counters.active >= self.settings.max_connections:
             self.counters.refused += 1
             self.warn("max", f"max_connections ({self.settings.max_connections}) reached: "
                               "resetting new connections")
             self._refuse(client)
             return
-        server: socket.SocketType | None = None
+        server: socket.socket | None = None
         try:
             dst = self.original_dst(client)
             if dst[1] in self.ports and is_local_address(dst[0]):
@@ -370,7 +364,8 @@ class Relay:
                 return
             client.setblocking(False)  # accept4 without SOCK_NONBLOCK: Python has no flags for it
             server = self._outbound(family, client_addr)
-            conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice)
+            conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice,
+                              self.pool)
             conn.connect()
         except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
             self.counters.failed += 1
@@ -388,9 +383,9 @@ class Relay:
         elif self.settings.idle_timeout:
             self._schedule(conn, self.now + self.settings.idle_timeout)
 
-    def _outbound(self, family: int, client_addr: Address) -> socket.SocketType:
+    def _outbound(self, family: int, client_addr: Address) -> socket.socket:
         """A socket for the server side, made and bound; Connection.connect() connects it."""
-        server = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             if self.settings.mark:
                 server.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.mark)
@@ -440,7 +435,7 @@ class Relay:
         if server != masks[SERVER]:
             self._watch(conn, SERVER, conn.server, server)
 
-    def _watch(self, conn: Connection, side: int, sock: socket.SocketType, want: int) -> None:
+    def _watch(self, conn: Connection, side: int, sock: socket.socket, want: int) -> None:
         have = conn.masks[side]
         if not have:
             self.selector.register(sock, want, (conn, side))
@@ -466,13 +461,9 @@ class Relay:
         self.counters.bytes_up += conn.up.bytes  # counted once, not per event
         self.counters.bytes_down += conn.down.bytes
 
-    def unregister(self, sock: socket.SocketType) -> None:
-        # try/except, not contextlib.suppress: this runs twice a connection, and a context
-        # manager costs more than the lookup it guards
-        try:  # noqa: SIM105
+    def unregister(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
 
     # --- stats and logs ------------------------------------------------------------------------
 
