@@ -78,6 +78,7 @@ class Counters:
     bytes_down: int = 0  # server -> client, likewise
     accept_errors: int = 0
     internal_errors: int = 0  # bugs caught by the loop's last line of defence
+    register_errors: int = 0  # connections the selector refused to watch (reset)
     udp_sessions: int = 0  # open now
     udp_sessions_opened: int = 0
     udp_expired: int = 0
@@ -185,28 +186,41 @@ class Relay:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Serve until stop(), or until a drain has no connection or session left. A bug costs
+        the connection it hit (events) or that one timer, never the relay; whatever still
+        escapes (the selector failing) closes everything on its way out."""
         self.running = True
-        while self.running:
-            timeout = None
-            if self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.monotonic())
-            events = self.selector.select(timeout)
-            self.now = time.monotonic()
-            self.iterations += 1
-            for key, mask in events:
-                try:
-                    self._dispatch(key.data, mask)
-                except Exception:  # a bug costs one connection, never the relay
-                    self.counters.internal_errors += 1
-                    log.exception("internal error handling %s", key.data[0])
-                    if isinstance(key.data[0], Connection):
-                        self._end(key.data[0], reset=True)
-            self._run_timers()
-            if self.drain_requested and not self.draining:
-                self._drain()
-            if self.draining and not self.connections:
-                self.running = False
-        self.close()
+        try:
+            while self.running:
+                timeout = None
+                if self.timers:
+                    timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                events = self.selector.select(timeout)
+                self.now = time.monotonic()
+                self.iterations += 1
+                for key, mask in events:
+                    try:
+                        self._dispatch(key.data, mask)
+                    except Exception:  # a bug costs one connection, never the relay
+                        self._internal_error(key.data[0])
+                self._run_timers()
+                if self.drain_requested and not self.draining:
+                    try:
+                        self._drain()
+                    except Exception:
+                        self.draining = True  # still draining: no second attempt each turn
+                        self._internal_error("drain")
+                if self.draining and not self.connections:
+                    self.running = False
+        finally:
+            self.close()
+
+    def _internal_error(self, what: object) -> None:
+        """The loop's last line of defence: count and log the bug, end the connection it hit."""
+        self.counters.internal_errors += 1
+        log.exception("internal error handling %s", what)
+        if isinstance(what, Connection):
+            self._end(what, reset=True)
 
     def _dispatch(self, data: tuple, mask: int) -> None:
         kind, obj = data
@@ -270,7 +284,10 @@ class Relay:
     def _run_timers(self) -> None:
         while self.timers and self.timers[0][0] <= self.now:
             when, _, fn, arg = heapq.heappop(self.timers)
-            fn(arg, when)
+            try:
+                fn(arg, when)
+            except Exception:  # that timer is lost, not the relay
+                self._internal_error(arg)
 
     def _schedule(self, conn: Connection, when: float) -> None:
         """Each connection has one live timer; entries superseded by a later _schedule are
@@ -376,7 +393,13 @@ class Relay:
             return
         self.connections.add(conn)
         self.counters.active += 1
-        self._update(conn)
+        try:
+            self._update(conn)
+        except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
+            self.counters.register_errors += 1
+            self.warn("register", f"cannot watch a connection: {exc}; resetting it")
+            self._end(conn, reset=True)
+            return
         if conn.state is State.CONNECTING:
             conn.deadline = self.now + self.settings.connect_timeout
             self._schedule(conn, conn.deadline)

@@ -1,0 +1,72 @@
+"""The relay's defences against its own failures and against greedy clients, on loopback sockets
+without root (issue 11). Kernel-side counterparts are in tests/kernel/test_relay_limits.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+
+import pytest
+
+from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, running, wait_for
+from tproxyd.relay.connection import Connection
+from tproxyd.relay.loop import Relay, Settings
+
+
+def test_a_connection_whose_registration_fails_is_ended_not_leaked():
+    """epoll can refuse a descriptor (ENOMEM, max_user_watches): the connection is reset and
+    released, not left counted in the set with nobody watching it."""
+    up = Upstream(echo)
+    with running(up.addr) as (relay, addr):
+        real = relay.selector.register
+
+        def refusing(fileobj, events, data=None):
+            if isinstance(data, tuple) and isinstance(data[0], Connection):
+                raise OSError(errno.ENOSPC, "max_user_watches")
+            return real(fileobj, events, data)
+
+        relay.selector.register = refusing
+        with pytest.raises(ConnectionResetError), socket.create_connection(addr, timeout=3) as c:
+            c.recv(1)
+        wait_for(lambda: relay.counters.closed == 1, "the connection to be ended")
+        assert relay.counters.active == 0 and not relay.connections
+        relay.selector.register = real
+        with socket.create_connection(addr, timeout=DEADLINE) as c:  # the relay goes on
+            c.sendall(b"k")
+            assert c.recv(1) == b"k"
+
+
+def test_a_bug_in_a_timer_costs_that_timer_not_the_relay():
+    up = Upstream(echo)
+    with running(up.addr) as (relay, addr):
+        fired = threading.Event()
+
+        def broken(arg: object, when: float) -> None:
+            fired.set()
+            raise RuntimeError("a bug in a timer")
+
+        relay.at(0.0, broken, None)
+        relay.wake()
+        assert fired.wait(DEADLINE)
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(b"t")
+            assert c.recv(1) == b"t"
+        assert relay.counters.internal_errors == 1
+
+
+def test_whatever_escapes_the_loop_still_closes_the_relay(tmp_path):
+    stats = str(tmp_path / "relay.sock")
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False,
+                           stats_path=stats), original_dst=lambda s: ("127.0.0.1", 9))
+    relay.open()
+    listeners = list(relay.listeners)
+
+    def broken(timeout=None):
+        raise RuntimeError("the selector broke")
+
+    relay.selector.select = broken
+    with pytest.raises(RuntimeError):
+        relay.run()
+    assert all(s.fileno() == -1 for s in listeners) and not os.path.exists(stats)
