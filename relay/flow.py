@@ -73,13 +73,16 @@ class Flow:
                     break  # dst is full: wait for it to drain
             if self.eof:
                 break
-            n = self._copy() if self.pipe is None else self._splice_in()
+            # decided before the read: a copy that fills the buffer opens the pipe itself, and
+            # what it sent already must be counted as a copy's
+            spliced = self.pipe is not None
+            n = self._splice_in() if spliced else self._copy()
             if n is None:
                 break  # src has nothing now
             if n == 0:
                 self.eof = True
                 break
-            if self.pipe is not None and self.pending:  # spliced in: out at once
+            if spliced:  # in the pipe: out at once
                 moved += self._write_pending()
             else:  # copied: written already, the rest (if any) pending
                 moved += n - self.pending
