@@ -79,6 +79,7 @@ class Counters:
     accept_errors: int = 0
     internal_errors: int = 0  # bugs caught by the loop's last line of defence
     register_errors: int = 0  # connections the selector refused to watch (reset)
+    log_suppressed: int = 0  # log lines left out by the one-a-second-per-kind limit
     udp_sessions: int = 0  # open now
     udp_sessions_opened: int = 0
     udp_expired: int = 0
@@ -117,7 +118,7 @@ class Relay:
         self.iterations = 0  # loop turns: a test's proof that the loop is not spinning
         self.ports: set[int] = set()  # bound listener ports, for loop detection
         self.accepting = True
-        self._last_warning: dict[str, float] = {}
+        self._last_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out)
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
         self._waker_w.setblocking(False)
@@ -305,8 +306,8 @@ class Relay:
             if self.now >= conn.deadline:
                 self.counters.connect_timeouts += 1
                 self.counters.failed += 1
-                log.info("connect to %s port %s timed out after %gs", *conn.dst,
-                         self.settings.connect_timeout)
+                self.note("connect-timeout", f"connect to {conn.dst[0]} port {conn.dst[1]} "
+                                             f"timed out after {self.settings.connect_timeout:g}s")
                 self._end(conn, reset=True)
                 return
             self._schedule(conn, conn.deadline)
@@ -386,7 +387,7 @@ class Relay:
             conn.connect()
         except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
             self.counters.failed += 1
-            log.info("connection from %s port %s: %s", *client_addr, exc)
+            self.note("start", f"connection from {client_addr[0]} port {client_addr[1]}: {exc}")
             if server is not None:
                 server.close()
             self._refuse(client)
@@ -435,7 +436,8 @@ class Relay:
         except OSError as exc:
             if conn.state is State.CONNECTING:  # the connect itself failed
                 self.counters.failed += 1
-                log.info("%s (client %s port %s)", exc, *conn.client_addr)
+                self.note("connect", f"{exc} (client {conn.client_addr[0]} port "
+                                     f"{conn.client_addr[1]})")
             else:
                 self.counters.resets += 1
                 log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
@@ -503,9 +505,24 @@ class Relay:
 
     def warn(self, kind: str, message: str) -> None:
         """Warnings that could repeat per connection, at most one a second each."""
-        if self.now - self._last_warning.get(kind, -1e9) >= 1.0:
-            self._last_warning[kind] = self.now
-            log.warning(message)
+        self._limited(logging.WARNING, kind, message)
+
+    def note(self, kind: str, message: str) -> None:
+        """Information a client can cause at will (its connections failing): rate-limited like
+        warnings, so no client grows the log."""
+        self._limited(logging.INFO, kind, message)
+
+    def _limited(self, level: int, kind: str, message: str) -> None:
+        """At most one line a second per kind; the next line logged says how many were not."""
+        last, left_out = self._last_log.get(kind, (-1e9, 0))
+        if self.now - last < 1.0:
+            self._last_log[kind] = (last, left_out + 1)
+            self.counters.log_suppressed += 1
+            return
+        self._last_log[kind] = (self.now, 0)
+        if left_out:
+            message += f" ({left_out} more like it in the last {self.now - last:.0f}s not logged)"
+        log.log(level, message)
 
 
 def read_stats(path: str, timeout: float = 2.0) -> dict:

@@ -4,13 +4,24 @@ without root (issue 11). Kernel-side counterparts are in tests/kernel/test_relay
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import socket
 import threading
+import time
 
 import pytest
 
-from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, running, wait_for
+from tests.unit.test_relay_loop import (
+    DEADLINE,
+    Upstream,
+    closed_port,
+    echo,
+    expect_reset,
+    running,
+    wait_for,
+)
 from tproxyd.relay.connection import Connection
 from tproxyd.relay.loop import Relay, Settings
 
@@ -70,3 +81,21 @@ def test_whatever_escapes_the_loop_still_closes_the_relay(tmp_path):
     with pytest.raises(RuntimeError):
         relay.run()
     assert all(s.fileno() == -1 for s in listeners) and not os.path.exists(stats)
+
+
+def test_failed_connections_log_at_most_a_line_a_second_and_say_what_was_left_out(caplog):
+    """A client can make connections fail at will (here: a closed port); the log cannot grow
+    with them. The next line after a quiet second counts what was not logged."""
+    caplog.set_level(logging.INFO, logger="tproxyd.relay")
+    with running(closed_port()) as (relay, addr):
+        for _ in range(30):
+            expect_reset(addr)
+        wait_for(lambda: relay.counters.closed == 30, "30 failures")
+        time.sleep(1.1)
+        expect_reset(addr)
+        wait_for(lambda: relay.counters.closed == 31, "one more failure")
+    lines = [r.getMessage() for r in caplog.records if "connect to" in r.getMessage()]
+    assert 2 <= len(lines) <= 5, lines
+    left_out = sum(int(m.group(1)) for line in lines
+                   if (m := re.search(r"\((\d+) more like it", line)))
+    assert len(lines) + left_out == 31, lines
