@@ -18,7 +18,8 @@ import os
 import selectors
 import socket
 
-from .flow import Flow, Pool
+from .ends import End, connect_end
+from .flow import DST, SRC, Flow, Pool
 from .sockopts import Address, set_reset_on_close
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -38,8 +39,8 @@ class ConnectFailed(OSError):
 
 
 class Connection:
-    __slots__ = ("client", "client_addr", "deadline", "down", "dst", "last_active", "masks",
-                 "server", "state", "timer_at", "up")
+    __slots__ = ("client", "client_addr", "deadline", "down", "dst", "first_fin", "last_active",
+                 "masks", "server", "state", "timer_at", "up")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
@@ -53,6 +54,7 @@ class Connection:
         self.deadline = 0.0  # connect deadline while CONNECTING
         self.timer_at = 0.0  # when this connection's live timer fires (see Relay._schedule)
         self.masks = [0, 0]  # what the selector watches now, per side
+        self.first_fin: int | None = None  # CLIENT or SERVER: who finished sending first
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""
@@ -126,6 +128,8 @@ class Connection:
         is left to close(), which sends it: both sockets were read to EOF, so nothing unread
         turns it into a reset, and a shutdown() is saved."""
         up, down = self.up, self.down
+        if self.first_fin is None:  # both at once: the client's counts as first
+            self.first_fin = CLIENT if up.eof else SERVER
         up_done, down_done = up.finished, down.finished
         if up_done and down_done:
             up.shut = down.shut = True
@@ -136,6 +140,22 @@ class Connection:
         elif down_done:
             down.pass_fin()
             self.state = State.SERVER_DONE
+
+    def fin_end(self) -> End:
+        """How a connection that reached CLOSED by FINs ended: who closed first."""
+        return End.SERVER_FIN if self.first_fin == SERVER else End.CLIENT_FIN
+
+    def failure_end(self, exc: OSError) -> End:
+        """How an OSError raised by this connection ended it: a connect's error by its errno,
+        otherwise a reset of the side whose socket failed."""
+        if isinstance(exc, ConnectFailed):
+            return connect_end(exc.errno)
+        up, down = self.up, self.down
+        if up.failed == SRC or down.failed == DST:
+            return End.CLIENT_RESET
+        if up.failed == DST or down.failed == SRC:
+            return End.SERVER_RESET
+        return End.UPSTREAM_ERROR
 
     def close(self, reset: bool) -> None:
         """Release both sockets and pipes. Runs once (later calls do nothing), never raises.

@@ -25,6 +25,7 @@ CHUNK = 1 << 16  # one copying read; a read this full makes the flow a splice fl
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 ROUNDS = 4  # reads per readiness event: bounds one fast flow's share of a loop iteration
 _UNSPLICEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+SRC, DST = "src", "dst"  # which socket of a flow failed (Flow.failed)
 
 
 
@@ -41,8 +42,8 @@ class Flow:
     sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst, or, for the
     connection's last FIN, left to close())."""
 
-    __slots__ = ("buffer", "bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe",
-                 "pool", "shut", "src")
+    __slots__ = ("buffer", "bytes", "can_splice", "dst", "eof", "failed", "leftover", "pending",
+                 "pipe", "pool", "shut", "src")
 
     def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE,
                  pool: Pool | None = None):
@@ -56,6 +57,7 @@ class Flow:
         self.shut = False
         self.bytes = 0
         self.can_splice = use_splice
+        self.failed: str | None = None  # SRC or DST: whose error an OSError raised here was
 
     @property
     def finished(self) -> bool:
@@ -101,6 +103,9 @@ class Flow:
             n = self.src.recv_into(self.buffer)
         except BlockingIOError:
             return 0
+        except OSError:
+            self.failed = SRC
+            raise
         if n == 0:
             self.eof = True
         return n
@@ -123,7 +128,11 @@ class Flow:
         """Carry src's FIN to dst once everything before it is written."""
         if self.finished and not self.shut:
             self.shut = True
-            self.dst.shutdown(socket.SHUT_WR)
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.failed = DST
+                raise
 
     def close(self) -> None:
         if self.pipe is not None:
@@ -141,6 +150,9 @@ class Flow:
             n = self.src.recv_into(self.buffer)
         except BlockingIOError:
             return None
+        except OSError:
+            self.failed = SRC
+            raise
         if n == 0:
             return 0
         if n == CHUNK and self.can_splice:
@@ -154,6 +166,9 @@ class Flow:
             sent = self.dst.send(self.buffer[:n])
         except BlockingIOError:
             sent = 0
+        except OSError:
+            self.failed = DST
+            raise
         if sent < n:
             self.leftover = memoryview(bytes(self.buffer[sent:n]))
             self.pending = n - sent
@@ -164,6 +179,9 @@ class Flow:
                 sent = self.dst.send(self.leftover)
             except BlockingIOError:
                 return 0
+            except OSError:
+                self.failed = DST
+                raise
             self.pending -= sent
             self.leftover = self.leftover[sent:] if self.pending else None
             return sent
@@ -172,6 +190,9 @@ class Flow:
             sent = os.splice(self.pipe[0], self.dst.fileno(), self.pending, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return 0
+        except OSError:
+            self.failed = DST
+            raise
         self.pending -= sent
         return sent
 
@@ -195,6 +216,7 @@ class Flow:
             return None
         except OSError as exc:
             if exc.errno not in _UNSPLICEABLE:
+                self.failed = SRC
                 raise
             self.can_splice = False  # a socket the kernel cannot splice: copy from now on;
             self.close()  # the pipe is empty (nothing pending), and src is still readable

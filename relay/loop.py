@@ -16,13 +16,14 @@ import os
 import selectors
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
 
 from . import unixsock
 from .connection import CLIENT, READ, SERVER, Connection, State
+from .ends import RESOURCE_ERRORS, End
 from .flow import SPLICE, Pool
 from .listeners import open_listeners
 from .sockopts import (
@@ -67,12 +68,6 @@ class Settings:
 class Counters:
     accepted: int = 0
     active: int = 0
-    refused: int = 0  # over max_connections
-    loops: int = 0  # original destination was the relay itself
-    failed: int = 0  # connect refused, unreachable or timed out
-    connect_timeouts: int = 0
-    idle_timeouts: int = 0
-    resets: int = 0  # connections ended by an error or a peer's reset
     closed: int = 0
     bytes_up: int = 0  # client -> server, of ended connections (Relay.stats() adds open ones)
     bytes_down: int = 0  # server -> client, likewise
@@ -82,10 +77,7 @@ class Counters:
     log_suppressed: int = 0  # log lines left out by the one-a-second-per-kind limit
     udp_sessions: int = 0  # open now
     udp_sessions_opened: int = 0
-    udp_expired: int = 0
-    udp_evicted: int = 0  # over max_udp_sessions, least recently used first
     udp_failed: int = 0  # could not open the outbound socket
-    udp_icmp_errors: int = 0  # sessions ended by the server side's ICMP error
     udp_datagrams_up: int = 0
     udp_datagrams_down: int = 0
     udp_bytes_up: int = 0
@@ -93,9 +85,63 @@ class Counters:
     udp_drops: int = 0  # datagrams we dropped: full buffers, unreadable, no session
     udp_kernel_drops: int = 0  # datagrams the kernel dropped on our full receive queues
     started: float = field(default_factory=time.time)
+    # how TCP connections and UDP sessions ended, one count per End
+    tcp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
+    udp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
+
+    # The totals older readers (tproxy status, tests) use, derived from the ends.
+    @property
+    def refused(self) -> int:
+        return self.tcp_ends[End.OVER_LIMIT]
+
+    @property
+    def loops(self) -> int:
+        return self.tcp_ends[End.LOOP] + self.udp_ends[End.LOOP]
+
+    @property
+    def failed(self) -> int:
+        """Connects that failed: refused, unreachable, timed out, or another error."""
+        t = self.tcp_ends
+        return (t[End.CONNECT_REFUSED] + t[End.UNREACHABLE] + t[End.CONNECT_TIMEOUT]
+                + t[End.UPSTREAM_ERROR])
+
+    @property
+    def resets(self) -> int:
+        return self.tcp_ends[End.CLIENT_RESET] + self.tcp_ends[End.SERVER_RESET]
+
+    @property
+    def connect_timeouts(self) -> int:
+        return self.tcp_ends[End.CONNECT_TIMEOUT]
+
+    @property
+    def idle_timeouts(self) -> int:
+        return self.tcp_ends[End.IDLE_TIMEOUT]
+
+    @property
+    def udp_expired(self) -> int:
+        return self.udp_ends[End.UDP_EXPIRED]
+
+    @property
+    def udp_evicted(self) -> int:
+        return self.udp_ends[End.UDP_EVICTED]
+
+    @property
+    def udp_icmp_errors(self) -> int:
+        return self.udp_ends[End.UDP_ICMP]
+
+    DERIVED = ("refused", "loops", "failed", "resets", "connect_timeouts", "idle_timeouts",
+               "udp_expired", "udp_evicted", "udp_icmp_errors")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "pid": os.getpid()}
+        """Flat name -> number: end_tcp_<end> and end_udp_<end> per End, the derived totals,
+        every other counter, and the pid."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("tcp_ends", "udp_ends")}
+        out.update({name: getattr(self, name) for name in self.DERIVED})
+        out.update({f"end_tcp_{end.value}": n for end, n in self.tcp_ends.items()})
+        out.update({f"end_udp_{end.value}": n for end, n in self.udp_ends.items()})
+        out["pid"] = os.getpid()
+        return out
 
 
 class Relay:
@@ -220,8 +266,8 @@ class Relay:
         """The loop's last line of defence: count and log the bug, end the connection it hit."""
         self.counters.internal_errors += 1
         log.exception("internal error handling %s", what)
-        if isinstance(what, Connection):
-            self._end(what, reset=True)
+        if isinstance(what, Connection):  # the access log's list has no "internal" end
+            self._end(what, End.UPSTREAM_ERROR)
 
     def _dispatch(self, data: tuple, mask: int) -> None:
         kind, obj = data
@@ -242,7 +288,7 @@ class Relay:
         """Close listeners and every connection. One still carrying data is reset: a FIN would
         tell its peer the stream ended whole."""
         for conn in list(self.connections):
-            self._end(conn, reset=not (conn.up.finished and conn.down.finished))
+            self._end(conn, End.DRAINED)
         self.udp.close()
         for s in self.listeners:
             self.unregister(s)
@@ -304,11 +350,9 @@ class Relay:
             return
         if conn.state is State.CONNECTING:
             if self.now >= conn.deadline:
-                self.counters.connect_timeouts += 1
-                self.counters.failed += 1
                 self.note("connect-timeout", f"connect to {conn.dst[0]} port {conn.dst[1]} "
                                              f"timed out after {self.settings.connect_timeout:g}s")
-                self._end(conn, reset=True)
+                self._end(conn, End.CONNECT_TIMEOUT)
                 return
             self._schedule(conn, conn.deadline)
             return
@@ -316,8 +360,7 @@ class Relay:
         if not idle:
             return
         if self.now - conn.last_active >= idle:
-            self.counters.idle_timeouts += 1
-            self._end(conn, reset=True)
+            self._end(conn, End.IDLE_TIMEOUT)
         else:
             self._schedule(conn, conn.last_active + idle)
 
@@ -359,47 +402,56 @@ class Relay:
         for s in self.listeners:
             self.selector.register(s, READ, (LISTENER, s))
 
-    def _refuse(self, client: socket.socket) -> None:
+    def _refuse(self, client: socket.socket, end: End) -> None:
+        """Reset a connection that never became a Connection, counted under end."""
+        self.counters.tcp_ends[end] += 1
         with contextlib.suppress(OSError):
             set_reset_on_close(client)
         client.close()
 
     def _start(self, client: socket.socket, client_addr: Address, family: int) -> None:
         if self.counters.active >= self.settings.max_connections:
-            self.counters.refused += 1
             self.warn("max", f"max_connections ({self.settings.max_connections}) reached: "
                               "resetting new connections")
-            self._refuse(client)
+            self._refuse(client, End.OVER_LIMIT)
             return
-        server: socket.socket | None = None
+        who = f"connection from {client_addr[0]} port {client_addr[1]}"
         try:
             dst = self.original_dst(client)
-            if dst[1] in self.ports and is_local_address(dst[0]):
-                self.counters.loops += 1
-                self.warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
-                                   f"asked for the relay itself ({dst[0]} port {dst[1]})")
-                self._refuse(client)
-                return
+        except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
+            gone = isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.ECONNRESET)
+            self.note("start", f"{who}: {exc}")
+            self._refuse(client, End.CLIENT_RESET if gone else End.UPSTREAM_ERROR)
+            return
+        if dst[1] in self.ports and is_local_address(dst[0]):
+            self.warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
+                               f"asked for the relay itself ({dst[0]} port {dst[1]})")
+            self._refuse(client, End.LOOP)
+            return
+        try:
             client.setblocking(False)  # accept4 without SOCK_NONBLOCK: Python has no flags for it
             server = self._outbound(family, client_addr)
-            conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice,
-                              self.pool)
-            conn.connect()
-        except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
-            self.counters.failed += 1
-            self.note("start", f"connection from {client_addr[0]} port {client_addr[1]}: {exc}")
-            if server is not None:
-                server.close()
-            self._refuse(client)
+        except OSError as exc:
+            self.note("start", f"{who}: {exc}")
+            self._refuse(client, End.OVER_LIMIT if exc.errno in RESOURCE_ERRORS
+                         else End.UPSTREAM_ERROR)
             return
+        conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice,
+                          self.pool)
         self.connections.add(conn)
         self.counters.active += 1
+        try:
+            conn.connect()
+        except OSError as exc:
+            self.note("start", f"{who}: {exc}")
+            self._end(conn, conn.failure_end(exc))
+            return
         try:
             self._update(conn)
         except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
             self.counters.register_errors += 1
             self.warn("register", f"cannot watch a connection: {exc}; resetting it")
-            self._end(conn, reset=True)
+            self._end(conn, End.OVER_LIMIT)
             return
         if conn.state is State.CONNECTING:
             conn.deadline = self.now + self.settings.connect_timeout
@@ -435,19 +487,17 @@ class Relay:
             conn.on_event(side, mask, self.now)
         except OSError as exc:
             if conn.state is State.CONNECTING:  # the connect itself failed
-                self.counters.failed += 1
                 self.note("connect", f"{exc} (client {conn.client_addr[0]} port "
                                      f"{conn.client_addr[1]})")
             else:
-                self.counters.resets += 1
                 log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
-            self._end(conn, reset=True)
+            self._end(conn, conn.failure_end(exc))
             return
         if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
             # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
         if conn.state is State.CLOSED:
-            self._end(conn, reset=False)
+            self._end(conn, conn.fin_end())
         else:
             self._update(conn)
 
@@ -470,7 +520,9 @@ class Relay:
             self.selector.modify(sock, want, (conn, side))
         conn.masks[side] = want
 
-    def _end(self, conn: Connection, reset: bool) -> None:
+    def _end(self, conn: Connection, end: End) -> None:
+        """Release a connection and count how it ended. Ended by FINs, the last FIN goes out
+        with the close; any other end resets both peers."""
         if conn not in self.connections:
             return
         self.connections.discard(conn)
@@ -480,7 +532,8 @@ class Relay:
         if masks[SERVER]:
             self.unregister(conn.server)
         masks[CLIENT] = masks[SERVER] = 0
-        conn.close(reset)
+        conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
+        self.counters.tcp_ends[end] += 1
         self.counters.active -= 1
         self.counters.closed += 1
         self.counters.bytes_up += conn.up.bytes  # counted once, not per event

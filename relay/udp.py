@@ -21,6 +21,7 @@ import socket
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from .ends import End
 from .sockopts import (
     SO_MARK,
     Address,
@@ -76,7 +77,7 @@ class UdpRelay:
 
     def close(self) -> None:
         for session in list(self.sessions.values()):
-            self._end(session)
+            self._end(session, End.DRAINED)
         for s in self.listeners:
             self.relay.unregister(s)
             s.close()
@@ -170,14 +171,13 @@ class UdpRelay:
         except OSError:
             loop = False
         if loop:
-            c.loops += 1
+            c.udp_ends[End.LOOP] += 1
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
         while len(self.sessions) >= self.settings.max_udp_sessions:
             _, oldest = self.sessions.popitem(last=False)
-            c.udp_evicted += 1
-            self._close(oldest)
+            self._close(oldest, End.UDP_EVICTED)
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -239,10 +239,9 @@ class UdpRelay:
         self.sessions.move_to_end((session.client, session.dst))
 
     def _icmp_error(self, session: Session, exc: OSError) -> None:
-        self.counters.udp_icmp_errors += 1
         log.debug("udp session %s -> %s ended: %s", session.client, session.dst,
                   errno.errorcode.get(exc.errno or 0, exc))
-        self._end(session)
+        self._end(session, End.UDP_ICMP)
 
     # --- expiry ----------------------------------------------------------------------------------
 
@@ -256,17 +255,17 @@ class UdpRelay:
             return
         deadline = session.last_active + self.settings.udp_idle_timeout
         if self.relay.now >= deadline:
-            self.counters.udp_expired += 1
-            self._end(session)
+            self._end(session, End.UDP_EXPIRED)
         else:
             self._schedule(session, deadline)
 
-    def _end(self, session: Session) -> None:
+    def _end(self, session: Session, end: End) -> None:
         if self.sessions.pop((session.client, session.dst), None) is session:
-            self._close(session)
+            self._close(session, end)
 
-    def _close(self, session: Session) -> None:
-        """Release a session already removed from the table. Never raises."""
+    def _close(self, session: Session, end: End) -> None:
+        """Release a session already removed from the table, counted under end. Never raises."""
+        self.counters.udp_ends[end] += 1
         self.relay.unregister(session.sock)
         session.sock.close()
         self._release_reply(session.dst)
