@@ -21,8 +21,10 @@ SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 # 1 MiB pipes: +15% single-stream throughput over the default 64 KiB, at half the relay's CPU
 # (bench, 2026-11-25). Pages are allocated only while data sits in the pipe.
 PIPE_SIZE = 1 << 20
+SMALL_PIPE = 1 << 16  # the kernel's default size: what a bulk flow gets when the budget is short
 CHUNK = 1 << 16  # one copying read; a read this full makes the flow a splice flow
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 ROUNDS = 4  # reads per readiness event: bounds one fast flow's share of a loop iteration
 _UNSPLICEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 SRC, DST = "src", "dst"  # which socket of a flow failed (Flow.failed)
@@ -31,10 +33,28 @@ SRC, DST = "src", "dst"  # which socket of a flow failed (Flow.failed)
 
 class Pool:
     """What one relay's flows share. The relay is one thread: one buffer serves every copying
-    read, because each read is written out (or its remainder saved) before the next happens."""
+    read, because each read is written out (or its remainder saved) before the next happens.
+    And a budget for pipes: their pages are outside the kernel's TCP memory accounting and
+    cannot be reclaimed while a reader stalls, so their capacity, all flows together, stays
+    within max_pipe_memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pipe_memory: int = 256 << 20) -> None:
         self.buffer = memoryview(bytearray(CHUNK))
+        self.max_pipe_memory = max_pipe_memory
+        self.pipe_memory = 0  # capacity of the pipes open now
+        self.pipes_small = 0  # bulk flows given SMALL_PIPE because the budget was short
+        self.pipes_refused = 0  # bulk flows left copying because the budget was spent
+
+    def grant(self) -> int:
+        """The pipe size a new bulk flow may have: PIPE_SIZE, SMALL_PIPE, or 0 (copy)."""
+        free = self.max_pipe_memory - self.pipe_memory
+        if free >= PIPE_SIZE:
+            return PIPE_SIZE
+        if free >= SMALL_PIPE:
+            self.pipes_small += 1
+            return SMALL_PIPE
+        self.pipes_refused += 1
+        return 0
 
 
 class Flow:
@@ -43,7 +63,7 @@ class Flow:
     connection's last FIN, left to close())."""
 
     __slots__ = ("buffer", "bytes", "can_splice", "dst", "eof", "failed", "leftover", "pending",
-                 "pipe", "pool", "shut", "src")
+                 "pipe", "pipe_size", "pool", "shut", "src")
 
     def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE,
                  pool: Pool | None = None):
@@ -51,6 +71,7 @@ class Flow:
         self.pool = pool or Pool()
         self.buffer = self.pool.buffer
         self.pipe: tuple[int, int] | None = None  # only for bulk flows
+        self.pipe_size = 0  # its capacity, counted in pool.pipe_memory
         self.leftover: memoryview | None = None  # copy mode: what dst did not take yet
         self.pending = 0
         self.eof = False
@@ -139,6 +160,8 @@ class Flow:
             for fd in self.pipe:
                 os.close(fd)
             self.pipe = None
+            self.pool.pipe_memory -= self.pipe_size
+            self.pipe_size = 0
         self.leftover = None
 
     # --- copying -------------------------------------------------------------------------------
@@ -199,13 +222,22 @@ class Flow:
     # --- splicing ------------------------------------------------------------------------------
 
     def _start_splicing(self) -> None:
+        size = self.pool.grant()
+        if not size:  # the relay's pipe budget is spent: this flow keeps copying
+            self.can_splice = False
+            return
         try:
-            self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:  # out of descriptors: this flow keeps copying
             self.can_splice = False
             return
-        with contextlib.suppress(OSError):  # EPERM past fs.pipe-max-size: keep 64 KiB
-            fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+        if size > SMALL_PIPE:
+            with contextlib.suppress(OSError):  # EPERM past fs.pipe-max-size: keep 64 KiB
+                fcntl.fcntl(pipe[1], F_SETPIPE_SZ, size)
+        self.pipe = pipe
+        # what the kernel gave (less than asked past pipe-user-pages-soft), never more
+        self.pipe_size = fcntl.fcntl(pipe[1], F_GETPIPE_SZ)
+        self.pool.pipe_memory += self.pipe_size
 
     def _splice_in(self) -> int | None:
         """Bytes moved from src into the pipe (now pending); 0 at EOF; None if nothing now."""

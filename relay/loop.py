@@ -62,6 +62,7 @@ class Settings:
     udp: bool = False  # also relay UDP (tproxy mode only)
     udp_idle_timeout: float = 60.0
     max_udp_sessions: int = 16384
+    max_pipe_memory: int = 256 << 20  # splice pipes' capacity, all flows together
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Relay:
             original_dst_redirect if settings.mode == REDIRECT else original_dst_tproxy)
         self.selector = selectors.DefaultSelector()
         self.counters = Counters()
-        self.pool = Pool()  # the copy buffer this relay's flows share
+        self.pool = Pool(settings.max_pipe_memory)  # the copy buffer and the pipe budget
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
         self.timers: list[tuple[float, int, Callable[[object, float], None], object]] = []
@@ -548,6 +549,9 @@ class Relay:
     def stats(self) -> dict:
         """The counters as JSON; bytes include those of the connections still open."""
         out = self.counters.to_json()
+        pool = self.pool
+        out.update(pipe_memory=pool.pipe_memory, pipes_small=pool.pipes_small,
+                   pipes_refused=pool.pipes_refused)
         for conn in self.connections:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes

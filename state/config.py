@@ -60,6 +60,7 @@ class RelayConfig:
     workers: int = 1  # single-threaded relay processes sharing the listeners; 0: one per CPU
     drain_timeout: float = 30.0  # on reload, old workers finish their connections this long
     when_down: str = "reject"  # no relay listening: "reject" captured traffic, or "pass" it
+    max_pipe_memory: int = 256 << 20  # bytes of splice pipes a relay holds at once, all flows
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ without root (issue 11). Kernel-side counterparts are in tests/kernel/test_relay
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -23,7 +24,10 @@ from tests.unit.test_relay_loop import (
     wait_for,
 )
 from tproxyd.relay.connection import Connection
+from tproxyd.relay.flow import SPLICE
 from tproxyd.relay.loop import Relay, Settings
+
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def test_a_connection_whose_registration_fails_is_ended_not_leaked():
@@ -99,3 +103,58 @@ def test_failed_connections_log_at_most_a_line_a_second_and_say_what_was_left_ou
     left_out = sum(int(m.group(1)) for line in lines
                    if (m := re.search(r"\((\d+) more like it", line)))
     assert len(lines) + left_out == 31, lines
+
+
+def fill(sock: socket.socket, quiet: float = 0.3, most: float = 5.0) -> int:
+    """Send until the other side has taken nothing for `quiet` seconds; returns bytes sent."""
+    sock.setblocking(False)
+    chunk, sent = b"x" * (1 << 16), 0
+    start = stalled = time.monotonic()
+    while time.monotonic() - start < most:
+        try:
+            sent += sock.send(chunk)
+            stalled = time.monotonic()
+        except BlockingIOError:
+            if time.monotonic() - stalled > quiet:
+                break
+            time.sleep(0.01)
+    return sent
+
+
+def pipe_capacity(relay: Relay) -> list[int]:
+    """The capacity of every pipe the relay's flows hold, asked of the kernel."""
+    while True:
+        try:
+            flows = [f for c in list(relay.connections) for f in (c.up, c.down)]
+            return [fcntl.fcntl(f.pipe[1], F_GETPIPE_SZ) for f in flows if f.pipe is not None]
+        except (RuntimeError, OSError, TypeError):  # the loop changed them meanwhile: again
+            time.sleep(0.01)
+
+
+@pytest.mark.skipif(not SPLICE, reason="needs os.splice")
+def test_stalled_readers_hold_no_more_pipe_memory_than_the_budget():
+    """Servers that never read: every bulk flow's pipe fills. The pipes' capacity, all flows
+    together, stays within max_pipe_memory; past it flows get a small pipe, then copy."""
+    budget = 4 << 20
+    release = threading.Event()
+    up = Upstream(lambda conn: release.wait(4 * DEADLINE))
+    clients = []
+    try:
+        with running(up.addr, max_pipe_memory=budget) as (relay, addr):
+            for _ in range(12):
+                c = socket.create_connection(addr, timeout=DEADLINE)
+                clients.append(c)
+                assert fill(c) > 1 << 20
+            wait_for(lambda: relay.counters.active == 12, "12 connections")
+            held = pipe_capacity(relay)
+            assert len(held) >= 4 and sum(held) <= budget, held
+            stats = relay.stats()
+            assert stats["pipe_memory"] == sum(held)
+            assert stats["pipes_small"] + stats["pipes_refused"] > 0
+            release.set()  # the servers close unread: resets end every connection
+            wait_for(lambda: relay.counters.active == 0, "the connections to end")
+            assert relay.stats()["pipe_memory"] == 0
+    finally:
+        release.set()
+        for c in clients:
+            c.close()
