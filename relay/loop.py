@@ -41,7 +41,7 @@ from .udp import UDP_IN, UDP_SESSION, Session, UdpRelay
 log = logging.getLogger("tproxyd.relay")
 
 ACCEPTS_PER_EVENT = 64
-ACCEPT_PAUSE = 0.25  # seconds without accepting after EMFILE/ENFILE: no 100% CPU spin
+ACCEPT_PAUSE = 0.25  # seconds without accepting when short of descriptors: no 100% CPU spin
 FDS_PER_CONNECTION = 6  # two sockets, two pipes of two ends each
 LISTENER, WAKER, STATS = "listener", "waker", "stats"
 
@@ -73,6 +73,7 @@ class Counters:
     bytes_up: int = 0  # client -> server, of ended connections (Relay.stats() adds open ones)
     bytes_down: int = 0  # server -> client, likewise
     accept_errors: int = 0
+    fd_shortages: int = 0  # times every listener paused, short of descriptors
     internal_errors: int = 0  # bugs caught by the loop's last line of defence
     register_errors: int = 0  # connections the selector refused to watch (reset)
     log_suppressed: int = 0  # log lines left out by the one-a-second-per-kind limit
@@ -165,6 +166,11 @@ class Relay:
         self.iterations = 0  # loop turns: a test's proof that the loop is not spinning
         self.ports: set[int] = set()  # bound listener ports, for loop detection
         self.accepting = True
+        self.paused = False  # every listener, stats included, waits out ACCEPT_PAUSE
+        # A spare descriptor, given up only for what a full table would otherwise fail: the
+        # outbound socket of a connection already accepted, a stats request. Accepting only
+        # while it is held means an accepted connection always has its outbound socket.
+        self._reserve: int | None = None
         self._last_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out)
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
@@ -191,6 +197,7 @@ class Relay:
             else:
                 self.udp.adopt(s)
         bound = [s.getsockname()[:2] for s in self.listeners]
+        self._take_reserve()
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
         self.ports = {port for _, port in bound}
@@ -295,6 +302,7 @@ class Relay:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
         self.listeners.clear()
+        self._release_reserve()
         if self.stats_listener is not None:
             self.unregister(self.stats_listener)
             self.stats_listener.close()
@@ -370,20 +378,53 @@ class Relay:
     def _accept(self, listener: socket.socket) -> None:
         family = int(listener.family)
         for _ in range(ACCEPTS_PER_EVENT):
+            if not self._take_reserve():  # no descriptor to spare: the next one stays queued
+                self._short_of_descriptors("cannot keep a spare descriptor")
+                return
             try:
                 client, addr = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 self.counters.accept_errors += 1
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.warn("accept", f"accept failed: {exc.strerror}; pausing accepts "
-                                         f"for {ACCEPT_PAUSE}s")
-                    self._pause_accepting()
+                if exc.errno in RESOURCE_ERRORS:
+                    self._short_of_descriptors(f"accept failed: {exc.strerror}")
                     return
                 continue  # ECONNABORTED and kin: that one connection is gone already
             self.counters.accepted += 1
             self._start(client, addr[:2], family)
+
+    def _take_reserve(self) -> bool:
+        """Hold the spare descriptor (open it again if it was given up). False: none left."""
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Give the spare descriptor up for the call about to be retried; False: none held."""
+        if self._reserve is None:
+            return False
+        os.close(self._reserve)
+        self._reserve = None
+        return True
+
+    def _short_of_descriptors(self, why: str) -> None:
+        """Pause every listener, the stats one included (a connection waiting there that
+        cannot be accepted would be ready on every turn: a spin), for ACCEPT_PAUSE. What
+        waits stays in the kernel's queues, not accepted and reset."""
+        if self.paused:
+            return
+        self.paused = True
+        self.counters.fd_shortages += 1
+        self.warn("descriptors", f"{why}: short of descriptors, not accepting for "
+                                 f"{ACCEPT_PAUSE}s ({len(self.connections)} connections open)")
+        self._pause_listening()
+        if self.stats_listener is not None:
+            self.unregister(self.stats_listener)
+        self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
 
     def _pause_listening(self) -> None:
         if self.accepting:
@@ -391,12 +432,11 @@ class Relay:
             for s in self.listeners:
                 self.unregister(s)
 
-    def _pause_accepting(self) -> None:
-        if self.accepting:
-            self._pause_listening()
-            self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
-
     def _resume_accepting(self, _: object, when: float) -> None:
+        if self.paused:
+            self.paused = False
+            if self.stats_listener is not None:
+                self.selector.register(self.stats_listener, READ, (STATS, self.stats_listener))
         if self.draining or self.accepting:
             return
         self.accepting = True
@@ -462,7 +502,13 @@ class Relay:
 
     def _outbound(self, family: int, client_addr: Address) -> socket.socket:
         """A socket for the server side, made and bound; Connection.connect() connects it."""
-        server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+        try:
+            server = socket.socket(family, kind)
+        except OSError as exc:  # the table is full: the spare descriptor is for this
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._release_reserve():
+                raise
+            server = socket.socket(family, kind)
         try:
             if self.settings.mark:
                 server.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.mark)
@@ -558,7 +604,23 @@ class Relay:
         return out
 
     def _serve_stats(self, listener: socket.socket) -> None:
-        unixsock.answer(listener, self.stats())
+        """Answer one stats reader; short of descriptors, the spare one serves it."""
+        try:
+            peer, _ = listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRORS or not self._release_reserve():
+                self._short_of_descriptors(f"stats: {exc.strerror}")
+                return
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                self._short_of_descriptors(f"stats: {exc.strerror}")
+                return
+        unixsock.reply(peer, self.stats())
+        if not self._take_reserve():
+            self._short_of_descriptors("cannot keep a spare descriptor")
 
     def warn(self, kind: str, message: str) -> None:
         """Warnings that could repeat per connection, at most one a second each."""

@@ -3,11 +3,13 @@ without root (issue 11). Kernel-side counterparts are in tests/kernel/test_relay
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
+import resource
 import socket
 import threading
 import time
@@ -158,3 +160,37 @@ def test_stalled_readers_hold_no_more_pipe_memory_than_the_budget():
         release.set()
         for c in clients:
             c.close()
+
+
+def test_out_of_descriptors_a_stats_request_is_answered_and_the_loop_does_not_spin(tmp_path):
+    """Every descriptor of the process taken: the relay's spare one answers a stats reader
+    (which used to stay queued, ready on every turn: a spin), and accepting pauses."""
+    up = Upstream(echo)
+    with running(up.addr, tmp_path=tmp_path) as (relay, addr):
+        client, reader = socket.socket(), socket.socket(socket.AF_UNIX)  # made first
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1, hard))
+            with contextlib.suppress(OSError):
+                while True:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+            client.settimeout(DEADLINE)
+            client.connect(addr)
+            wait_for(lambda: relay.counters.fd_shortages > 0, "the relay to run short")
+            reader.settimeout(DEADLINE)
+            reader.connect(str(tmp_path / "relay.sock"))
+            answer = reader.recv(1 << 16)
+            turns = relay.iterations
+            time.sleep(1.0)
+            assert relay.iterations - turns < 100, "the loop spins while short of descriptors"
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert b'"fd_shortages": 1' in answer
+        client.sendall(b"s")
+        assert client.recv(1) == b"s"  # accepted once descriptors are back
+        client.close()
+        reader.close()

@@ -1,0 +1,133 @@
+"""The relay at its limits through the real kernel path (issue 11): out of descriptors, one
+greedy client, reloads on new sockets. Every wait polls with a generous deadline: other tests
+share the machine's two cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from tests.conftest import Tproxy
+from tproxyd.reconciler.lab import WAN, Lab, wait_for_port
+from tproxyd.relay.loop import read_stats
+
+pytestmark = pytest.mark.kernel
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers.py")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def relay_config(lab: Lab, protocols: str = '["tcp"]', **relay) -> str:
+    keys = "\n".join(f"{k} = {json.dumps(v)}" for k, v in relay.items())
+    config = lab.write_config(lab.config(
+        extra=f"[relay]\n{keys}\n", destinations='["198.18.2.0/24", "2001:db8:2::/64"]',
+        protocols=protocols))
+    Tproxy(lab, config)("apply", check=True)
+    return config
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0):
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def settled(stats: str, key: str, quiet: float = 1.0, timeout: float = 30.0) -> dict:
+    """The counters once counter key has not moved for quiet seconds."""
+    last, since, end = None, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < end:
+        counters = try_stats(stats)
+        value = counters and counters[key]
+        if value != last:
+            last, since = value, time.monotonic()
+        elif value and time.monotonic() - since >= quiet:
+            return counters
+        time.sleep(0.1)
+    raise AssertionError(f"{key} did not settle: {last}")
+
+
+def try_stats(path: str, timeout: float = 2.0) -> dict | None:
+    try:
+        return read_stats(path, timeout)
+    except (OSError, ValueError):
+        return None
+
+
+# N connections sent their number at once; echoes gathered for SECONDS; then all are closed.
+MANY = """
+import selectors, socket, sys, time
+host, port, n, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sel, conns, reset = selectors.DefaultSelector(), [], 0
+for i in range(n):
+    c = socket.socket()
+    conns.append(c)
+    try:
+        c.connect((host, port))  # completes in the kernel's backlog, accepted or not
+        c.sendall(f"{i}\\n".encode())
+    except ConnectionError:
+        reset += 1
+        continue
+    c.setblocking(False)
+    sel.register(c, selectors.EVENT_READ, i)
+echoed, end = 0, time.monotonic() + seconds
+print("sent", flush=True)
+while time.monotonic() < end:
+    for key, _ in sel.select(0.1):
+        try:
+            data = key.fileobj.recv(64)
+        except ConnectionResetError:
+            data = None
+        sel.unregister(key.fileobj)
+        if data == f"{key.data}\\n".encode():
+            echoed += 1
+        else:
+            reset += 1
+print(f"echoed {echoed} reset {reset}", flush=True)
+"""
+
+
+def test_out_of_descriptors_the_relay_neither_spins_nor_resets_what_it_accepted(lab: Lab):
+    """64 descriptors and no CAP_SYS_RESOURCE to raise them: about two dozen connections fit.
+    Past them the relay stops accepting (the rest wait in the backlog); it never accepts a
+    connection it then cannot connect onward; a stats request meanwhile is answered and does
+    not make the loop spin."""
+    config = relay_config(lab)
+    lab.spawn(lab.server, sys.executable, PEERS, "echo", "7010")
+    wait_for_port(lab, lab.server, 7010)
+    relay = lab.spawn(lab.gw, "setpriv", "--bounding-set", "-sys_resource", "prlimit",
+                      "--nofile=64:64", sys.executable, "-m", "tproxyd.relay", "-c", config)
+    wait_for_port(lab, lab.gw, 12345)
+    stats = f"{lab.tmp}/state/relay.sock"
+    pid = wait_until(lambda: try_stats(stats), "the stats socket")["pid"]
+    client = lab.spawn(lab.client, sys.executable, "-c", MANY, WAN.peer4, "7010", "60", "8")
+    wait_until(lambda: "sent" in lab.log_of(client), "the client's connections")
+    settled(stats, "accepted")  # as many as fit: the relay is short of descriptors now
+    before, answered = cpu_seconds(pid), 0
+    for _ in range(10):  # stats requests while short: each used to make the loop spin
+        answered += try_stats(stats, timeout=1.0) is not None
+        time.sleep(0.2)
+    used = cpu_seconds(pid) - before
+    assert used < 1.0, f"the relay used {used:.2f}s of CPU in about 2s while short of descriptors"
+    assert answered >= 8
+    assert client.wait(timeout=60) == 0
+    out = lab.log_of(client)
+    counters = read_stats(stats)
+    echoed = int(out.split("echoed ")[1].split()[0])
+    assert "reset 0" in out, (out, counters)
+    assert 10 <= counters["accepted"] < 60 and echoed == counters["accepted"], (out, counters)
+    assert counters["failed"] == counters["resets"] == counters["end_tcp_over_limit"] == 0
+    assert counters["fd_shortages"] > 0 and "descriptors" in lab.log_of(relay)
