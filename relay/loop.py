@@ -63,6 +63,8 @@ class Settings:
     udp_idle_timeout: float = 60.0
     max_udp_sessions: int = 16384
     max_pipe_memory: int = 256 << 20  # splice pipes' capacity, all flows together
+    max_connections_per_client: int = 1024  # per client address
+    max_udp_sessions_per_client: int = 1024
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Relay:
         self.pool = Pool(settings.max_pipe_memory)  # the copy buffer and the pipe budget
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
+        self.per_client: dict[str, int] = {}  # client address -> its open connections
         self.timers: list[tuple[float, int, Callable[[object, float], None], object]] = []
         self._seq = itertools.count()
         self.now = time.monotonic()
@@ -456,6 +459,12 @@ class Relay:
                               "resetting new connections")
             self._refuse(client, End.OVER_LIMIT)
             return
+        if self.per_client.get(client_addr[0], 0) >= self.settings.max_connections_per_client:
+            self.warn("per-client",
+                      f"{client_addr[0]} has max_connections_per_client "
+                      f"({self.settings.max_connections_per_client}) open: resetting its new ones")
+            self._refuse(client, End.OVER_LIMIT)
+            return
         who = f"connection from {client_addr[0]} port {client_addr[1]}"
         try:
             dst = self.original_dst(client)
@@ -481,6 +490,7 @@ class Relay:
                           self.pool)
         self.connections.add(conn)
         self.counters.active += 1
+        self.per_client[client_addr[0]] = self.per_client.get(client_addr[0], 0) + 1
         try:
             conn.connect()
         except OSError as exc:
@@ -579,12 +589,18 @@ class Relay:
         if masks[SERVER]:
             self.unregister(conn.server)
         masks[CLIENT] = masks[SERVER] = 0
-        conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
+        ip = conn.client_addr[0]
+        if self.per_client[ip] > 1:
+            self.per_client[ip] -= 1
+        else:
+            del self.per_client[ip]
+        # counted before the close: whoever sees the close then finds it counted
         self.counters.tcp_ends[end] += 1
         self.counters.active -= 1
         self.counters.closed += 1
         self.counters.bytes_up += conn.up.bytes  # counted once, not per event
         self.counters.bytes_down += conn.down.bytes
+        conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
 
     def unregister(self, sock: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):

@@ -61,6 +61,7 @@ class UdpRelay:
         self.listeners: list[socket.socket] = []
         self.sessions: OrderedDict[tuple[Address, Address], Session] = OrderedDict()  # LRU first
         self.replies: dict[Address, tuple[socket.socket, int]] = {}  # dst -> (socket, users)
+        self.per_client: dict[str, int] = {}  # client address -> its sessions
         self.kernel_drops: dict[int, int] = {}  # fd -> last SO_RXQ_OVFL value seen
 
     # --- sockets -------------------------------------------------------------------------------
@@ -175,6 +176,12 @@ class UdpRelay:
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
+        if self.per_client.get(client[0], 0) >= self.settings.max_udp_sessions_per_client:
+            c.udp_ends[End.OVER_LIMIT] += 1
+            self.relay.warn("udp-per-client", f"{client[0]} has max_udp_sessions_per_client "
+                                              f"({self.settings.max_udp_sessions_per_client}): "
+                                              "dropping datagrams for new sessions")
+            return None
         while len(self.sessions) >= self.settings.max_udp_sessions:
             _, oldest = self.sessions.popitem(last=False)
             self._close(oldest, End.UDP_EVICTED)
@@ -209,6 +216,7 @@ class UdpRelay:
             self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
             return None
         self.sessions[(client, dst)] = session
+        self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
         c.udp_sessions += 1
         c.udp_sessions_opened += 1
         self._schedule(session, self.relay.now + self.settings.udp_idle_timeout)
@@ -266,6 +274,11 @@ class UdpRelay:
     def _close(self, session: Session, end: End) -> None:
         """Release a session already removed from the table, counted under end. Never raises."""
         self.counters.udp_ends[end] += 1
+        ip = session.client[0]
+        if self.per_client[ip] > 1:
+            self.per_client[ip] -= 1
+        else:
+            del self.per_client[ip]
         self.relay.unregister(session.sock)
         session.sock.close()
         self._release_reply(session.dst)

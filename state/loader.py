@@ -304,6 +304,8 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "drain_timeout": lambda v, p: _seconds(v, p, out, 0, 86400),
         "when_down": lambda v, p: _choice(v, p, out, ("reject", "pass")),
         "max_pipe_memory": lambda v, p: _size(v, p, out, 0, 1 << 40),
+        "max_connections_per_client": lambda v, p: _int(v, p, out, 1, 1_000_000),
+        "max_udp_sessions_per_client": lambda v, p: _int(v, p, out, 1, 1_000_000),
     }, RelayConfig()))
 
     marks = Marks(**_fields(_section(doc, "marks", out), "marks", out, {

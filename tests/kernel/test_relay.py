@@ -192,7 +192,7 @@ def test_max_connections_refuses_past_the_limit(lab: Lab):
 
 
 def test_2000_concurrent_connections_held_open(lab: Lab):
-    relay = start_relay(lab)
+    relay = start_relay(lab, max_connections_per_client=2000)  # one client holds them all
     peer(lab, "echo", 7005)
     holder = lab.spawn(lab.client, sys.executable, PEERS, "hold", WAN.peer4, "7005", "2000", "3")
     deadline = time.monotonic() + 120

@@ -23,6 +23,15 @@ def problems(text: str) -> list[str]:
 def test_defaults():
     relay = loads(MINIMAL).relay
     assert relay.max_pipe_memory == 256 << 20
+    assert relay.max_connections_per_client == relay.max_udp_sessions_per_client == 1024
+
+
+@pytest.mark.parametrize("key", ["max_connections_per_client", "max_udp_sessions_per_client"])
+def test_per_client_limits(key):
+    assert getattr(loads(f"[relay]\n{key} = 3\n{MINIMAL}").relay, key) == 3
+    for bad, words in (("0", "out of range"), ('"10"', "must be an integer")):
+        lines = problems(f"[relay]\n{key} = {bad}\n")
+        assert any(ln.startswith(f"t.toml: relay.{key}:") and words in ln for ln in lines), lines
 
 
 @pytest.mark.parametrize("value, size", [
@@ -44,7 +53,8 @@ def test_pipe_memory_refusals_name_the_key(value, words):
                for ln in lines), lines
 
 
-@pytest.mark.parametrize("key", ["max_pipe_memory"])
+@pytest.mark.parametrize("key", ["max_pipe_memory", "max_connections_per_client",
+                                 "max_udp_sessions_per_client"])
 def test_the_example_documents_the_key(key):
     with open(os.path.join(ROOT, "tproxy.toml.example")) as f:
         lines = f.read().splitlines()

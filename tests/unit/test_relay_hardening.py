@@ -194,3 +194,28 @@ def test_out_of_descriptors_a_stats_request_is_answered_and_the_loop_does_not_sp
         assert client.recv(1) == b"s"  # accepted once descriptors are back
         client.close()
         reader.close()
+
+
+def test_one_client_cannot_take_every_connection_slot():
+    """Past max_connections_per_client that client's new connections are reset and counted;
+    another client (another source address) is still served."""
+    up = Upstream(echo)
+    with running(up.addr, max_connections_per_client=2) as (relay, addr):
+        kept = [socket.create_connection(addr, timeout=DEADLINE) for _ in range(2)]
+        for k in kept:
+            k.sendall(b"a")
+            assert k.recv(1) == b"a"
+        expect_reset(addr)
+        wait_for(lambda: relay.stats()["end_tcp_over_limit"] == 1, "the refusal to be counted")
+        with socket.create_connection(addr, timeout=DEADLINE,
+                                      source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"b")
+            assert other.recv(1) == b"b"
+        kept.pop().close()
+        wait_for(lambda: relay.counters.active == 1, "a slot to free")
+        with socket.create_connection(addr, timeout=DEADLINE) as again:  # its slot is back
+            again.sendall(b"c")
+            assert again.recv(1) == b"c"
+        for k in kept:
+            k.close()
+        assert relay.stats()["end_tcp_over_limit"] == 1
