@@ -213,16 +213,18 @@ class Relay:
 
     def _drain(self) -> None:
         """Stop taking new connections and datagrams; run until the open connections end.
-        Our copies of the listeners are closed: where the daemon kept its own (a reload on the
-        same sockets) the next worker accepts from them; where it did not (new sockets), they
-        leave the SO_REUSEPORT group so no new connection waits on them."""
+        Our copies of the listeners, TCP and UDP, are closed: where the daemon kept its own (a
+        reload on the same sockets) the next worker serves them; where it did not (new
+        sockets), they leave the SO_REUSEPORT group so nothing new waits on them. The drain
+        ends when the last connection and the last UDP session have."""
         self.draining = True
         self._pause_listening()
         for s in self.listeners:
             s.close()
         self.listeners.clear()
         self.udp.stop_listening()
-        log.info("draining: %d connections open", len(self.connections))
+        log.info("draining: %d connections and %d UDP sessions open", len(self.connections),
+                 len(self.udp.sessions))
 
     def _open_stats(self, path: str) -> None:
         self.stats_listener = unixsock.listen(path)
@@ -268,7 +270,7 @@ class Relay:
                     except Exception:
                         self.draining = True  # still draining: no second attempt each turn
                         self._internal_error("drain")
-                if self.draining and not self.connections:
+                if self.draining and not self.connections and not self.udp.sessions:
                     self.running = False
         finally:
             self.close()

@@ -72,9 +72,14 @@ class UdpRelay:
         self.relay.selector.register(s, selectors.EVENT_READ, (UDP_IN, s))
 
     def stop_listening(self) -> None:
-        """Draining: no new datagrams from the listeners; sessions finish on their own."""
+        """Draining: the listeners are closed, not just unwatched: an open one stays in its
+        SO_REUSEPORT group and takes its share of new datagrams, which nobody would read (the
+        daemon keeps its own copy where the next worker uses the same sockets). Sessions go
+        on until they expire."""
         for s in self.listeners:
             self.relay.unregister(s)
+            s.close()
+        self.listeners.clear()
 
     def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -147,10 +148,11 @@ def start_relay(lab: Lab, **relay) -> tuple:
 UDP_EACH = """
 import socket, sys
 host, port, sockets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+wait = float(sys.argv[4]) if len(sys.argv) > 4 else 1.5
 replies = 0
 for i in range(sockets):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(1.5)
+    s.settimeout(wait)
     s.sendto(f"{i}".encode(), (host, port))
     try:
         replies += s.recv(100) == f"{i}".encode()
@@ -176,3 +178,89 @@ def test_one_client_cannot_take_every_connection_or_session(lab: Lab):
     counters = read_stats(stats)
     assert counters["end_tcp_over_limit"] == 1 and counters["active"] == 3
     assert counters["end_udp_over_limit"] == 2 and counters["udp_sessions_opened"] == 2
+
+
+# Two relay workers as the daemon runs them after a reload on new sockets: each its own set of
+# SO_REUSEPORT listeners, passed with --listen-fd. "a" starts at once, "b" when STATE/go-b
+# appears; each start and exit is printed.
+WORKERS = """
+import os, subprocess, sys, time
+from tproxyd.relay.listeners import open_listeners
+config, state = sys.argv[1], sys.argv[2]
+def start(name):
+    socks = open_listeners(12345, ("0.0.0.0",), True, True, reuseport=True)
+    fds = [s.fileno() for s in socks]
+    args = [sys.executable, "-m", "tproxyd.relay", "-c", config, "--name", name,
+            "--stats", f"{state}/{name}.sock"]
+    for fd in fds:
+        args += ["--listen-fd", str(fd)]
+    proc = subprocess.Popen(args, pass_fds=fds)
+    for s in socks:
+        s.close()  # as the daemon does when it moves to new sockets
+    print(f"started {name} {proc.pid}", flush=True)
+    return proc
+procs = {"a": start("a")}
+while True:
+    if "b" not in procs and os.path.exists(f"{state}/go-b"):
+        procs["b"] = start("b")
+    for name, proc in list(procs.items()):
+        if proc.poll() is not None:
+            print(f"exited {name} {proc.returncode}", flush=True)
+            del procs[name]
+    time.sleep(0.05)
+"""
+
+# one datagram from a fixed client port (the same session each time), its echo awaited
+UDP_FROM = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[3])))
+s.settimeout(3)
+s.sendto(b"again", (sys.argv[1], int(sys.argv[2])))
+print(s.recv(100).decode())
+"""
+
+
+def test_a_draining_worker_leaves_the_udp_group_and_finishes_its_sessions(lab: Lab):
+    """After a reload on new sockets, the old worker's UDP listener left open would stay in
+    the SO_REUSEPORT group and take its share of new datagrams into nowhere; and a drain that
+    ended on TCP connections alone cut the worker's UDP sessions."""
+    config = relay_config(lab, protocols='["tcp", "udp"]', udp_idle_timeout=8.0)
+    state = f"{lab.tmp}/state"
+    os.makedirs(state, exist_ok=True)
+    lab.spawn(lab.server, sys.executable, PEERS, "echo", "7020")
+    for port in ("7021", "7022"):
+        lab.spawn(lab.server, sys.executable, PEERS, "udpecho", port)
+    wait_for_port(lab, lab.server, 7020)
+    wait_for_port(lab, lab.server, 7022, "udp")
+    workers = lab.spawn(lab.gw, sys.executable, "-c", WORKERS, config, state)
+    a_stats, b_stats = f"{state}/a.sock", f"{state}/b.sock"
+    wait_until(lambda: try_stats(a_stats), "worker a")
+    pid_a = int(lab.log_of(workers).split("started a ")[1].split()[0])
+    # a TCP connection and a UDP session through a, before b exists
+    holder = lab.spawn(lab.client, sys.executable, PEERS, "hold", WAN.peer4, "7020", "1", "60")
+    wait_until(lambda: "held 1" in lab.log_of(holder), "a connection through a")
+    assert lab.run(lab.client, sys.executable, "-c", UDP_FROM, WAN.peer4, "7021",
+                   "40000").stdout.strip() == "again"
+    with open(f"{state}/go-b", "w"):
+        pass
+    wait_until(lambda: try_stats(b_stats), "worker b")
+    os.kill(pid_a, signal.SIGUSR2)  # a drains: b alone takes what is new
+    wait_until(lambda: "draining" in lab.log_of(workers), "a to drain")
+    out = lab.run(lab.client, sys.executable, "-c", UDP_EACH, WAN.peer4, "7022", "100",
+                  "0.5").stdout
+    assert out.strip() == "replies 100", (out, read_stats(a_stats), read_stats(b_stats))
+    assert read_stats(b_stats)["udp_sessions_opened"] == 100
+    assert read_stats(a_stats)["udp_sessions_opened"] == 1
+    # a's session still carries while a drains
+    assert lab.run(lab.client, sys.executable, "-c", UDP_FROM, WAN.peer4, "7021",
+                   "40000").stdout.strip() == "again"
+    assert read_stats(a_stats)["udp_datagrams_up"] == 2
+    lab.stop(holder)  # a's last TCP connection ends; its UDP session does not, yet
+    wait_until(lambda: (c := try_stats(a_stats)) is None or c["active"] == 0,
+               "a's connection to end")
+    time.sleep(0.5)
+    assert "exited a" not in lab.log_of(workers), "the drain cut a's UDP session"
+    wait_until(lambda: "exited a 0" in lab.log_of(workers), "a to exit once its session expired")
+    assert "exited b" not in lab.log_of(workers)
