@@ -284,7 +284,7 @@ class Relay:
 
     def _dispatch(self, data: tuple, mask: int) -> None:
         kind, obj = data
-        if kind.__class__ is Connection:
+        if isinstance(kind, Connection):
             self._on_connection(kind, obj, mask)
         elif kind == LISTENER:
             self._accept(obj)
