@@ -149,9 +149,10 @@ UDP_EACH = """
 import socket, sys
 host, port, sockets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 wait = float(sys.argv[4]) if len(sys.argv) > 4 else 1.5
-replies = 0
+replies, kept = 0, []
 for i in range(sockets):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    kept.append(s)  # open till the end: each socket its own port, so its own session
     s.settimeout(wait)
     s.sendto(f"{i}".encode(), (host, port))
     try:
