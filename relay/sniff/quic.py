@@ -191,7 +191,8 @@ def reassemble(frames: Iterable[Tuple[int, bytes]], limit: int = MAX_SNIFF) -> b
 
 def sniff_quic(datagrams: Union[bytes, Iterable[bytes]]) -> Result:
     """The server_name of the ClientHello in a client's first datagrams (one, or the first few
-    in arrival order). NEED_MORE when the ClientHello continues beyond them."""
+    in arrival order). NEED_MORE when the ClientHello continues beyond them; NO_NAME when they
+    hold no Initial CRYPTO data at all."""
     if not AVAILABLE:
         return NO_NAME
     if isinstance(datagrams, (bytes, bytearray, memoryview)):
@@ -199,9 +200,11 @@ def sniff_quic(datagrams: Union[bytes, Iterable[bytes]]) -> Result:
     frames: List[Tuple[int, bytes]] = []
     for datagram in datagrams:
         frames += initial_frames(bytes(datagram))
+    if not frames:
+        return NO_NAME  # no Initial with CRYPTO data (a 1-RTT packet of a flow seen mid-way)
     stream = reassemble(frames)
     if not stream:
-        return NEED_MORE
+        return NEED_MORE  # the frames so far start after offset 0: the client's next datagram
     try:
         result = client_hello_name(stream, complete=False)
     except TlsError as e:
