@@ -12,7 +12,8 @@ lowercase and one dict lookup per label of the name: independent of how many ent
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, Tuple
+from importlib.util import find_spec
+from typing import Any, Dict, Iterable, List, Tuple
 
 try:  # Debian's python3-idna (IDNA 2008); config with non-ASCII names needs it
     import idna as _idna
@@ -115,3 +116,21 @@ class DomainTable:
 
     def __len__(self) -> int:
         return self.size
+
+
+def quic_sniffing_available() -> bool:
+    """Whether the relay can read names from QUIC: it needs python3-cryptography for AES (asked
+    without importing it, or the relay, from here)."""
+    return find_spec("cryptography") is not None
+
+
+def sniff_notes(routes: Iterable[Any], quic: bool | None = None) -> List[str]:
+    """What `tproxy check` should say about routing by name for these RouteRules: QUIC (UDP)
+    connections a `domains` route could take are routed without a name when AES is missing."""
+    quic = quic_sniffing_available() if quic is None else quic
+    named_udp = [r.name for r in routes if r.domains is not None and "udp" in r.protocols]
+    if named_udp and not quic:
+        return [f"route {named_udp[0]}{' and others' if len(named_udp) > 1 else ''}: QUIC (UDP) "
+                "connections are routed without a name: python3-cryptography is not installed "
+                "(apt install python3-cryptography)"]
+    return []

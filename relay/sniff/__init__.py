@@ -17,13 +17,13 @@ would without tproxyd, and fails there.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 from . import http, quic, tls
 from .common import MAX_SNIFF, NEED_MORE, NO_NAME, Result, Sniff, SniffError
 
-__all__ = ["MAX_SNIFF", "NEED_MORE", "NO_NAME", "Result", "Sniff", "SniffError", "sniff_datagrams",
-           "sniff_stream"]
+__all__ = ["MAX_SNIFF", "NEED_MORE", "NO_NAME", "DatagramSniff", "Result", "Sniff", "SniffError",
+           "StreamSniff", "sniff_datagrams", "sniff_stream"]
 
 
 def sniff_stream(data: bytes) -> Result:
@@ -46,3 +46,65 @@ def sniff_datagrams(datagrams: Sequence[bytes]) -> Result:
         return quic.sniff_quic(datagrams)
     except SniffError:
         return NO_NAME
+
+
+class StreamSniff:
+    """The sniff of one TCP connection, for a state between accept and connect that the relay
+    enters only when RouteTable.wants_name() says so. feed() each recv()'s bytes; `data` keeps
+    every byte, to be sent on unchanged to whatever the route connects to. The answer settles
+    on a name or NO_NAME (then feed() is not called again); NEED_MORE until then. At
+    `deadline` (accept time + relay.sniff_timeout) or the client's EOF, give_up() settles it.
+    """
+
+    __slots__ = ("data", "deadline", "result")
+
+    def __init__(self, deadline: float) -> None:
+        self.data = bytearray()
+        self.deadline = deadline
+        self.result: Result = NEED_MORE
+
+    def feed(self, chunk: bytes) -> Result:
+        self.data += chunk
+        # reparsed from the start: at most 16 KiB, a few us a pass, and no parser state to keep
+        self.result = sniff_stream(bytes(self.data))
+        return self.result
+
+    def give_up(self) -> Result:
+        if self.result is NEED_MORE:
+            self.result = NO_NAME
+        return self.result
+
+    @property
+    def name(self) -> str | None:
+        return self.result if isinstance(self.result, str) else None
+
+
+class DatagramSniff:
+    """StreamSniff for a UDP session's first datagrams (QUIC to port 443): add() each one; all
+    of them are forwarded unchanged, in order, once the route is chosen. Bounded by MAX_SNIFF
+    bytes of datagrams, then NO_NAME."""
+
+    __slots__ = ("datagrams", "deadline", "result", "size")
+
+    def __init__(self, deadline: float) -> None:
+        self.datagrams: List[bytes] = []
+        self.deadline = deadline
+        self.result: Result = NEED_MORE
+        self.size = 0
+
+    def add(self, datagram: bytes) -> Result:
+        self.datagrams.append(datagram)
+        self.size += len(datagram)
+        self.result = sniff_datagrams(self.datagrams)
+        if self.result is NEED_MORE and self.size >= MAX_SNIFF:
+            self.result = NO_NAME
+        return self.result
+
+    def give_up(self) -> Result:
+        if self.result is NEED_MORE:
+            self.result = NO_NAME
+        return self.result
+
+    @property
+    def name(self) -> str | None:
+        return self.result if isinstance(self.result, str) else None

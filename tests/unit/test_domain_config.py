@@ -116,3 +116,15 @@ def test_route_with_domains_survives_pickle():
     rule = RouteRule(name="r", via=("direct",), domains=("a.example", "=b.example"))
     assert pickle.loads(pickle.dumps(rule)) == rule
     assert "named 2 domains" in summary((), [rule])[0]
+
+
+def test_sniff_notes_for_tproxy_check():
+    from tproxyd.state.domains import quic_sniffing_available, sniff_notes
+
+    config = loads(SOCKS + 'udp = true\n[[route]]\nname = "names"\ndomains = ["a.example"]\nvia = "corp"\n'
+                   '[[route]]\nname = "tcp-names"\ndomains = ["b.example"]\nprotocols = ["tcp"]\n'
+                   'via = "corp"\n')
+    assert sniff_notes(config.routes, quic=True) == []
+    (note,) = sniff_notes(config.routes, quic=False)
+    assert note.startswith("route names: QUIC (UDP) connections are routed without a name")
+    assert quic_sniffing_available()  # python3-cryptography is in .ci/setup

@@ -147,3 +147,20 @@ def test_garbage_inside_a_valid_initial_raises_only_quic_error(data):
     except QuicError:
         return
     assert result in (NEED_MORE, NO_NAME) or isinstance(result, str)
+
+
+def test_datagram_sniff():
+    from tproxyd.relay.sniff import DatagramSniff
+
+    late = client_hello([post_quantum(), sni(b"late.example.com")])
+    a = initial(b"\x88" * 8, 0, crypto_frame(0, late[:1100]), pad_to=1200)
+    b = initial(b"\x88" * 8, 1, crypto_frame(1100, late[1100:]), pad_to=1200)
+    sniff = DatagramSniff(deadline=1.0)
+    assert sniff.add(a) is NEED_MORE
+    assert sniff.add(b) == "late.example.com" == sniff.name
+    assert sniff.datagrams == [a, b]
+    stuck = DatagramSniff(deadline=1.0)
+    for _ in range(14):
+        result = stuck.add(a)
+    assert result is NO_NAME  # 16 KiB of datagrams without the rest of the ClientHello
+    assert DatagramSniff(1.0).give_up() is NO_NAME

@@ -165,3 +165,19 @@ def test_mutated_captures_raise_only_tls_error(name, data):
     cut = data.draw(st.integers(0, len(stream)))
     with contextlib.suppress(TlsError):
         sniff_tls(bytes(stream[:cut]))
+
+
+def test_stream_sniff_keeps_every_byte_and_settles():
+    from tproxyd.relay.sniff import StreamSniff
+
+    stream = capture("openssl-ffdhe8192-records.bin")
+    sniff = StreamSniff(deadline=1.0)
+    for i in range(0, len(stream), 50):  # one write per 50 bytes, as the tiny-segment client
+        if sniff.feed(stream[i:i + 50]) is not NEED_MORE:
+            break
+    assert sniff.name == "big.example.net"
+    assert bytes(sniff.data) == stream[:len(sniff.data)]
+    server_first = StreamSniff(deadline=1.0)
+    assert server_first.name is None and server_first.give_up() is NO_NAME  # nothing came
+    ssh = StreamSniff(deadline=1.0)
+    assert ssh.feed(b"SSH-2.0-OpenSSH_9.2\r\n") is NO_NAME and ssh.give_up() is NO_NAME
