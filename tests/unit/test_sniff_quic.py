@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.tlsgen import (
+    DATA,
     capture,
     client_hello,
     crypto_frame,
@@ -164,3 +165,23 @@ def test_datagram_sniff():
         result = stuck.add(a)
     assert result is NO_NAME  # 16 KiB of datagrams without the rest of the ClientHello
     assert DatagramSniff(1.0).give_up() is NO_NAME
+
+
+def recorded(name: str) -> list[bytes]:
+    text = (DATA / "quic" / name).read_text()
+    return [bytes.fromhex(ln) for ln in text.splitlines() if ln and not ln.startswith("#")]
+
+
+def test_recorded_aioquic_initial():
+    (datagram,) = recorded("aioquic-h3.hex")
+    assert len(datagram) == 1200
+    assert sniff_quic(datagram) == "quic.example.com"
+
+
+def test_recorded_aioquic_hello_over_two_datagrams():
+    first, second = recorded("aioquic-two-datagrams.hex")  # a 1987-byte ClientHello
+    frames = initial_frames(first) + initial_frames(second)
+    assert [(o, len(d)) for o, d in frames] == [(0, 1152), (1152, 835)]
+    assert sniff_quic([first, second]) == sniff_quic([second, first]) == "big.quic.example.org"
+    assert sniff_quic(first) == "big.quic.example.org"  # the name is in the first part
+    assert sniff_quic(second) is NEED_MORE  # nothing from offset 0
