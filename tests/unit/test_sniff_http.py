@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tests.unit.tlsgen import capture
 from tproxyd.relay.sniff import MAX_SNIFF, NEED_MORE, NO_NAME, sniff_stream
-from tproxyd.relay.sniff.http import HttpError, sniff_http
+from tproxyd.relay.sniff_http import HttpError, sniff_http
 
 CAPTURES = {
     "curl-http11.http": "plain.example.com",

@@ -21,8 +21,9 @@ from tests.unit.tlsgen import (
     sni,
     unrecord,
 )
-from tproxyd.relay.sniff import NEED_MORE, NO_NAME, quic, sniff_datagrams
-from tproxyd.relay.sniff.quic import QuicError, initial_frames, reassemble, sniff_quic
+from tproxyd.relay import sniff_quic as quic
+from tproxyd.relay.sniff import NEED_MORE, NO_NAME, sniff_datagrams
+from tproxyd.relay.sniff_quic import QuicError, initial_frames, reassemble, sniff_quic
 
 DCID = bytes.fromhex("8394c8f03e515708")
 

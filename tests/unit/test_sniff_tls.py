@@ -23,7 +23,7 @@ from tests.unit.tlsgen import (
     unrecord,
 )
 from tproxyd.relay.sniff import MAX_SNIFF, NEED_MORE, NO_NAME, sniff_stream
-from tproxyd.relay.sniff.tls import TlsError, client_hello_name, sniff_tls
+from tproxyd.relay.sniff_tls import TlsError, client_hello_name, sniff_tls
 
 CAPTURES = {
     "curl-tls13.bin": "www.example.com",

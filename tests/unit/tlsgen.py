@@ -1,6 +1,6 @@
 """Builders for sniffer tests: ClientHellos with chosen extensions, records of chosen sizes, and
 QUIC version 1 client Initial packets protected as RFC 9001 5 says (the client's side of what
-relay/sniff/quic.py opens)."""
+relay/sniff_quic.py opens)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
-from tproxyd.relay.sniff import quic
+from tproxyd.relay import sniff_quic as quic
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -10,7 +10,7 @@ import re
 
 from tproxyd.state.domains import sniffed
 
-from .common import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
+from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
 
 _METHOD = re.compile(rb"[A-Z][A-Z_-]{0,23}")  # GET, POST, PROPFIND, M-SEARCH ...; not a token in full
 _REQUEST = re.compile(rb"([A-Z][A-Z_-]{0,23}) ([!-~]+) HTTP/1\.[01]\r?")

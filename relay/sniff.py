@@ -9,7 +9,9 @@ Why in relay/ and not state/: they parse wire formats from clients in the relay'
 to the SOCKS5 and CONNECT parsers that later carry the name; state/ holds config and desired
 state and needs none of them (it only normalises and matches the names they return).
 
-Each module raises only its own error (TlsError, HttpError, QuicError, all SniffError) on bytes
+The parsers live in sniff_tls.py, sniff_http.py and sniff_quic.py (flat modules, like the rest
+of relay/: the package maps one folder), their shared answers in sniff_base.py. Each raises
+only its own error (TlsError, HttpError, QuicError, all SniffError) on bytes
 that claim its protocol but break it; sniff_stream() and sniff_datagrams() turn those into
 NO_NAME, so the relay has nothing to catch: a broken ClientHello goes on to the server as it
 would without tproxyd, and fails there.
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from . import http, quic, tls
-from .common import MAX_SNIFF, NEED_MORE, NO_NAME, Result, Sniff, SniffError
+from . import sniff_http as http
+from . import sniff_quic as quic
+from . import sniff_tls as tls
+from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, Sniff, SniffError
 
 __all__ = ["MAX_SNIFF", "NEED_MORE", "NO_NAME", "DatagramSniff", "Result", "Sniff", "SniffError",
            "StreamSniff", "sniff_datagrams", "sniff_stream"]
@@ -40,7 +44,7 @@ def sniff_stream(data: bytes) -> Result:
 
 
 def sniff_datagrams(datagrams: Sequence[bytes]) -> Result:
-    """A UDP client's first datagrams to port 443: QUIC Initial packets (see quic.py). NO_NAME
+    """A UDP client's first datagrams to port 443: QUIC Initial packets (see sniff_quic.py). NO_NAME
     for anything else, and when python3-cryptography is missing (quic.AVAILABLE). Never raises."""
     try:
         return quic.sniff_quic(datagrams)

@@ -6,7 +6,7 @@ Per datagram: remove header protection (AES-ECB of a sample of the ciphertext), 
 (AES-128-GCM), collect its CRYPTO frames. The frames of several Initial packets (coalesced in one
 datagram, or in the client's next datagrams, as a 1.5-2 KB post-quantum ClientHello needs) are put
 together by offset, in whatever order they came, and the contiguous prefix from offset 0 is
-parsed as a TLS handshake message (tls.client_hello_name).
+parsed as a TLS handshake message (sniff_tls.client_hello_name).
 
 Needs python3-cryptography (AES); without it AVAILABLE is False and every answer is NO_NAME:
 QUIC is then routed without a name, and `tproxy check` should say so.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import hmac
 from typing import Dict, Iterable, List, Tuple, Union
 
-from .common import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
-from .tls import TlsError, client_hello_name
+from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
+from .sniff_tls import TlsError, client_hello_name
 
 try:
     from cryptography.exceptions import InvalidTag

@@ -15,7 +15,7 @@ from typing import Tuple
 
 from tproxyd.state.domains import sniffed
 
-from .common import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
+from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
 
 HANDSHAKE = 0x16  # record content type
 CLIENT_HELLO = 1
