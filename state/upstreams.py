@@ -84,6 +84,13 @@ class Upstream:
         """host:port as written back to a person ([v6]:port)."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def target(self, address: str, name: str | None = None) -> str:
+        """The host to ask this upstream to connect to: the sniffed name when there is one and
+        send_domain is on (SOCKS5 DOMAINNAME, `CONNECT name:port`: the upstream resolves it, as
+        the client's own DNS answer may be wrong from where the upstream stands), else the
+        original destination address."""
+        return name if name and self.send_domain else address
+
     def ip(self) -> Tuple[int, int] | None:
         """(version, address as int) when host is an IP literal; None for a DNS name."""
         return ip_literal(self.host)

@@ -128,3 +128,12 @@ def test_sniff_notes_for_tproxy_check():
     (note,) = sniff_notes(config.routes, quic=False)
     assert note.startswith("route names: QUIC (UDP) connections are routed without a name")
     assert quic_sniffing_available()  # python3-cryptography is in .ci/setup
+
+
+def test_upstream_target_is_the_name_only_with_send_domain():
+    config = loads(SOCKS + '[[upstream]]\nname = "web"\ntype = "http"\naddress = "proxy.example:3128"\n'
+                   "send_domain = false\n")
+    corp, web = config.upstreams
+    assert corp.target("203.0.113.5", "github.com") == "github.com"
+    assert corp.target("203.0.113.5") == corp.target("203.0.113.5", None) == "203.0.113.5"
+    assert web.target("203.0.113.5", "github.com") == "203.0.113.5"
