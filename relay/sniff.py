@@ -19,7 +19,7 @@ would without tproxyd, and fails there.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from . import sniff_http as http
 from . import sniff_quic as quic
@@ -58,24 +58,63 @@ class StreamSniff:
     every byte, to be sent on unchanged to whatever the route connects to. The answer settles
     on a name or NO_NAME (then feed() is not called again); NEED_MORE until then. At
     `deadline` (accept time + relay.sniff_timeout) or the client's EOF, give_up() settles it.
+
+    The parsers read from the start each time, so a client trickling bytes one at a time would
+    cost a parse per byte: quadratic, up to a second of the loop's CPU at 16 KiB. feed() parses
+    only when the first message may be complete (TLS: its records' lengths, walked once each;
+    HTTP: a blank line arrived), the bytes doubled since the last parse, or the bound is
+    reached: linear in all. Real clients send their first message in one go, so no name waits.
     """
 
-    __slots__ = ("data", "deadline", "result")
+    __slots__ = ("_head", "_hs", "_parsed", "_pos", "data", "deadline", "result")
 
     def __init__(self, deadline: float) -> None:
         self.data = bytearray()
         self.deadline = deadline
         self.result: Result = NEED_MORE
+        self._parsed = 0  # len(data) at the last parse
+        self._pos = 0  # TLS: where the next record header starts
+        self._hs = 0  # TLS: handshake bytes in the complete records so far
+        self._head = b""  # TLS: the first handshake message's 4-byte header, once read
 
     def feed(self, chunk: bytes) -> Result:
+        before = len(self.data)
         self.data += chunk
-        # reparsed from the start: at most 16 KiB, a few us a pass, and no parser state to keep
+        if not self.data:
+            return self.result
+        size = len(self.data)
+        if self._parsed and size < 2 * self._parsed and size < MAX_SNIFF \
+                and not self._may_be_complete(before):
+            return self.result
+        self._parsed = size
         self.result = sniff_stream(bytes(self.data))
         return self.result
 
+    def _may_be_complete(self, before: int) -> bool:
+        data = self.data
+        if data[0] != tls.HANDSHAKE:
+            start = max(0, before - 3)
+            return data.find(b"\n\n", start) >= 0 or data.find(b"\n\r\n", start) >= 0
+        while len(data) - self._pos >= 5:
+            if data[self._pos] != tls.HANDSHAKE:
+                return True  # not a handshake record: let the parser say what it is
+            length = int.from_bytes(data[self._pos + 3:self._pos + 5], "big")
+            if self._pos + 5 + length > len(data):
+                break
+            if len(self._head) < 4:
+                self._head += bytes(data[self._pos + 5:self._pos + 5 + min(length, 4 - len(self._head))])
+            self._hs += length
+            self._pos += 5 + length
+            if length == 0:
+                return True  # invalid: the parser refuses it
+        return len(self._head) == 4 and self._hs >= 4 + int.from_bytes(self._head[1:4], "big")
+
     def give_up(self) -> Result:
         if self.result is NEED_MORE:
-            self.result = NO_NAME
+            self._parsed = len(self.data)
+            self.result = sniff_stream(bytes(self.data)) if self.data else NO_NAME
+            if self.result is NEED_MORE:
+                self.result = NO_NAME
         return self.result
 
     @property
@@ -84,22 +123,31 @@ class StreamSniff:
 
 
 class DatagramSniff:
-    """StreamSniff for a UDP session's first datagrams (QUIC to port 443): add() each one; all
-    of them are forwarded unchanged, in order, once the route is chosen. Bounded by MAX_SNIFF
-    bytes of datagrams, then NO_NAME."""
+    """StreamSniff for a UDP session's first datagrams (QUIC): add() each one; all of them are
+    forwarded unchanged, in order, once the route is chosen. Each datagram is decrypted once
+    (its CRYPTO frames kept); a QUIC client's datagrams with Initials are at least 1200 bytes,
+    so at most 13 fit the MAX_SNIFF bound, past which the answer is NO_NAME."""
 
-    __slots__ = ("datagrams", "deadline", "result", "size")
+    __slots__ = ("_frames", "datagrams", "deadline", "result", "size")
 
     def __init__(self, deadline: float) -> None:
         self.datagrams: List[bytes] = []
         self.deadline = deadline
         self.result: Result = NEED_MORE
         self.size = 0
+        self._frames: List[Tuple[int, bytes]] = []
 
     def add(self, datagram: bytes) -> Result:
         self.datagrams.append(datagram)
         self.size += len(datagram)
-        self.result = sniff_datagrams(self.datagrams)
+        if not quic.AVAILABLE:
+            self.result = NO_NAME
+            return self.result
+        try:
+            self._frames += quic.initial_frames(bytes(datagram))
+            self.result = quic.name_from_frames(self._frames)
+        except SniffError:
+            self.result = NO_NAME
         if self.result is NEED_MORE and self.size >= MAX_SNIFF:
             self.result = NO_NAME
         return self.result

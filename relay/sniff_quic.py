@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - exercised only without python3-cryptog
 VERSION_1 = 0x00000001
 SALT_V1 = bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a")  # RFC 9001 5.2
 MAX_CID = 20
+MIN_INITIAL_DATAGRAM = 1200
 PADDING, PING, ACK, ACK_ECN, CRYPTO, CONNECTION_CLOSE = 0x00, 0x01, 0x02, 0x03, 0x06, 0x1C
 
 
@@ -117,6 +118,11 @@ def initial_frames(datagram: bytes) -> List[Tuple[int, bytes]]:
             continue
         if pos == 0 and len(dcid) < 8:
             raise QuicError("a client's first Destination Connection ID has at least 8 bytes")
+        if len(datagram) < MIN_INITIAL_DATAGRAM:
+            # RFC 9000 14.1: servers drop these, so no client sends them; refusing them also
+            # bounds the datagrams a sniff can be made to decrypt (16 KiB / 1200 bytes)
+            raise QuicError(f"a datagram with an Initial packet has {len(datagram)} bytes, "
+                            f"not at least {MIN_INITIAL_DATAGRAM}")
         k = keys.get(dcid) or keys.setdefault(dcid, Keys(dcid))
         crypto += _frames(_open(k, datagram, pos, at, end))
         pos = end
@@ -202,6 +208,12 @@ def sniff_quic(datagrams: Union[bytes, Iterable[bytes]]) -> Result:
     frames: List[Tuple[int, bytes]] = []
     for datagram in datagrams:
         frames += initial_frames(bytes(datagram))
+    return name_from_frames(frames)
+
+
+def name_from_frames(frames: List[Tuple[int, bytes]]) -> Result:
+    """sniff_quic() once the datagrams' CRYPTO frames are collected (a caller that receives
+    datagrams one by one keeps the frames and decrypts each datagram once)."""
     if not frames:
         return NO_NAME  # no Initial with CRYPTO data (a 1-RTT packet of a flow seen mid-way)
     stream = reassemble(frames)

@@ -82,7 +82,7 @@ def test_post_quantum_hello_over_two_coalesced_packets_and_two_datagrams():
 
 
 def test_handshake_packet_coalesced_after_the_initial_is_skipped():
-    packet = initial(b"\x44" * 8, 0, crypto_frame(0, recorded_hello()))
+    packet = initial(b"\x44" * 8, 0, crypto_frame(0, recorded_hello()), pad_to=1150)
     handshake = (bytes([0xE1]) + (1).to_bytes(4, "big") + b"\x08" + b"\x44" * 8 + b"\x00"
                  + b"\x40\x20" + bytes(32))
     assert sniff_quic(packet + handshake + b"\x40" + bytes(30)) == "www.example.com"
@@ -104,12 +104,18 @@ def test_not_an_initial(datagram, words):
 def test_short_header_and_empty():
     assert sniff_quic(b"\x40" + bytes(30)) is NO_NAME  # 1-RTT: a flow seen mid-way, no Initial
     assert sniff_quic([]) is NO_NAME
-    assert sniff_quic(initial(b"\x77" * 8, 0, b"\x01")) is NO_NAME  # a PING, no CRYPTO
+    assert sniff_quic(initial(b"\x77" * 8, 0, b"\x01", pad_to=1200)) is NO_NAME  # PING, no CRYPTO
+
+
+def test_initial_in_a_short_datagram_is_refused():
+    # RFC 9000 14.1: a client pads every datagram with an Initial to 1200 bytes
+    with pytest.raises(QuicError, match="not at least 1200"):
+        sniff_quic(initial(b"\x77" * 8, 0, crypto_frame(0, recorded_hello()), pad_to=1199))
 
 
 def test_frames_that_cannot_be_in_an_initial():
     with pytest.raises(QuicError, match="frame type 0x8"):
-        sniff_quic(initial(b"\x55" * 8, 0, b"\x08\x00\x00\x00"))  # a STREAM frame
+        sniff_quic(initial(b"\x55" * 8, 0, b"\x08\x00\x00\x00", pad_to=1200))  # a STREAM frame
 
 
 def test_reassembly():
@@ -145,7 +151,7 @@ def test_garbage_inside_a_valid_initial_raises_only_quic_error(data):
         st.builds(lambda o, b: crypto_frame(o, b), st.integers(0, 1 << 20), st.binary(max_size=50)),
     ))
     try:
-        result = sniff_quic(initial(b"\x66" * 8, 0, frames))
+        result = sniff_quic(initial(b"\x66" * 8, 0, frames, pad_to=1200))
     except QuicError:
         return
     assert result in (NEED_MORE, NO_NAME) or isinstance(result, str)

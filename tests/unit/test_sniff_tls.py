@@ -181,3 +181,43 @@ def test_stream_sniff_keeps_every_byte_and_settles():
     assert server_first.name is None and server_first.give_up() is NO_NAME  # nothing came
     ssh = StreamSniff(deadline=1.0)
     assert ssh.feed(b"SSH-2.0-OpenSSH_9.2\r\n") is NO_NAME and ssh.give_up() is NO_NAME
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURES))
+@pytest.mark.parametrize("size", [1, 50])
+def test_stream_sniff_settles_when_the_hello_is_complete(name, size):
+    """Fed in pieces (1 byte: the worst client; 50: the issue's tiny segments), re-cut into
+    100-byte records: the answer is there when the last byte of the ClientHello is."""
+    from tproxyd.relay.sniff import StreamSniff
+
+    stream = records(unrecord(capture(name)), 100)
+    sniff = StreamSniff(deadline=1.0)
+    for i in range(0, len(stream), size):
+        sniff.feed(stream[i:i + size])
+    assert sniff.result == CAPTURES[name]
+
+
+def test_stream_sniff_parses_a_trickle_a_logarithmic_number_of_times(monkeypatch):
+    import tproxyd.relay.sniff as sniff_module
+
+    calls = []
+    real = sniff_module.sniff_stream
+    monkeypatch.setattr(sniff_module, "sniff_stream", lambda data: calls.append(len(data)) or real(data))
+    hello = client_hello([ext(0x0015, bytes(20000)), sni(b"late.example")])
+    for stream in (records(hello, 1), records(hello, 100), b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 4000):
+        calls.clear()
+        sniff = sniff_module.StreamSniff(deadline=1.0)
+        for i in range(MAX_SNIFF):
+            if sniff.feed(stream[i:i + 1]) is not NEED_MORE:
+                break
+        assert sniff.result is NO_NAME and len(calls) <= 20, len(calls)
+    calls.clear()
+    http = sniff_module.StreamSniff(deadline=1.0)
+    request = b"GET / HTTP/1.1\r\nHost: h.example\r\nAccept: */*\r\n\r\n"
+    for i in range(len(request)):
+        http.feed(request[i:i + 1])
+    assert http.name == "h.example"  # found by the blank line at the latest
+    unparsed = sniff_module.StreamSniff(deadline=1.0)
+    assert unparsed.feed(request[:20]) is NEED_MORE
+    assert unparsed.feed(request[20:33]) is NEED_MORE  # Host is complete, but no parse was due
+    assert unparsed.give_up() == "h.example"  # give_up parses what is there
