@@ -6,6 +6,8 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tproxyd.state.domains import DomainError, entry, normalise, sniffed
 from tproxyd.state.errors import ConfigError
@@ -137,3 +139,20 @@ def test_upstream_target_is_the_name_only_with_send_domain():
     assert corp.target("203.0.113.5", "github.com") == "github.com"
     assert corp.target("203.0.113.5") == corp.target("203.0.113.5", None) == "203.0.113.5"
     assert web.target("203.0.113.5", "github.com") == "203.0.113.5"
+
+
+LETTERS = st.sampled_from([*list("abcxyz019-"), "ä", "ß", "é", "ü", "ж", "中", "A", "Z", "É"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(LETTERS, min_size=1, max_size=12), min_size=1, max_size=4), st.booleans())
+def test_normalise_is_idempotent_and_what_the_sniffer_keys_on(labels, dot):
+    text = ".".join(labels) + ("." if dot else "")
+    try:
+        name = normalise(text)
+    except DomainError:
+        return
+    assert normalise(name) == name  # the A-label form is its own normal form
+    assert sniffed(name) == name  # a client sending this name is matched by this entry
+    assert sniffed(name.upper() + ".") == name
+    assert name.isascii() and name == name.lower() and not name.endswith(".")
