@@ -10,9 +10,9 @@ to the SOCKS5 and CONNECT parsers that later carry the name; state/ holds config
 state and needs none of them (it only normalises and matches the names they return).
 
 The parsers live in sniff_tls.py, sniff_http.py and sniff_quic.py (flat modules, like the rest
-of relay/: the package maps one folder), their shared answers in sniff_base.py. Each raises
-only its own error (TlsError, HttpError, QuicError, all SniffError) on bytes
-that claim its protocol but break it; sniff_stream() and sniff_datagrams() turn those into
+of relay/: the package maps one folder), their shared answers in sniff_base.py. Each raises only
+its own error (TlsError, HttpError, QuicError, all SniffError) on bytes that claim its protocol
+but break it; sniff_stream(), sniff_datagrams() and the two classes below turn those into
 NO_NAME, so the relay has nothing to catch: a broken ClientHello goes on to the server as it
 would without tproxyd, and fails there.
 """
@@ -44,7 +44,7 @@ def sniff_stream(data: bytes) -> Result:
 
 
 def sniff_datagrams(datagrams: Sequence[bytes]) -> Result:
-    """A UDP client's first datagrams to port 443: QUIC Initial packets (see sniff_quic.py). NO_NAME
+    """A UDP client's first datagrams: QUIC version 1 Initial packets (see sniff_quic.py); NO_NAME
     for anything else, and when python3-cryptography is missing (quic.AVAILABLE). Never raises."""
     try:
         return quic.sniff_quic(datagrams)
