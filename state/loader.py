@@ -138,7 +138,7 @@ def _fast_cidr(text: str) -> Cidr | None:
     family, bits, version = ((socket.AF_INET6, 128, 6) if ":" in addr else (socket.AF_INET, 32, 4))
     try:
         packed = socket.inet_pton(family, addr)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         return None
     if socket.inet_ntop(family, packed) != addr:
         return None
