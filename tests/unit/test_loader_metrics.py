@@ -3,11 +3,16 @@ when refused."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tproxyd.state.config import Metrics
 from tproxyd.state.errors import ConfigError
-from tproxyd.state.loader import loads
+from tproxyd.state.loader import loads, parse_document
 
 
 def test_metrics_are_off_unless_listen_is_given():
@@ -48,3 +53,12 @@ def test_refusals_name_the_key(body, words):
 def test_a_relay_port_elsewhere_frees_the_default_port():
     m = loads('[relay]\nport = 9000\n[metrics]\nlisten = "127.0.0.1:12345"\n').metrics
     assert m.port == 12345
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.integers(), st.booleans(), st.lists(st.text(max_size=5)),
+                 st.builds(lambda h, p: f"{h}:{p}", st.text(max_size=20), st.integers(-5, 70000))))
+def test_arbitrary_listen_values_raise_only_config_error(value):
+    with contextlib.suppress(ConfigError):
+        m = parse_document({"metrics": {"listen": value}}).metrics
+        assert m.enabled and 1 <= m.port <= 65535 and ipaddress.ip_address(m.host)
