@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Dict, List, Tuple
@@ -27,6 +27,19 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+from tproxyd.state.plan import (
+    AddRoute,
+    AddRule,
+    DeleteNftTable,
+    DeleteRoute,
+    DeleteRule,
+    Op,
+    ReplaceNftTable,
+    ReplaceRoute,
+    SetSysctl,
+    UpdateNftSet,
+)
 
 # How a TCP connection or UDP session ended: the access log's `end` values (issue 14), and the
 # suffixes of the relay's end_tcp_<end> / end_udp_<end> counters.
@@ -76,6 +89,9 @@ WORKER_COUNTERS = _worker_counters()
 
 RECONCILE_RESULTS = ("ok", "error")
 DRIFT_KINDS = ("rule", "route", "nft_table", "nft_set", "sysctl")
+REPAIR_KIND = {AddRule: "rule", DeleteRule: "rule", AddRoute: "route", ReplaceRoute: "route",
+               DeleteRoute: "route", ReplaceNftTable: "nft_table", DeleteNftTable: "nft_table",
+               UpdateNftSet: "nft_set", SetSysctl: "sysctl"}
 # reconciles take milliseconds when nothing changed and seconds when 100,000 ranges load
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -104,6 +120,15 @@ class Histogram:
             total += n
             out.append((floatToGoString(bound), total))
         return out
+
+
+def repairs(ops: Iterable[Op]) -> Dict[str, int]:
+    """Changes by kind (DRIFT_KINDS)."""
+    out: Dict[str, int] = {}
+    for op in ops:
+        kind = REPAIR_KIND[type(op)]
+        out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 @dataclass
