@@ -23,8 +23,9 @@ PROMTOOL = os.path.join(os.path.dirname(sys.executable), "promtool")  # .ci/setu
 Samples = dict[tuple[str, tuple], float]
 
 
-def metrics_config(lab: Lab, listen: str = LISTEN, extra: str = "") -> str:
-    return config(lab, extra=f'[metrics]\nlisten = "{listen}"\n{extra}')
+def metrics_config(lab: Lab, listen: str = LISTEN, daemon: str = "") -> str:
+    """daemon: more lines of [daemon]."""
+    return config(lab, extra=f'{daemon}[metrics]\nlisten = "{listen}"\n')
 
 
 def scrape(lab: Lab, where: str = LISTEN, accept: str | None = None, ns: str | None = None
@@ -218,3 +219,18 @@ def test_reconciles_drift_repairs_and_config_validity_are_counted(lab: Lab):
     d.save(metrics_config(lab))
     eventually(lambda: samples(scrape(lab)[0])[("tproxyd_config_valid", ())] == 1,
                "config_valid 1 again")
+
+
+def test_a_taken_address_is_reported_and_taken_when_free(lab: Lab):
+    squatter = lab.spawn(lab.gw, sys.executable, "-c", "import socket, time; s = socket."
+                         "create_server(('127.0.0.1', 9641)); time.sleep(600)")
+    wait_for_port(lab, lab.gw, 9641)
+    d = Tproxyd(lab, metrics_config(lab, daemon="resync_interval = 0.5\n"))
+    error = d.status()["metrics"]["error"]
+    assert error and "cannot listen on 127.0.0.1:9641" in error
+    assert "metrics: cannot listen on 127.0.0.1:9641" in lab.log_of(d.proc)
+    assert d.status()["in_sync"]  # the gateway runs regardless
+    lab.stop(squatter)
+    eventually(lambda: d.status()["metrics"]["error"] is None, "the address taken at a resync",
+               timeout=5)
+    assert "tproxyd_build_info" in scrape(lab)[0]
