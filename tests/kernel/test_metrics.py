@@ -18,6 +18,7 @@ from tests.kernel.test_daemon import Tproxyd, config, eventually, worker_pids
 
 pytestmark = pytest.mark.kernel
 LISTEN = "127.0.0.1:9641"
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers.py")
 PROMTOOL = os.path.join(os.path.dirname(sys.executable), "promtool")  # .ci/setup puts it there
 
 Samples = dict[tuple[str, tuple], float]
@@ -107,6 +108,40 @@ def test_totals_match_the_traffic(lab: Lab, web):
     assert got[("tproxyd_reconciles_total", (("result", "ok"),))] >= 1
     assert got[("tproxyd_reconcile_duration_seconds_count", ())] >= 1
     assert d.status()["metrics"] == {"listen": LISTEN, "error": None}
+
+
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+got = 0
+for i in range(10):
+    s.sendto(bytes([i]) * 100, (sys.argv[1], 7100))
+    try:
+        got += len(s.recv(65536)) == 100
+    except TimeoutError:
+        pass
+print(got)
+"""
+
+
+def test_udp_datagrams_and_bytes_match_the_traffic(lab: Lab):
+    lab.spawn(lab.server, sys.executable, PEERS, "udpecho", "7100")
+    wait_for_port(lab, lab.server, 7100, "udp")
+    d = Tproxyd(lab, metrics_config(lab))
+    got = int(lab.run(lab.client, sys.executable, "-c", UDP_CLIENT, WAN.peer4).stdout)
+    assert got >= 8  # a datagram may be lost; the counts below are held to what was received
+
+    def counted() -> Samples | None:
+        c = samples(scrape(lab)[0])
+        return c if c[("tproxyd_udp_datagrams_total", (("direction", "down"),))] == got else None
+
+    c = eventually(counted, "the datagrams in the metrics", timeout=10)
+    assert c[("tproxyd_udp_datagrams_total", (("direction", "up"),))] == 10
+    assert total(c, "tproxyd_bytes_total", direction="up") == 1000
+    assert total(c, "tproxyd_bytes_total", direction="down") == 100 * got
+    assert c[("tproxyd_active_connections", (("proto", "udp"),))] == 1  # the session is open
+    assert d.status()["counters"]["udp_sessions_opened"] == 1
 
 
 def test_no_counter_goes_down_across_a_sighup_and_a_killed_worker(lab: Lab, web):
