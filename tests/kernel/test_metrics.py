@@ -263,6 +263,7 @@ def test_a_taken_address_is_reported_and_taken_when_free(lab: Lab):
     d = Tproxyd(lab, metrics_config(lab, daemon="resync_interval = 0.5\n"))
     error = d.status()["metrics"]["error"]
     assert error and "cannot listen on 127.0.0.1:9641" in error
+    assert "metrics: NOT SERVED: cannot listen on 127.0.0.1:9641" in d.tproxy("status").stdout
     assert "metrics: cannot listen on 127.0.0.1:9641" in lab.log_of(d.proc)
     assert d.status()["in_sync"]  # the gateway runs regardless
     lab.stop(squatter)
