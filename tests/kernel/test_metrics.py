@@ -144,7 +144,7 @@ def test_udp_datagrams_and_bytes_match_the_traffic(lab: Lab):
     assert d.status()["counters"]["udp_sessions_opened"] == 1
 
 
-def test_no_counter_goes_down_across_a_sighup_and_a_killed_worker(lab: Lab, web):
+def test_no_counter_goes_down_across_a_sighup_and_killed_workers(lab: Lab, web):
     d = Tproxyd(lab, metrics_config(lab))
     for _ in range(3):
         fetch(lab)
@@ -170,13 +170,21 @@ def test_no_counter_goes_down_across_a_sighup_and_a_killed_worker(lab: Lab, web)
     eventually(lambda: worker_pids(d) and pid not in worker_pids(d), "a restarted worker")
     third = counters(lab)
     assert_no_decrease(second, third, "after kill -9 of a worker")
+    for _ in range(2):  # a crash loop in the making: killed again as soon as it is back
+        (pid,) = worker_pids(d)
+        os.kill(pid, signal.SIGKILL)
+        eventually(lambda p=pid: worker_pids(d) and p not in worker_pids(d), "a restart",
+                   timeout=5)
+        now = counters(lab)
+        assert_no_decrease(third, now, "after another kill -9")
+        third = now
     fetch(lab)
     eventually(lambda: d.status()["counters"].get("accepted", 0) >= 6, "the next one counted",
                timeout=10)
     fourth = counters(lab)
     assert_no_decrease(third, fourth, "after the restarted worker's first connection")
     assert fourth[("tproxyd_worker_restarts_total", ())] == first.get(
-        ("tproxyd_worker_restarts_total", ()), 0) + 1
+        ("tproxyd_worker_restarts_total", ()), 0) + 3
     assert total(fourth, "tproxyd_bytes_total", direction="down") > total(
         first, "tproxyd_bytes_total", direction="down") + (256 << 10)  # the transfers' bytes
 
