@@ -238,6 +238,11 @@ def test_the_endpoint_is_only_on_the_configured_address(lab: Lab):
     assert refused(lab, lab.client, f"http://{LAN.gw4}:9641/metrics")  # v6-only
     assert d.status()["metrics"] == {"listen": v6, "error": None}
 
+    d.save(config(lab), "rename")  # [metrics] gone: off
+    eventually(lambda: refused(lab, lab.client, f"http://{v6}/metrics"), "the endpoint closed")
+    assert d.status()["metrics"] == {"listen": None, "error": None}
+    assert not lab.run(lab.gw, "ss", "-ltnH", "sport = :9641").stdout.strip()
+
 
 def scrape_or_none(lab: Lab, where: str, ns: str) -> tuple[str, str] | None:
     try:
