@@ -13,11 +13,14 @@ FRESH_WAIT.
 from __future__ import annotations
 
 import contextlib
+import logging
 import selectors
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Dict, List, Tuple, Union
+
+log = logging.getLogger("tproxyd")
 
 MAX_REQUEST = 8192  # bytes of request line and headers; a scraper sends a few hundred
 READ_TIMEOUT = 5.0  # seconds to send a whole request
@@ -27,7 +30,8 @@ MAX_CLIENTS = 16  # connections at once; past it, new ones are closed at once
 PATH = "/metrics"
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 431: "Request Header Fields Too Large"}
+           408: "Request Timeout", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error"}
 
 # (body, content type) for an Accept header
 Render = Callable[[str], Tuple[bytes, str]]
@@ -144,7 +148,12 @@ class MetricsServer:
         if waiting and (self.fresh() or min(c.since for c in waiting) + FRESH_WAIT <= now):
             for c in waiting:
                 assert c.request is not None
-                body, content_type = self.render(c.request.accept)
+                try:
+                    body, content_type = self.render(c.request.accept)
+                except Exception:  # our bug: that scrape fails, never the daemon's loop
+                    log.exception("metrics: rendering failed")
+                    self._send(c, error(500), now)
+                    continue
                 self._send(c, response(200, body, content_type, c.request.method == "HEAD"), now)
         for c in list(self.clients):
             if c.sending and now - c.since >= SEND_TIMEOUT:

@@ -220,3 +220,18 @@ def test_a_taken_address_raises_and_leaves_nothing_registered():
     finally:
         taken.close()
         selector.close()
+
+
+def test_a_failing_render_fails_that_scrape_not_the_loop(loop, caplog):
+    def broken(accept: str) -> tuple[bytes, str]:
+        raise KeyError("a bug")
+
+    loop.server.render = broken
+    c = loop.connect()
+    c.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert loop.answer(c).startswith(b"HTTP/1.1 500")
+    assert "rendering failed" in caplog.text
+    loop.server.render = loop.render
+    c = loop.connect()
+    c.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert loop.answer(c).startswith(b"HTTP/1.1 200")
