@@ -80,12 +80,17 @@ class Kernel(Variant):
     name = "kernel"
 
 
+# the load generator is one client address holding up to 10,000 connections
+ONE_CLIENT = "[relay]\nmax_connections_per_client = 16384\n"
+
+
 class Tproxyd(Variant):
     name = "tproxyd"
 
     def __init__(self, lab: Lab):
         super().__init__(lab)
-        self.config = lab.write_config(lab.config(destinations='["198.18.2.0/24"]'), "bench.toml")
+        self.config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations='["198.18.2.0/24"]'),
+                                       "bench.toml")
         self.stats = f"{lab.tmp}/state/relay.sock"
 
     def up(self) -> None:
@@ -174,7 +179,7 @@ class TproxydWorkers(Variant):
         self.name = f"tproxyd-{workers}w"
         os.makedirs(os.path.join(lab.tmp, self.name), exist_ok=True)
         self.config = lab.write_config(lab.config(
-            extra=f"[relay]\nworkers = {workers}\n", destinations='["198.18.2.0/24"]',
+            extra=f"{ONE_CLIENT}workers = {workers}\n", destinations='["198.18.2.0/24"]',
             protocols='["tcp"]'), f"{self.name}/tproxy.toml")
         self.socket = f"{lab.tmp}/state/tproxyd.sock"
 

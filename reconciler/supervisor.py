@@ -34,7 +34,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # seconds before restarting a worker tha
 CRASH_LOOP = 5  # this many unexpected exits within a minute is reported as a crash loop
 # What workers report "now" rather than "so far": summed over live workers only. Every other
 # integer a worker reports is a running total, kept when the worker ends.
-GAUGES = frozenset({"active", "udp_sessions"})
+GAUGES = frozenset({"active", "udp_sessions", "pipe_memory"})
 
 
 def worker_count(config: Config) -> int:

@@ -18,7 +18,8 @@ import os
 import selectors
 import socket
 
-from .flow import Flow
+from .ends import End, connect_end
+from .flow import DST, SRC, Flow, Pool
 from .sockopts import Address, set_reset_on_close
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -38,20 +39,22 @@ class ConnectFailed(OSError):
 
 
 class Connection:
-    __slots__ = ("client", "client_addr", "deadline", "down", "dst", "last_active", "masks",
-                 "server", "state", "timer_at", "up")
+    __slots__ = ("client", "client_addr", "deadline", "down", "dst", "first_fin", "last_active",
+                 "masks", "server", "state", "timer_at", "up")
 
-    def __init__(self, client: socket.SocketType, client_addr: Address, server: socket.SocketType,
-                 dst: Address, now: float, use_splice: bool):
+    def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
+                 dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
         self.client, self.server = client, server
         self.client_addr, self.dst = client_addr, dst
-        self.up = Flow(client, server, use_splice)  # client -> server
-        self.down = Flow(server, client, use_splice)  # server -> client
+        pool = pool or Pool()
+        self.up = Flow(client, server, use_splice, pool)  # client -> server
+        self.down = Flow(server, client, use_splice, pool)  # server -> client
         self.state = State.CONNECTING
         self.last_active = now
         self.deadline = 0.0  # connect deadline while CONNECTING
         self.timer_at = 0.0  # when this connection's live timer fires (see Relay._schedule)
         self.masks = [0, 0]  # what the selector watches now, per side
+        self.first_fin: int | None = None  # CLIENT or SERVER: who finished sending first
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""
@@ -72,7 +75,7 @@ class Connection:
         there. Over a local link the handshake is over when connect() returns: the bytes go
         at once, and a send that succeeds proves the connection up (a socket still
         connecting says "would block"), so no wait for writability. Raises OSError."""
-        first = self.up.read_ahead()  # in the shared buffer until send_ahead()
+        first = self.up.read_ahead()  # in the pool's buffer until send_ahead()
         if first:
             self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
         err = self.server.connect_ex(self.dst)
@@ -125,8 +128,9 @@ class Connection:
         is left to close(), which sends it: both sockets were read to EOF, so nothing unread
         turns it into a reset, and a shutdown() is saved."""
         up, down = self.up, self.down
-        up_done = up.eof and not up.pending  # Flow.finished, inlined
-        down_done = down.eof and not down.pending
+        if self.first_fin is None:  # both at once: the client's counts as first
+            self.first_fin = CLIENT if up.eof else SERVER
+        up_done, down_done = up.finished, down.finished
         if up_done and down_done:
             up.shut = down.shut = True
             self.state = State.CLOSED
@@ -136,6 +140,22 @@ class Connection:
         elif down_done:
             down.pass_fin()
             self.state = State.SERVER_DONE
+
+    def fin_end(self) -> End:
+        """How a connection that reached CLOSED by FINs ended: who closed first."""
+        return End.SERVER_FIN if self.first_fin == SERVER else End.CLIENT_FIN
+
+    def failure_end(self, exc: OSError) -> End:
+        """How an OSError raised by this connection ended it: a connect's error by its errno,
+        otherwise a reset of the side whose socket failed."""
+        if isinstance(exc, ConnectFailed):
+            return connect_end(exc.errno)
+        up, down = self.up, self.down
+        if up.failed == SRC or down.failed == DST:
+            return End.CLIENT_RESET
+        if up.failed == DST or down.failed == SRC:
+            return End.SERVER_RESET
+        return End.UPSTREAM_ERROR
 
     def close(self, reset: bool) -> None:
         """Release both sockets and pipes. Runs once (later calls do nothing), never raises.

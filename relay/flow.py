@@ -1,6 +1,6 @@
 """One direction of a relayed connection: bytes from src to dst.
 
-A flow starts by copying: recv_into one buffer shared by the whole relay, then send at once
+A flow starts by copying: recv_into one buffer shared by the relay's flows, then send at once
 (requests and answers of a few KiB never cost a pipe, its two descriptors or its syscalls).
 When a read fills the buffer, the flow is a bulk transfer and moves to splice(2) through a pipe
 of its own: the bytes no longer enter Python. Backpressure is structural: src is read only
@@ -21,14 +21,40 @@ SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 # 1 MiB pipes: +15% single-stream throughput over the default 64 KiB, at half the relay's CPU
 # (bench, 2026-11-25). Pages are allocated only while data sits in the pipe.
 PIPE_SIZE = 1 << 20
+SMALL_PIPE = 1 << 16  # the kernel's default size: what a bulk flow gets when the budget is short
 CHUNK = 1 << 16  # one copying read; a read this full makes the flow a splice flow
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 ROUNDS = 4  # reads per readiness event: bounds one fast flow's share of a loop iteration
 _UNSPLICEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+SRC, DST = "src", "dst"  # which socket of a flow failed (Flow.failed)
 
-# The relay is one thread: one buffer serves every copying read, because each read is written
-# out (or its remainder saved) before the next read happens.
-_SHARED = memoryview(bytearray(CHUNK))
+
+
+class Pool:
+    """What one relay's flows share. The relay is one thread: one buffer serves every copying
+    read, because each read is written out (or its remainder saved) before the next happens.
+    And a budget for pipes: their pages are outside the kernel's TCP memory accounting and
+    cannot be reclaimed while a reader stalls, so their capacity, all flows together, stays
+    within max_pipe_memory."""
+
+    def __init__(self, max_pipe_memory: int = 256 << 20) -> None:
+        self.buffer = memoryview(bytearray(CHUNK))
+        self.max_pipe_memory = max_pipe_memory
+        self.pipe_memory = 0  # capacity of the pipes open now
+        self.pipes_small = 0  # bulk flows given SMALL_PIPE because the budget was short
+        self.pipes_refused = 0  # bulk flows left copying because the budget was spent
+
+    def grant(self) -> int:
+        """The pipe size a new bulk flow may have: PIPE_SIZE, SMALL_PIPE, or 0 (copy)."""
+        free = self.max_pipe_memory - self.pipe_memory
+        if free >= PIPE_SIZE:
+            return PIPE_SIZE
+        if free >= SMALL_PIPE:
+            self.pipes_small += 1
+            return SMALL_PIPE
+        self.pipes_refused += 1
+        return 0
 
 
 class Flow:
@@ -36,17 +62,23 @@ class Flow:
     sent FIN; `shut` once that FIN was passed on (shutdown(SHUT_WR) on dst, or, for the
     connection's last FIN, left to close())."""
 
-    __slots__ = ("bytes", "can_splice", "dst", "eof", "leftover", "pending", "pipe", "shut", "src")
+    __slots__ = ("buffer", "bytes", "can_splice", "dst", "eof", "failed", "leftover", "pending",
+                 "pipe", "pipe_size", "pool", "shut", "src")
 
-    def __init__(self, src: socket.SocketType, dst: socket.SocketType, use_splice: bool = SPLICE):
+    def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE,
+                 pool: Pool | None = None):
         self.src, self.dst = src, dst
+        self.pool = pool or Pool()
+        self.buffer = self.pool.buffer
         self.pipe: tuple[int, int] | None = None  # only for bulk flows
+        self.pipe_size = 0  # its capacity, counted in pool.pipe_memory
         self.leftover: memoryview | None = None  # copy mode: what dst did not take yet
         self.pending = 0
         self.eof = False
         self.shut = False
         self.bytes = 0
         self.can_splice = use_splice
+        self.failed: str | None = None  # SRC or DST: whose error an OSError raised here was
 
     @property
     def finished(self) -> bool:
@@ -64,13 +96,16 @@ class Flow:
                     break  # dst is full: wait for it to drain
             if self.eof:
                 break
-            n = self._copy() if self.pipe is None else self._splice_in()
+            # decided before the read: a copy that fills the buffer opens the pipe itself, and
+            # what it sent already must be counted as a copy's
+            spliced = self.pipe is not None
+            n = self._splice_in() if spliced else self._copy()
             if n is None:
                 break  # src has nothing now
             if n == 0:
                 self.eof = True
                 break
-            if self.pipe is not None and self.pending:  # spliced in: out at once
+            if spliced:  # in the pipe: out at once
                 moved += self._write_pending()
             else:  # copied: written already, the rest (if any) pending
                 moved += n - self.pending
@@ -86,9 +121,12 @@ class Flow:
         send_ahead(), which must come before anything else reads. Returns the bytes read; 0 if
         none yet, or at EOF (then `eof` is set). Raises OSError when src failed."""
         try:
-            n = self.src.recv_into(_SHARED)
+            n = self.src.recv_into(self.buffer)
         except BlockingIOError:
             return 0
+        except OSError:
+            self.failed = SRC
+            raise
         if n == 0:
             self.eof = True
         return n
@@ -111,13 +149,19 @@ class Flow:
         """Carry src's FIN to dst once everything before it is written."""
         if self.finished and not self.shut:
             self.shut = True
-            self.dst.shutdown(socket.SHUT_WR)
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.failed = DST
+                raise
 
     def close(self) -> None:
         if self.pipe is not None:
             for fd in self.pipe:
                 os.close(fd)
             self.pipe = None
+            self.pool.pipe_memory -= self.pipe_size
+            self.pipe_size = 0
         self.leftover = None
 
     # --- copying -------------------------------------------------------------------------------
@@ -126,9 +170,12 @@ class Flow:
         """One read into the shared buffer, written out at once; what dst does not take is
         kept as leftover (pending). Returns the bytes read, 0 at EOF, None if nothing now."""
         try:
-            n = self.src.recv_into(_SHARED)
+            n = self.src.recv_into(self.buffer)
         except BlockingIOError:
             return None
+        except OSError:
+            self.failed = SRC
+            raise
         if n == 0:
             return 0
         if n == CHUNK and self.can_splice:
@@ -139,11 +186,14 @@ class Flow:
     def _send_shared(self, n: int) -> None:
         """Write the shared buffer's first n bytes to dst; keep a copy of what it did not take."""
         try:
-            sent = self.dst.send(_SHARED[:n])
+            sent = self.dst.send(self.buffer[:n])
         except BlockingIOError:
             sent = 0
+        except OSError:
+            self.failed = DST
+            raise
         if sent < n:
-            self.leftover = memoryview(bytes(_SHARED[sent:n]))
+            self.leftover = memoryview(bytes(self.buffer[sent:n]))
             self.pending = n - sent
 
     def _write_pending(self) -> int:
@@ -152,6 +202,9 @@ class Flow:
                 sent = self.dst.send(self.leftover)
             except BlockingIOError:
                 return 0
+            except OSError:
+                self.failed = DST
+                raise
             self.pending -= sent
             self.leftover = self.leftover[sent:] if self.pending else None
             return sent
@@ -160,19 +213,31 @@ class Flow:
             sent = os.splice(self.pipe[0], self.dst.fileno(), self.pending, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return 0
+        except OSError:
+            self.failed = DST
+            raise
         self.pending -= sent
         return sent
 
     # --- splicing ------------------------------------------------------------------------------
 
     def _start_splicing(self) -> None:
+        size = self.pool.grant()
+        if not size:  # the relay's pipe budget is spent: this flow keeps copying
+            self.can_splice = False
+            return
         try:
-            self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:  # out of descriptors: this flow keeps copying
             self.can_splice = False
             return
-        with contextlib.suppress(OSError):  # EPERM past fs.pipe-max-size: keep 64 KiB
-            fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+        if size > SMALL_PIPE:
+            with contextlib.suppress(OSError):  # EPERM past fs.pipe-max-size: keep 64 KiB
+                fcntl.fcntl(pipe[1], F_SETPIPE_SZ, size)
+        self.pipe = pipe
+        # what the kernel gave (less than asked past pipe-user-pages-soft), never more
+        self.pipe_size = fcntl.fcntl(pipe[1], F_GETPIPE_SZ)
+        self.pool.pipe_memory += self.pipe_size
 
     def _splice_in(self) -> int | None:
         """Bytes moved from src into the pipe (now pending); 0 at EOF; None if nothing now."""
@@ -183,6 +248,7 @@ class Flow:
             return None
         except OSError as exc:
             if exc.errno not in _UNSPLICEABLE:
+                self.failed = SRC
                 raise
             self.can_splice = False  # a socket the kernel cannot splice: copy from now on;
             self.close()  # the pipe is empty (nothing pending), and src is still readable

@@ -16,14 +16,15 @@ import os
 import selectors
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
 
 from . import unixsock
 from .connection import CLIENT, READ, SERVER, Connection, State
-from .flow import SPLICE
+from .ends import RESOURCE_ERRORS, End
+from .flow import SPLICE, Pool
 from .listeners import open_listeners
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
@@ -40,7 +41,7 @@ from .udp import UDP_IN, UDP_SESSION, Session, UdpRelay
 log = logging.getLogger("tproxyd.relay")
 
 ACCEPTS_PER_EVENT = 64
-ACCEPT_PAUSE = 0.25  # seconds without accepting after EMFILE/ENFILE: no 100% CPU spin
+ACCEPT_PAUSE = 0.25  # seconds without accepting when short of descriptors: no 100% CPU spin
 FDS_PER_CONNECTION = 6  # two sockets, two pipes of two ends each
 LISTENER, WAKER, STATS = "listener", "waker", "stats"
 
@@ -61,29 +62,26 @@ class Settings:
     udp: bool = False  # also relay UDP (tproxy mode only)
     udp_idle_timeout: float = 60.0
     max_udp_sessions: int = 16384
+    max_pipe_memory: int = 256 << 20  # splice pipes' capacity, all flows together
+    max_connections_per_client: int = 1024  # per client address
+    max_udp_sessions_per_client: int = 1024
 
 
 @dataclass
 class Counters:
     accepted: int = 0
     active: int = 0
-    refused: int = 0  # over max_connections
-    loops: int = 0  # original destination was the relay itself
-    failed: int = 0  # connect refused, unreachable or timed out
-    connect_timeouts: int = 0
-    idle_timeouts: int = 0
-    resets: int = 0  # connections ended by an error or a peer's reset
     closed: int = 0
     bytes_up: int = 0  # client -> server, of ended connections (Relay.stats() adds open ones)
     bytes_down: int = 0  # server -> client, likewise
     accept_errors: int = 0
+    fd_shortages: int = 0  # times every listener paused, short of descriptors
     internal_errors: int = 0  # bugs caught by the loop's last line of defence
+    register_errors: int = 0  # connections the selector refused to watch (reset)
+    log_suppressed: int = 0  # log lines left out by the one-a-second-per-kind limit
     udp_sessions: int = 0  # open now
     udp_sessions_opened: int = 0
-    udp_expired: int = 0
-    udp_evicted: int = 0  # over max_udp_sessions, least recently used first
     udp_failed: int = 0  # could not open the outbound socket
-    udp_icmp_errors: int = 0  # sessions ended by the server side's ICMP error
     udp_datagrams_up: int = 0
     udp_datagrams_down: int = 0
     udp_bytes_up: int = 0
@@ -91,21 +89,77 @@ class Counters:
     udp_drops: int = 0  # datagrams we dropped: full buffers, unreadable, no session
     udp_kernel_drops: int = 0  # datagrams the kernel dropped on our full receive queues
     started: float = field(default_factory=time.time)
+    # how TCP connections and UDP sessions ended, one count per End
+    tcp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
+    udp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
+
+    # The totals older readers (tproxy status, tests) use, derived from the ends.
+    @property
+    def refused(self) -> int:
+        return self.tcp_ends[End.OVER_LIMIT]
+
+    @property
+    def loops(self) -> int:
+        return self.tcp_ends[End.LOOP] + self.udp_ends[End.LOOP]
+
+    @property
+    def failed(self) -> int:
+        """Connects that failed: refused, unreachable, timed out, or another error."""
+        t = self.tcp_ends
+        return (t[End.CONNECT_REFUSED] + t[End.UNREACHABLE] + t[End.CONNECT_TIMEOUT]
+                + t[End.UPSTREAM_ERROR])
+
+    @property
+    def resets(self) -> int:
+        return self.tcp_ends[End.CLIENT_RESET] + self.tcp_ends[End.SERVER_RESET]
+
+    @property
+    def connect_timeouts(self) -> int:
+        return self.tcp_ends[End.CONNECT_TIMEOUT]
+
+    @property
+    def idle_timeouts(self) -> int:
+        return self.tcp_ends[End.IDLE_TIMEOUT]
+
+    @property
+    def udp_expired(self) -> int:
+        return self.udp_ends[End.UDP_EXPIRED]
+
+    @property
+    def udp_evicted(self) -> int:
+        return self.udp_ends[End.UDP_EVICTED]
+
+    @property
+    def udp_icmp_errors(self) -> int:
+        return self.udp_ends[End.UDP_ICMP]
+
+    DERIVED = ("refused", "loops", "failed", "resets", "connect_timeouts", "idle_timeouts",
+               "udp_expired", "udp_evicted", "udp_icmp_errors")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "pid": os.getpid()}
+        """Flat name -> number: end_tcp_<end> and end_udp_<end> per End, the derived totals,
+        every other counter, and the pid."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("tcp_ends", "udp_ends")}
+        out.update({name: getattr(self, name) for name in self.DERIVED})
+        out.update({f"end_tcp_{end.value}": n for end, n in self.tcp_ends.items()})
+        out.update({f"end_udp_{end.value}": n for end, n in self.udp_ends.items()})
+        out["pid"] = os.getpid()
+        return out
 
 
 class Relay:
     def __init__(self, settings: Settings,
-                 original_dst: Callable[[socket.SocketType], Address] | None = None):
+                 original_dst: Callable[[socket.socket], Address] | None = None):
         self.settings = settings
         self.original_dst = original_dst or (
             original_dst_redirect if settings.mode == REDIRECT else original_dst_tproxy)
         self.selector = selectors.DefaultSelector()
         self.counters = Counters()
+        self.pool = Pool(settings.max_pipe_memory)  # the copy buffer and the pipe budget
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
+        self.per_client: dict[str, int] = {}  # client address -> its open connections
         self.timers: list[tuple[float, int, Callable[[object, float], None], object]] = []
         self._seq = itertools.count()
         self.now = time.monotonic()
@@ -115,7 +169,12 @@ class Relay:
         self.iterations = 0  # loop turns: a test's proof that the loop is not spinning
         self.ports: set[int] = set()  # bound listener ports, for loop detection
         self.accepting = True
-        self._last_warning: dict[str, float] = {}
+        self.paused = False  # every listener, stats included, waits out ACCEPT_PAUSE
+        # A spare descriptor, given up only for what a full table would otherwise fail: the
+        # outbound socket of a connection already accepted, a stats request. Accepting only
+        # while it is held means an accepted connection always has its outbound socket.
+        self._reserve: int | None = None
+        self._last_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out)
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
         self._waker_w.setblocking(False)
@@ -141,6 +200,7 @@ class Relay:
             else:
                 self.udp.adopt(s)
         bound = [s.getsockname()[:2] for s in self.listeners]
+        self._take_reserve()
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
         self.ports = {port for _, port in bound}
@@ -153,16 +213,18 @@ class Relay:
 
     def _drain(self) -> None:
         """Stop taking new connections and datagrams; run until the open connections end.
-        Our copies of the listeners are closed: where the daemon kept its own (a reload on the
-        same sockets) the next worker accepts from them; where it did not (new sockets), they
-        leave the SO_REUSEPORT group so no new connection waits on them."""
+        Our copies of the listeners, TCP and UDP, are closed: where the daemon kept its own (a
+        reload on the same sockets) the next worker serves them; where it did not (new
+        sockets), they leave the SO_REUSEPORT group so nothing new waits on them. The drain
+        ends when the last connection and the last UDP session have."""
         self.draining = True
         self._pause_listening()
         for s in self.listeners:
             s.close()
         self.listeners.clear()
         self.udp.stop_listening()
-        log.info("draining: %d connections open", len(self.connections))
+        log.info("draining: %d connections and %d UDP sessions open", len(self.connections),
+                 len(self.udp.sessions))
 
     def _open_stats(self, path: str) -> None:
         self.stats_listener = unixsock.listen(path)
@@ -184,32 +246,41 @@ class Relay:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Serve until stop(), or until a drain has no connection or session left. A bug costs
+        the connection it hit (events) or that one timer, never the relay; whatever still
+        escapes (the selector failing) closes everything on its way out."""
         self.running = True
-        while self.running:
-            timeout = None
-            if self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.monotonic())
-            events = self.selector.select(timeout)
-            self.now = time.monotonic()
-            self.iterations += 1
-            for key, mask in events:
-                data = key.data
-                try:
-                    if data[0].__class__ is Connection:  # the hot path: one call less
-                        self._on_connection(data[0], data[1], mask)
-                    else:
-                        self._dispatch(data, mask)
-                except Exception:  # a bug costs one connection, never the relay
-                    self.counters.internal_errors += 1
-                    log.exception("internal error handling %s", key.data[0])
-                    if isinstance(key.data[0], Connection):
-                        self._end(key.data[0], reset=True)
-            self._run_timers()
-            if self.drain_requested and not self.draining:
-                self._drain()
-            if self.draining and not self.connections:
-                self.running = False
-        self.close()
+        try:
+            while self.running:
+                timeout = None
+                if self.timers:
+                    timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                events = self.selector.select(timeout)
+                self.now = time.monotonic()
+                self.iterations += 1
+                for key, mask in events:
+                    try:
+                        self._dispatch(key.data, mask)
+                    except Exception:  # a bug costs one connection, never the relay
+                        self._internal_error(key.data[0])
+                self._run_timers()
+                if self.drain_requested and not self.draining:
+                    try:
+                        self._drain()
+                    except Exception:
+                        self.draining = True  # still draining: no second attempt each turn
+                        self._internal_error("drain")
+                if self.draining and not self.connections and not self.udp.sessions:
+                    self.running = False
+        finally:
+            self.close()
+
+    def _internal_error(self, what: object) -> None:
+        """The loop's last line of defence: count and log the bug, end the connection it hit."""
+        self.counters.internal_errors += 1
+        log.exception("internal error handling %s", what)
+        if isinstance(what, Connection):  # the access log's list has no "internal" end
+            self._end(what, End.UPSTREAM_ERROR)
 
     def _dispatch(self, data: tuple, mask: int) -> None:
         kind, obj = data
@@ -230,12 +301,13 @@ class Relay:
         """Close listeners and every connection. One still carrying data is reset: a FIN would
         tell its peer the stream ended whole."""
         for conn in list(self.connections):
-            self._end(conn, reset=not (conn.up.finished and conn.down.finished))
+            self._end(conn, End.DRAINED)
         self.udp.close()
         for s in self.listeners:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
         self.listeners.clear()
+        self._release_reserve()
         if self.stats_listener is not None:
             self.unregister(self.stats_listener)
             self.stats_listener.close()
@@ -273,7 +345,10 @@ class Relay:
     def _run_timers(self) -> None:
         while self.timers and self.timers[0][0] <= self.now:
             when, _, fn, arg = heapq.heappop(self.timers)
-            fn(arg, when)
+            try:
+                fn(arg, when)
+            except Exception:  # that timer is lost, not the relay
+                self._internal_error(arg)
 
     def _schedule(self, conn: Connection, when: float) -> None:
         """Each connection has one live timer; entries superseded by a later _schedule are
@@ -289,11 +364,9 @@ class Relay:
             return
         if conn.state is State.CONNECTING:
             if self.now >= conn.deadline:
-                self.counters.connect_timeouts += 1
-                self.counters.failed += 1
-                log.info("connect to %s port %s timed out after %gs", *conn.dst,
-                         self.settings.connect_timeout)
-                self._end(conn, reset=True)
+                self.note("connect-timeout", f"connect to {conn.dst[0]} port {conn.dst[1]} "
+                                             f"timed out after {self.settings.connect_timeout:g}s")
+                self._end(conn, End.CONNECT_TIMEOUT)
                 return
             self._schedule(conn, conn.deadline)
             return
@@ -301,33 +374,62 @@ class Relay:
         if not idle:
             return
         if self.now - conn.last_active >= idle:
-            self.counters.idle_timeouts += 1
-            self._end(conn, reset=True)
+            self._end(conn, End.IDLE_TIMEOUT)
         else:
             self._schedule(conn, conn.last_active + idle)
 
     # --- accepting -----------------------------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
-        # socket.accept() wraps the descriptor in a Python-level socket.socket and turns family
-        # and type into enums, several microseconds a connection: the C socket type
-        # (SocketType) has every method the relay uses.
         family = int(listener.family)
         for _ in range(ACCEPTS_PER_EVENT):
+            if not self._take_reserve():  # no descriptor to spare: the next one stays queued
+                self._short_of_descriptors("cannot keep a spare descriptor")
+                return
             try:
-                fd, addr = listener._accept()
+                client, addr = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 self.counters.accept_errors += 1
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.warn("accept", f"accept failed: {exc.strerror}; pausing accepts "
-                                         f"for {ACCEPT_PAUSE}s")
-                    self._pause_accepting()
+                if exc.errno in RESOURCE_ERRORS:
+                    self._short_of_descriptors(f"accept failed: {exc.strerror}")
                     return
                 continue  # ECONNABORTED and kin: that one connection is gone already
             self.counters.accepted += 1
-            self._start(socket.SocketType(family, socket.SOCK_STREAM, 0, fd), addr[:2], family)
+            self._start(client, addr[:2], family)
+
+    def _take_reserve(self) -> bool:
+        """Hold the spare descriptor (open it again if it was given up). False: none left."""
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Give the spare descriptor up for the call about to be retried; False: none held."""
+        if self._reserve is None:
+            return False
+        os.close(self._reserve)
+        self._reserve = None
+        return True
+
+    def _short_of_descriptors(self, why: str) -> None:
+        """Pause every listener, the stats one included (a connection waiting there that
+        cannot be accepted would be ready on every turn: a spin), for ACCEPT_PAUSE. What
+        waits stays in the kernel's queues, not accepted and reset."""
+        if self.paused:
+            return
+        self.paused = True
+        self.counters.fd_shortages += 1
+        self.warn("descriptors", f"{why}: short of descriptors, not accepting for "
+                                 f"{ACCEPT_PAUSE}s ({len(self.connections)} connections open)")
+        self._pause_listening()
+        if self.stats_listener is not None:
+            self.unregister(self.stats_listener)
+        self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
 
     def _pause_listening(self) -> None:
         if self.accepting:
@@ -335,62 +437,90 @@ class Relay:
             for s in self.listeners:
                 self.unregister(s)
 
-    def _pause_accepting(self) -> None:
-        if self.accepting:
-            self._pause_listening()
-            self.at(self.now + ACCEPT_PAUSE, self._resume_accepting, None)
-
     def _resume_accepting(self, _: object, when: float) -> None:
+        if self.paused:
+            self.paused = False
+            if self.stats_listener is not None:
+                self.selector.register(self.stats_listener, READ, (STATS, self.stats_listener))
         if self.draining or self.accepting:
             return
         self.accepting = True
         for s in self.listeners:
             self.selector.register(s, READ, (LISTENER, s))
 
-    def _refuse(self, client: socket.SocketType) -> None:
+    def _refuse(self, client: socket.socket, end: End) -> None:
+        """Reset a connection that never became a Connection, counted under end."""
+        self.counters.tcp_ends[end] += 1
         with contextlib.suppress(OSError):
             set_reset_on_close(client)
         client.close()
 
-    def _start(self, client: socket.SocketType, client_addr: Address, family: int) -> None:
+    def _start(self, client: socket.socket, client_addr: Address, family: int) -> None:
         if self.counters.active >= self.settings.max_connections:
-            self.counters.refused += 1
             self.warn("max", f"max_connections ({self.settings.max_connections}) reached: "
                               "resetting new connections")
-            self._refuse(client)
+            self._refuse(client, End.OVER_LIMIT)
             return
-        server: socket.SocketType | None = None
+        if self.per_client.get(client_addr[0], 0) >= self.settings.max_connections_per_client:
+            self.warn("per-client",
+                      f"{client_addr[0]} has max_connections_per_client "
+                      f"({self.settings.max_connections_per_client}) open: resetting its new ones")
+            self._refuse(client, End.OVER_LIMIT)
+            return
+        who = f"connection from {client_addr[0]} port {client_addr[1]}"
         try:
             dst = self.original_dst(client)
-            if dst[1] in self.ports and is_local_address(dst[0]):
-                self.counters.loops += 1
-                self.warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
-                                   f"asked for the relay itself ({dst[0]} port {dst[1]})")
-                self._refuse(client)
-                return
+        except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
+            gone = isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.ECONNRESET)
+            self.note("start", f"{who}: {exc}")
+            self._refuse(client, End.CLIENT_RESET if gone else End.UPSTREAM_ERROR)
+            return
+        if dst[1] in self.ports and is_local_address(dst[0]):
+            self.warn("loop", f"refused a loop: {client_addr[0]} port {client_addr[1]} "
+                               f"asked for the relay itself ({dst[0]} port {dst[1]})")
+            self._refuse(client, End.LOOP)
+            return
+        try:
             client.setblocking(False)  # accept4 without SOCK_NONBLOCK: Python has no flags for it
             server = self._outbound(family, client_addr)
-            conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice)
-            conn.connect()
-        except (OSError, ValueError) as exc:  # ValueError: an unreadable SO_ORIGINAL_DST answer
-            self.counters.failed += 1
-            log.info("connection from %s port %s: %s", *client_addr, exc)
-            if server is not None:
-                server.close()
-            self._refuse(client)
+        except OSError as exc:
+            self.note("start", f"{who}: {exc}")
+            self._refuse(client, End.OVER_LIMIT if exc.errno in RESOURCE_ERRORS
+                         else End.UPSTREAM_ERROR)
             return
+        conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice,
+                          self.pool)
         self.connections.add(conn)
         self.counters.active += 1
-        self._update(conn)
+        self.per_client[client_addr[0]] = self.per_client.get(client_addr[0], 0) + 1
+        try:
+            conn.connect()
+        except OSError as exc:
+            self.note("start", f"{who}: {exc}")
+            self._end(conn, conn.failure_end(exc))
+            return
+        try:
+            self._update(conn)
+        except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
+            self.counters.register_errors += 1
+            self.warn("register", f"cannot watch a connection: {exc}; resetting it")
+            self._end(conn, End.OVER_LIMIT)
+            return
         if conn.state is State.CONNECTING:
             conn.deadline = self.now + self.settings.connect_timeout
             self._schedule(conn, conn.deadline)
         elif self.settings.idle_timeout:
             self._schedule(conn, self.now + self.settings.idle_timeout)
 
-    def _outbound(self, family: int, client_addr: Address) -> socket.SocketType:
+    def _outbound(self, family: int, client_addr: Address) -> socket.socket:
         """A socket for the server side, made and bound; Connection.connect() connects it."""
-        server = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+        try:
+            server = socket.socket(family, kind)
+        except OSError as exc:  # the table is full: the spare descriptor is for this
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._release_reserve():
+                raise
+            server = socket.socket(family, kind)
         try:
             if self.settings.mark:
                 server.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.mark)
@@ -416,18 +546,17 @@ class Relay:
             conn.on_event(side, mask, self.now)
         except OSError as exc:
             if conn.state is State.CONNECTING:  # the connect itself failed
-                self.counters.failed += 1
-                log.info("%s (client %s port %s)", exc, *conn.client_addr)
+                self.note("connect", f"{exc} (client {conn.client_addr[0]} port "
+                                     f"{conn.client_addr[1]})")
             else:
-                self.counters.resets += 1
                 log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
-            self._end(conn, reset=True)
+            self._end(conn, conn.failure_end(exc))
             return
         if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
             # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
         if conn.state is State.CLOSED:
-            self._end(conn, reset=False)
+            self._end(conn, conn.fin_end())
         else:
             self._update(conn)
 
@@ -440,7 +569,7 @@ class Relay:
         if server != masks[SERVER]:
             self._watch(conn, SERVER, conn.server, server)
 
-    def _watch(self, conn: Connection, side: int, sock: socket.SocketType, want: int) -> None:
+    def _watch(self, conn: Connection, side: int, sock: socket.socket, want: int) -> None:
         have = conn.masks[side]
         if not have:
             self.selector.register(sock, want, (conn, side))
@@ -450,7 +579,9 @@ class Relay:
             self.selector.modify(sock, want, (conn, side))
         conn.masks[side] = want
 
-    def _end(self, conn: Connection, reset: bool) -> None:
+    def _end(self, conn: Connection, end: End) -> None:
+        """Release a connection and count how it ended. Ended by FINs, the last FIN goes out
+        with the close; any other end resets both peers."""
         if conn not in self.connections:
             return
         self.connections.discard(conn)
@@ -460,38 +591,75 @@ class Relay:
         if masks[SERVER]:
             self.unregister(conn.server)
         masks[CLIENT] = masks[SERVER] = 0
-        conn.close(reset)
+        ip = conn.client_addr[0]
+        if self.per_client[ip] > 1:
+            self.per_client[ip] -= 1
+        else:
+            del self.per_client[ip]
+        # counted before the close: whoever sees the close then finds it counted
+        self.counters.tcp_ends[end] += 1
         self.counters.active -= 1
         self.counters.closed += 1
         self.counters.bytes_up += conn.up.bytes  # counted once, not per event
         self.counters.bytes_down += conn.down.bytes
+        conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
 
-    def unregister(self, sock: socket.SocketType) -> None:
-        # try/except, not contextlib.suppress: this runs twice a connection, and a context
-        # manager costs more than the lookup it guards
-        try:  # noqa: SIM105
+    def unregister(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
 
     # --- stats and logs ------------------------------------------------------------------------
 
     def stats(self) -> dict:
         """The counters as JSON; bytes include those of the connections still open."""
         out = self.counters.to_json()
+        pool = self.pool
+        out.update(pipe_memory=pool.pipe_memory, pipes_small=pool.pipes_small,
+                   pipes_refused=pool.pipes_refused)
         for conn in self.connections:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
         return out
 
     def _serve_stats(self, listener: socket.socket) -> None:
-        unixsock.answer(listener, self.stats())
+        """Answer one stats reader; short of descriptors, the spare one serves it."""
+        try:
+            peer, _ = listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRORS or not self._release_reserve():
+                self._short_of_descriptors(f"stats: {exc.strerror}")
+                return
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                self._short_of_descriptors(f"stats: {exc.strerror}")
+                return
+        unixsock.reply(peer, self.stats())
+        if not self._take_reserve():
+            self._short_of_descriptors("cannot keep a spare descriptor")
 
     def warn(self, kind: str, message: str) -> None:
         """Warnings that could repeat per connection, at most one a second each."""
-        if self.now - self._last_warning.get(kind, -1e9) >= 1.0:
-            self._last_warning[kind] = self.now
-            log.warning(message)
+        self._limited(logging.WARNING, kind, message)
+
+    def note(self, kind: str, message: str) -> None:
+        """Information a client can cause at will (its connections failing): rate-limited like
+        warnings, so no client grows the log."""
+        self._limited(logging.INFO, kind, message)
+
+    def _limited(self, level: int, kind: str, message: str) -> None:
+        """At most one line a second per kind; the next line logged says how many were not."""
+        last, left_out = self._last_log.get(kind, (-1e9, 0))
+        if self.now - last < 1.0:
+            self._last_log[kind] = (last, left_out + 1)
+            self.counters.log_suppressed += 1
+            return
+        self._last_log[kind] = (self.now, 0)
+        if left_out:
+            message += f" ({left_out} more like it in the last {self.now - last:.0f}s not logged)"
+        log.log(level, message)
 
 
 def read_stats(path: str, timeout: float = 2.0) -> dict:

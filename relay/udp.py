@@ -21,6 +21,7 @@ import socket
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from .ends import End
 from .sockopts import (
     SO_MARK,
     Address,
@@ -60,6 +61,7 @@ class UdpRelay:
         self.listeners: list[socket.socket] = []
         self.sessions: OrderedDict[tuple[Address, Address], Session] = OrderedDict()  # LRU first
         self.replies: dict[Address, tuple[socket.socket, int]] = {}  # dst -> (socket, users)
+        self.per_client: dict[str, int] = {}  # client address -> its sessions
         self.kernel_drops: dict[int, int] = {}  # fd -> last SO_RXQ_OVFL value seen
 
     # --- sockets -------------------------------------------------------------------------------
@@ -70,13 +72,18 @@ class UdpRelay:
         self.relay.selector.register(s, selectors.EVENT_READ, (UDP_IN, s))
 
     def stop_listening(self) -> None:
-        """Draining: no new datagrams from the listeners; sessions finish on their own."""
+        """Draining: the listeners are closed, not just unwatched: an open one stays in its
+        SO_REUSEPORT group and takes its share of new datagrams, which nobody would read (the
+        daemon keeps its own copy where the next worker uses the same sockets). Sessions go
+        on until they expire."""
         for s in self.listeners:
             self.relay.unregister(s)
+            s.close()
+        self.listeners.clear()
 
     def close(self) -> None:
         for session in list(self.sessions.values()):
-            self._end(session)
+            self._end(session, End.DRAINED)
         for s in self.listeners:
             self.relay.unregister(s)
             s.close()
@@ -170,14 +177,19 @@ class UdpRelay:
         except OSError:
             loop = False
         if loop:
-            c.loops += 1
+            c.udp_ends[End.LOOP] += 1
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
+        if self.per_client.get(client[0], 0) >= self.settings.max_udp_sessions_per_client:
+            c.udp_ends[End.OVER_LIMIT] += 1
+            self.relay.warn("udp-per-client", f"{client[0]} has max_udp_sessions_per_client "
+                                              f"({self.settings.max_udp_sessions_per_client}): "
+                                              "dropping datagrams for new sessions")
+            return None
         while len(self.sessions) >= self.settings.max_udp_sessions:
             _, oldest = self.sessions.popitem(last=False)
-            c.udp_evicted += 1
-            self._close(oldest)
+            self._close(oldest, End.UDP_EVICTED)
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -209,6 +221,7 @@ class UdpRelay:
             self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
             return None
         self.sessions[(client, dst)] = session
+        self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
         c.udp_sessions += 1
         c.udp_sessions_opened += 1
         self._schedule(session, self.relay.now + self.settings.udp_idle_timeout)
@@ -239,10 +252,9 @@ class UdpRelay:
         self.sessions.move_to_end((session.client, session.dst))
 
     def _icmp_error(self, session: Session, exc: OSError) -> None:
-        self.counters.udp_icmp_errors += 1
         log.debug("udp session %s -> %s ended: %s", session.client, session.dst,
                   errno.errorcode.get(exc.errno or 0, exc))
-        self._end(session)
+        self._end(session, End.UDP_ICMP)
 
     # --- expiry ----------------------------------------------------------------------------------
 
@@ -256,17 +268,22 @@ class UdpRelay:
             return
         deadline = session.last_active + self.settings.udp_idle_timeout
         if self.relay.now >= deadline:
-            self.counters.udp_expired += 1
-            self._end(session)
+            self._end(session, End.UDP_EXPIRED)
         else:
             self._schedule(session, deadline)
 
-    def _end(self, session: Session) -> None:
+    def _end(self, session: Session, end: End) -> None:
         if self.sessions.pop((session.client, session.dst), None) is session:
-            self._close(session)
+            self._close(session, end)
 
-    def _close(self, session: Session) -> None:
-        """Release a session already removed from the table. Never raises."""
+    def _close(self, session: Session, end: End) -> None:
+        """Release a session already removed from the table, counted under end. Never raises."""
+        self.counters.udp_ends[end] += 1
+        ip = session.client[0]
+        if self.per_client[ip] > 1:
+            self.per_client[ip] -= 1
+        else:
+            del self.per_client[ip]
         self.relay.unregister(session.sock)
         session.sock.close()
         self._release_reply(session.dst)

@@ -35,6 +35,11 @@ def answer(listener: socket.socket, document: dict, timeout: float = 0.0) -> Non
         peer, _ = listener.accept()
     except OSError:
         return
+    reply(peer, document, timeout)
+
+
+def reply(peer: socket.socket, document: dict, timeout: float = 0.0) -> None:
+    """Send an accepted reader the document and close it; never raises."""
     with peer:
         peer.settimeout(timeout)
         with contextlib.suppress(OSError):

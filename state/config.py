@@ -63,6 +63,9 @@ class RelayConfig:
     workers: int = 1  # single-threaded relay processes sharing the listeners; 0: one per CPU
     drain_timeout: float = 30.0  # on reload, old workers finish their connections this long
     when_down: str = "reject"  # no relay listening: "reject" captured traffic, or "pass" it
+    max_pipe_memory: int = 256 << 20  # bytes of splice pipes a relay holds at once, all flows
+    max_connections_per_client: int = 1024  # per client address and worker; past it: reset
+    max_udp_sessions_per_client: int = 1024  # likewise; past it new sessions' datagrams drop
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,9 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "workers": lambda v, p: _workers(v, p, out),
         "drain_timeout": lambda v, p: _seconds(v, p, out, 0, 86400),
         "when_down": lambda v, p: _choice(v, p, out, ("reject", "pass")),
+        "max_pipe_memory": lambda v, p: _size(v, p, out, 0, 1 << 40),
+        "max_connections_per_client": lambda v, p: _int(v, p, out, 1, 1_000_000),
+        "max_udp_sessions_per_client": lambda v, p: _int(v, p, out, 1, 1_000_000),
     }, RelayConfig()))
 
     marks = Marks(**_fields(_section(doc, "marks", out), "marks", out, {
@@ -705,6 +708,22 @@ def _workers(value: Any, path: str, out: _Collector) -> int | None:
         out.add(path, f"{value!r} is neither a number of workers nor \"auto\"")
         return None
     return _int(value, path, out, 1, 256)
+
+
+SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def _size(value: Any, path: str, out: _Collector, lo: int, hi: int) -> int | None:
+    """Bytes: an integer, or a string with a binary unit ("256MiB", "64KiB", "1GiB")."""
+    if isinstance(value, str) and (match := SIZE_RE.match(value)):
+        value = int(match.group(1)) * SIZE_UNITS[match.group(2)]
+    elif isinstance(value, bool) or not isinstance(value, int):
+        shown = repr(value) if isinstance(value, (str, float, bool)) else _type_name(value)
+        out.add(path, f"{shown} is not a size; use bytes (268435456) or a number with B, KiB, "
+                      "MiB or GiB (\"256MiB\")")
+        return None
+    return _int(value, path, out, lo, hi)
 
 
 def _choice(value: Any, path: str, out: _Collector, choices: tuple[str, ...]) -> str | None:

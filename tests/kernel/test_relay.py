@@ -121,13 +121,15 @@ def test_server_reset_reaches_the_client(lab: Lab):
     relay = start_relay(lab)
     peer(lab, "reset", 7002)
     assert_reset(curl(lab, url(4, 7002)))
-    assert read_stats(relay.stats)["resets"] == 1
+    counters = read_stats(relay.stats)
+    assert counters["resets"] == counters["end_tcp_server_reset"] == 1
 
 
 def test_refused_by_the_server_the_client_sees_a_reset(lab: Lab):
     relay = start_relay(lab)
     assert_reset(curl(lab, url(4, 7999)))  # nothing listens on the server
-    assert read_stats(relay.stats)["failed"] == 1
+    counters = read_stats(relay.stats)
+    assert counters["failed"] == counters["end_tcp_connect_refused"] == 1
 
 
 def test_unroutable_destination_resets_the_client(lab: Lab):
@@ -138,7 +140,8 @@ def test_unroutable_destination_resets_the_client(lab: Lab):
     proc = lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.relay", "-c", config)
     wait_for_port(lab, lab.gw, 12345)
     assert_reset(curl(lab, "http://198.19.0.1/"))
-    assert read_stats(f"{lab.tmp}/state/relay.sock")["failed"] == 1
+    counters = read_stats(f"{lab.tmp}/state/relay.sock")
+    assert counters["failed"] == counters["end_tcp_unreachable"] == 1
     assert "unreachable" in lab.log_of(proc).lower()
 
 
@@ -152,7 +155,8 @@ def test_connect_timeout_to_a_blackholed_destination(lab: Lab):
     assert result.returncode == 56 and "reset" in result.stderr.lower(), result
     assert 0.9 <= time.monotonic() - started < 10
     counters = read_stats(relay.stats)
-    assert counters["connect_timeouts"] == 1 and counters["active"] == 0
+    assert counters["connect_timeouts"] == counters["end_tcp_connect_timeout"] == 1
+    assert counters["active"] == 0
 
 
 IDLE_CLIENT = """
@@ -188,7 +192,7 @@ def test_max_connections_refuses_past_the_limit(lab: Lab):
 
 
 def test_2000_concurrent_connections_held_open(lab: Lab):
-    relay = start_relay(lab)
+    relay = start_relay(lab, max_connections_per_client=2000)  # one client holds them all
     peer(lab, "echo", 7005)
     holder = lab.spawn(lab.client, sys.executable, PEERS, "hold", WAN.peer4, "7005", "2000", "3")
     deadline = time.monotonic() + 120

@@ -93,7 +93,7 @@ def test_idle_sessions_expire(lab: Lab, dns):
     _, stats = start_relay(lab, udp_idle_timeout=0.5)
     assert dig(lab, WAN.peer4) == "198.18.2.50"
     counters = wait_stats(stats, lambda c: c["udp_sessions"] == 0, "the session to expire")
-    assert counters["udp_expired"] == 1
+    assert counters["udp_expired"] == counters["end_udp_udp_expired"] == 1
 
 
 def test_least_recently_used_session_is_evicted(lab: Lab, dns):
@@ -101,7 +101,8 @@ def test_least_recently_used_session_is_evicted(lab: Lab, dns):
     for _ in range(3):  # each dig is a new client port: a new session
         assert dig(lab, WAN.peer4) == "198.18.2.50"
     counters = read_stats(stats)
-    assert counters["udp_evicted"] == 1 and counters["udp_sessions"] == 2
+    assert counters["udp_evicted"] == counters["end_udp_udp_evicted"] == 1
+    assert counters["udp_sessions"] == 2
 
 
 SEND_ONCE = """
@@ -122,6 +123,7 @@ def test_port_unreachable_ends_the_session(lab: Lab):
     lab.run(lab.client, sys.executable, "-c", SEND_ONCE, WAN.peer4, "7999", "10")  # nobody there
     counters = wait_stats(stats, lambda c: c["udp_icmp_errors"] == 1, "the ICMP error")
     assert counters["udp_sessions"] == 0 and counters["udp_expired"] == 0
+    assert counters["end_udp_udp_icmp"] == 1
 
 
 def test_the_largest_datagram_passes_unchanged(lab: Lab):
