@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from tproxyd.relay.ends import End
 from tproxyd.state.plan import (
     AddRoute,
     AddRule,
@@ -43,9 +44,7 @@ from tproxyd.state.plan import (
 
 # How a TCP connection or UDP session ended: the access log's `end` values (issue 14), and the
 # suffixes of the relay's end_tcp_<end> / end_udp_<end> counters.
-ENDS = ("client_fin", "server_fin", "client_reset", "server_reset", "idle_timeout",
-        "connect_timeout", "connect_refused", "unreachable", "upstream_error", "rejected",
-        "over_limit", "loop", "drained", "udp_expired", "udp_evicted", "udp_icmp")
+ENDS = tuple(end.value for end in End)
 DIRECT = "direct"  # route and via until routes and upstreams reach the relay
 
 Labels = Tuple[Tuple[str, str], ...]

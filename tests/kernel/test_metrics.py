@@ -24,9 +24,9 @@ PROMTOOL = os.path.join(os.path.dirname(sys.executable), "promtool")  # .ci/setu
 Samples = dict[tuple[str, tuple], float]
 
 
-def metrics_config(lab: Lab, listen: str = LISTEN, daemon: str = "") -> str:
-    """daemon: more lines of [daemon]."""
-    return config(lab, extra=f'{daemon}[metrics]\nlisten = "{listen}"\n')
+def metrics_config(lab: Lab, listen: str = LISTEN, before: str = "") -> str:
+    """before: more lines of [daemon], or sections of their own, ahead of [metrics]."""
+    return config(lab, extra=f'{before}[metrics]\nlisten = "{listen}"\n')
 
 
 def scrape(lab: Lab, where: str = LISTEN, accept: str | None = None, ns: str | None = None
@@ -55,6 +55,11 @@ def counters(lab: Lab) -> Samples:
 def total(got: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in got.items()
                if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+
+
+def conn(proto: str, end: str) -> tuple[str, tuple]:
+    return ("tproxyd_connections_total",
+            (("end", end), ("proto", proto), ("route", "direct"), ("via", "direct")))
 
 
 def assert_no_decrease(before: Samples, after: Samples, what: str) -> None:
@@ -99,6 +104,10 @@ def test_totals_match_the_traffic(lab: Lab, web):
 
     got = eventually(counted, "the bytes of five connections in the metrics", timeout=10)
     assert total(got, "tproxyd_bytes_total", direction="up", via="direct") == up
+    ends = {dict(k[1])["end"]: v for k, v in got.items()
+            if k[0] == "tproxyd_connections_total" and v}
+    assert set(ends) <= {"client_fin", "server_fin"} and sum(ends.values()) == 5, ends
+    assert total(got, "tproxyd_connections_total", proto="tcp", route="direct", via="direct") == 5
     gauges = samples(scrape(lab)[0], ("gauge",))
     assert gauges[("tproxyd_active_connections", (("proto", "tcp"),))] == 0
     assert gauges[("tproxyd_config_valid", ())] == 1
@@ -128,7 +137,7 @@ print(got)
 def test_udp_datagrams_and_bytes_match_the_traffic(lab: Lab):
     lab.spawn(lab.server, sys.executable, PEERS, "udpecho", "7100")
     wait_for_port(lab, lab.server, 7100, "udp")
-    d = Tproxyd(lab, metrics_config(lab))
+    d = Tproxyd(lab, metrics_config(lab, before="[relay]\nudp_idle_timeout = 1.0\n"))
     got = int(lab.run(lab.client, sys.executable, "-c", UDP_CLIENT, WAN.peer4).stdout)
     assert got >= 8  # a datagram may be lost; the counts below are held to what was received
 
@@ -140,8 +149,14 @@ def test_udp_datagrams_and_bytes_match_the_traffic(lab: Lab):
     assert c[("tproxyd_udp_datagrams_total", (("direction", "up"),))] == 10
     assert total(c, "tproxyd_bytes_total", direction="up") == 1000
     assert total(c, "tproxyd_bytes_total", direction="down") == 100 * got
-    assert c[("tproxyd_active_connections", (("proto", "udp"),))] == 1  # the session is open
     assert d.status()["counters"]["udp_sessions_opened"] == 1
+    # one session, ended by udp_idle_timeout: no longer active, counted once as udp_expired
+    ended = eventually(lambda: (c := samples(scrape(lab)[0])) and total(
+        c, "tproxyd_connections_total", proto="udp") == 1 and c, "the session to expire",
+        timeout=10)
+    assert ended[conn("udp", "udp_expired")] == 1
+    assert ended[("tproxyd_active_connections", (("proto", "udp"),))] == 0
+    assert total(ended, "tproxyd_connections_total", proto="tcp") == 0
 
 
 def test_no_counter_goes_down_across_a_sighup_and_killed_workers(lab: Lab, web):
@@ -158,7 +173,7 @@ def test_no_counter_goes_down_across_a_sighup_and_killed_workers(lab: Lab, web):
 
     (old,) = worker_pids(d)
     os.kill(d.proc.pid, signal.SIGHUP)
-    eventually(lambda: worker_pids(d) and old not in worker_pids(d), "a new worker", timeout=10)
+    eventually(lambda: (p := worker_pids(d)) and old not in p, "a new worker", timeout=10)
     fetch(lab)
     second = counters(lab)
     assert_no_decrease(first, second, "after SIGHUP")
@@ -167,13 +182,13 @@ def test_no_counter_goes_down_across_a_sighup_and_killed_workers(lab: Lab, web):
     (pid,) = worker_pids(d)  # started by the daemon we started
     time.sleep(0.5)
     os.kill(pid, signal.SIGKILL)
-    eventually(lambda: worker_pids(d) and pid not in worker_pids(d), "a restarted worker")
+    eventually(lambda: (p := worker_pids(d)) and pid not in p, "a restarted worker")
     third = counters(lab)
     assert_no_decrease(second, third, "after kill -9 of a worker")
     for _ in range(2):  # a crash loop in the making: killed again as soon as it is back
         (pid,) = worker_pids(d)
         os.kill(pid, signal.SIGKILL)
-        eventually(lambda p=pid: worker_pids(d) and p not in worker_pids(d), "a restart",
+        eventually(lambda gone=pid: (p := worker_pids(d)) and gone not in p, "a restart",
                    timeout=5)
         now = counters(lab)
         assert_no_decrease(third, now, "after another kill -9")
@@ -273,7 +288,7 @@ def test_a_taken_address_is_reported_and_taken_when_free(lab: Lab):
     squatter = lab.spawn(lab.gw, sys.executable, "-c", "import socket, time; s = socket."
                          "create_server(('127.0.0.1', 9641)); time.sleep(600)")
     wait_for_port(lab, lab.gw, 9641)
-    d = Tproxyd(lab, metrics_config(lab, daemon="resync_interval = 0.5\n"))
+    d = Tproxyd(lab, metrics_config(lab, before="resync_interval = 0.5\n"))
     error = d.status()["metrics"]["error"]
     assert error and "cannot listen on 127.0.0.1:9641" in error
     assert "metrics: NOT SERVED: cannot listen on 127.0.0.1:9641" in d.tproxy("status").stdout

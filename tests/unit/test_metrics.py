@@ -66,6 +66,24 @@ def test_worker_counters_reach_their_series():
     assert not any("accepted" in name or "started" in name for name, _ in got)
 
 
+def test_the_table_names_what_a_worker_reports():
+    """Every worker counter in the table is in a relay's stats reply: a renamed counter would
+    otherwise read 0 for ever."""
+    from tproxyd.relay.loop import Relay, Settings
+
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False))
+    try:
+        reported = set(relay.stats())
+    finally:
+        relay.close()
+    assert set(WORKER_COUNTERS) <= reported, sorted(set(WORKER_COUNTERS) - reported)
+    assert {f"end_{p}_{e}" for p in ("tcp", "udp") for e in ENDS} <= reported
+    assert ENDS == ("client_fin", "server_fin", "client_reset", "server_reset", "idle_timeout",
+                    "connect_timeout", "connect_refused", "unreachable", "upstream_error",
+                    "rejected", "over_limit", "loop", "drained", "udp_expired", "udp_evicted",
+                    "udp_icmp")  # the access log's names (issue 14)
+
+
 def test_the_table_maps_each_worker_counter_to_a_known_family_and_labels():
     for key, (family, labels) in WORKER_COUNTERS.items():
         assert family in ("connections", "active_connections", "bytes", "udp_datagrams",
