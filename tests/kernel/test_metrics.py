@@ -298,3 +298,35 @@ def test_a_taken_address_is_reported_and_taken_when_free(lab: Lab):
     eventually(lambda: d.status()["metrics"]["error"] is None, "the address taken at a resync",
                timeout=5)
     assert "tproxyd_build_info" in scrape(lab)[0]
+
+
+STALLER = """
+import socket, sys, time
+held = []
+for i in range(10):
+    s = socket.create_connection(("127.0.0.1", 9641))
+    if i % 2:
+        s.send(b"GET /metrics HTTP/1.1\\r\\n")  # half a request, never finished
+    held.append(s)
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stalled_scrapers_hold_up_neither_scrapes_nor_status_nor_a_save(lab: Lab):
+    d = Tproxyd(lab, metrics_config(lab))
+    staller = lab.spawn(lab.gw, sys.executable, "-c", STALLER)
+    eventually(lambda: "holding" in lab.log_of(staller), "ten connections held", timeout=10)
+    t = time.monotonic()
+    assert "tproxyd_build_info" in scrape(lab)[0]
+    assert d.status()["metrics"]["error"] is None
+    d.save(metrics_config(lab).replace('"198.18.2.0/24"', '"198.18.2.0/24", "198.19.0.0/16"'),
+           "rename")
+    eventually(lambda: "198.19.0.0/16" in lab.run(lab.gw, "nft", "list", "set", "inet", "tproxyd",
+                                                  "lan_dst4").stdout, "the save to converge")
+    print(f"scrape, status and a save with 10 stalled scrapers: {time.monotonic() - t:.2f}s")
+    # the stalled ones are answered 408 and closed after READ_TIMEOUT (5 s), not kept for ever
+    eventually(lambda: not lab.run(lab.gw, "ss", "-tnH", "state", "established",
+                                   "sport = :9641").stdout.strip(),
+               "the stalled connections closed", timeout=15)
+    lab.stop(staller)
