@@ -79,14 +79,43 @@ def test_the_shipped_config_is_valid_and_captures_nothing(package):
     assert not [ln for ln in out.stdout.splitlines() if ln.strip().startswith("intercept ")]
 
 
-def test_installing_starts_and_enables_nothing_and_the_unit_verifies(package, tmp_path):
+def script(root: Path, name: str) -> str:
+    path = root / "DEBIAN" / name
+    return path.read_text() if path.exists() else ""
+
+
+def test_a_fresh_install_enables_and_starts_nothing(package):
+    """Like Debian's nftables: enabled by the admin, once the config names an intercept. The
+    postinst's start goes through deb-systemd-invoke, which skips a disabled unit."""
+    postinst = script(package["root"], "postinst")
+    assert "deb-systemd-helper enable" not in postinst.replace(
+        "if deb-systemd-helper --quiet was-enabled 'tproxyd.service'; then\n"
+        "\t\t\t# Create new symlinks, if any.\n\t\t\tdeb-systemd-helper enable", "")
+    assert "deb-systemd-invoke $_dh_action 'tproxyd.service'" in postinst
+
+
+def test_an_upgrade_restarts_a_running_gateway_after_unpacking(package):
+    """Issue 15 item 1: the old package stopped it in the preinst and never started it again."""
     root = package["root"]
-    scripts = "".join((root / "DEBIAN" / s).read_text() for s in ("postinst", "preinst"))
-    assert "deb-systemd-invoke start" not in scripts and "_dh_action" not in scripts  # no start
-    # enabled again on upgrade only where the admin had enabled it
-    assert scripts.count("deb-systemd-helper enable") == scripts.count("--quiet was-enabled")
+    assert "stop" not in script(root, "preinst")  # the gateway stays up while files change
+    postinst = script(root, "postinst")
+    reload_at = postinst.index("systemctl --system daemon-reload")
+    assert reload_at < postinst.index("_dh_action=restart") < postinst.index("deb-systemd-invoke $_dh_action")
+
+
+def test_removal_stops_the_daemon_and_purge_leaves_nothing(package):
+    """Issue 15 item 2: the prerm did not stop it, leaving it running with its code deleted."""
+    root = package["root"]
+    prerm = script(root, "prerm")
+    assert "[ \"$1\" = remove ]" in prerm and "deb-systemd-invoke stop 'tproxyd.service'" in prerm
+    assert prerm.index("deb-systemd-invoke stop") < prerm.index("tproxy down")
+    assert "rm -rf /etc/tproxyd /run/tproxyd" in script(root, "postrm")
+
+
+def test_the_unit_verifies(package, tmp_path):
+    root = package["root"]
     unit = (root / "lib/systemd/system/tproxyd.service").read_text()
-    assert "Type=notify" in unit and "WatchdogSec=" in unit and "ExecReload=/bin/kill -HUP" in unit
+    assert "Type=notify" in unit and "WatchdogSec=" in unit
     local = tmp_path / "tproxyd.service"  # the unit pointed at the unpacked binaries
     local.write_text(unit.replace("/usr/bin/tproxy", f"{root}/usr/bin/tproxy"))
     verify = subprocess.run(["systemd-analyze", "verify", str(local)], text=True,
