@@ -20,6 +20,7 @@ from tproxyd.state.loader import load
 from tproxyd.state.plan import op_to_json
 from tproxyd.state.status import IN_SYNC, in_sync
 
+from . import reload_cmd
 from .desired_cache import load_rendered
 from .errors import KernelError, PreflightError
 from .statefiles import UntrustedError
@@ -214,6 +215,8 @@ COMMANDS = {
     "apply": (cmd_apply, "converge the host to the config"),
     "down": (cmd_down, "remove everything tproxyd owns and restore the sysctls it changed"),
     "status": (cmd_status, "desired against live, per object"),
+    "reload": (lambda config, args: reload_cmd.reload(config, timeout=args.timeout),
+               "validate the file, then have the running daemon reload it and wait for the result"),
 }
 
 
@@ -232,13 +235,16 @@ def parser() -> argparse.ArgumentParser:
         if name == "apply":
             sp.add_argument("--force", action="store_true",
                             help="apply even when preflight reports errors")
+        if name == "reload":
+            sp.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds to wait for the daemon's reconcile (default 60)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "check":  # the validator always reads the file
+        if args.command in ("check", "reload"):  # the validator always reads the file
             config = load(args.config)
         else:  # an unchanged file was validated and rendered before: desired_cache
             args.rendered = load_rendered(args.config)
