@@ -11,27 +11,10 @@ from pathlib import Path
 import pytest
 
 from lab import Lab
-from tests.conftest import Tproxy, _kernel_unavailable
+from tests.conftest import Tproxy
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    reason = _kernel_unavailable()  # apt-get for the build dependencies needs root
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"package test cannot run in CI: {reason}")
-        pytest.skip(reason)
-    out = tmp_path_factory.mktemp("deb")
-    built = subprocess.run(["sh", str(REPO / "packaging" / "build-deb"), str(out)], text=True,
-                           capture_output=True, timeout=900)
-    assert built.returncode == 0, built.stderr
-    deb = built.stdout.strip().splitlines()[-1]
-    root = out / "root"
-    subprocess.run(["dpkg-deb", "-R", deb, str(root)], check=True)
-    return {"deb": deb, "root": root}
 
 
 def field(deb: str, name: str) -> str:

@@ -1,0 +1,136 @@
+"""The package on a clean Debian 12 (debootstrap minbase) booted with systemd-nspawn on a private
+network, as an admin uses it: install, configure, reload, upgrade while running, remove, purge.
+
+The tests run in file order on one container (each step is the state the next one starts from).
+Packages come from Debian (downloaded into the root in a chroot; the booted container has no
+network but its own veths)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.kernel import nspawn
+from tests.kernel.conftest import _skip_or_fail, build
+
+pytestmark = pytest.mark.kernel
+CONF = "/etc/tproxyd/tproxy.toml"
+# client (c0, namespace tpc) -- (lan0) the container (wan0) -- (s0, namespace tps) server
+LAB = """
+ip netns add tpc; ip netns add tps
+ip link add lan0 type veth peer name c0 netns tpc
+ip link add wan0 type veth peer name s0 netns tps
+ip addr add 198.18.1.1/24 dev lan0; ip link set lan0 up
+ip addr add 198.18.2.1/24 dev wan0; ip link set wan0 up
+ip -n tpc addr add 198.18.1.2/24 dev c0; ip -n tpc link set c0 up; ip -n tpc link set lo up
+ip -n tps addr add 198.18.2.2/24 dev s0; ip -n tps link set s0 up; ip -n tps link set lo up
+ip -n tpc route add default via 198.18.1.1; ip -n tps route add default via 198.18.2.1
+"""
+# the server answers with the address it sees; the client prints it
+FETCH = """
+ip netns exec tps python3 -c '
+import socket
+s = socket.create_server(("198.18.2.2", 8080))
+conn, peer = s.accept()
+conn.sendall(peer[0].encode())' &
+sleep 1
+ip netns exec tpc python3 -c '
+import socket
+with socket.create_connection(("198.18.2.2", 8080), timeout=10) as s:
+    print(s.recv(100).decode())'
+wait
+"""
+INTERCEPT = """
+[[intercept]]
+name = "lan"
+interfaces = ["lan0"]
+destinations = ["198.18.2.0/24"]
+"""
+
+
+@pytest.fixture(scope="module")
+def box(package, tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Booted]:
+    reason = nspawn.unavailable()
+    if reason:
+        _skip_or_fail(reason)
+    work = tmp_path_factory.mktemp("booted")
+    upgrade = build(work / "v2", "0.1.0-2")  # the same tree, a higher version
+    root = nspawn.Root(work)
+    try:
+        debs = root.path / "var/tmp/debs"
+        debs.mkdir(parents=True)
+        for deb in (package["deb"], upgrade):
+            shutil.copy(deb, debs)
+        # Debian's packages for the install, downloaded with the host's network: nothing runs
+        root.chroot("apt-get", "update", "-qq")
+        root.chroot("apt-get", "install", "-y", "-qq", "--download-only",
+                    f"/var/tmp/debs/{Path(package['deb']).name}")
+        with nspawn.booted(root, work / "console.log") as booted:
+            yield booted
+    finally:
+        root.remove()
+
+
+def active(box: nspawn.Booted) -> str:
+    return box.run("systemctl", "is-active", "tproxyd", check=False).stdout.strip()
+
+
+def test_apt_installs_it_from_debian_alone_enabling_and_starting_nothing(box):
+    out = box.run("apt-get", "install", "-y", "/var/tmp/debs/tproxyd_0.1.0-1_all.deb")
+    assert "tproxyd" in out.stdout
+    assert active(box) == "inactive"
+    assert box.run("systemctl", "is-enabled", "tproxyd", check=False).stdout.strip() == "disabled"
+    assert box.run("dpkg-query", "-W", "-f=${Conffiles}", "tproxyd").stdout.split()[0] == CONF
+    assert box.run("test", "!", "-e", "/usr/bin/pkill").returncode == 0  # minbase: no procps
+    check = box.run("tproxy", "check", "--config-only", "-c", CONF)
+    assert ": valid" in check.stdout
+
+
+def test_the_unit_starts_as_notify_and_intercepts_a_connection_on_a_veth(box):
+    box.sh(LAB)
+    box.sh(f"cat >> {CONF} <<'EOF'\n{INTERCEPT}\nEOF")  # the admin's edit of the conffile
+    box.run("systemctl", "enable", "--now", "tproxyd", timeout=120)
+    assert active(box) == "active", box.journal()
+    assert box.run("systemctl", "show", "-P", "Type", "tproxyd").stdout.strip() == "notify"
+    assert box.sh(FETCH, timeout=60).stdout.strip() == "198.18.1.2", box.journal()
+    assert "table inet tproxyd" in box.run("nft", "list", "tables").stdout
+
+
+def test_reload_applies_a_good_file_and_refuses_a_broken_one_visibly(box):
+    box.sh(f"sed -i 's|^destinations = \\[\"198.18.2.0/24\"\\]|destinations = [\"198.18.0.0/15\"]|' {CONF}")
+    box.run("systemctl", "reload", "tproxyd", timeout=120)
+    assert "198.18.0.0/15" in box.run("nft", "list", "set", "inet", "tproxyd", "lan_dst4").stdout
+    box.sh(f"cp {CONF} /root/good.toml && sed -i 's/^port = 12345$/port = 70000/' {CONF}")
+    refused = box.run("systemctl", "reload", "tproxyd", check=False, timeout=120)
+    assert refused.returncode != 0
+    assert "relay.port: 70000" in box.journal(), box.journal()  # the file's own error
+    assert active(box) == "active"
+    box.sh(f"cp /root/good.toml {CONF}")
+    box.run("systemctl", "reload", "tproxyd", timeout=120)
+
+
+def test_an_upgrade_while_running_keeps_it_running_and_the_admins_edit(box):
+    before = box.run("systemctl", "show", "-P", "MainPID", "tproxyd").stdout.strip()
+    box.run("apt-get", "install", "-y", "/var/tmp/debs/tproxyd_0.1.0-2_all.deb",
+            timeout=300)
+    assert box.run("dpkg-query", "-W", "-f=${Version}", "tproxyd").stdout == "0.1.0-2"
+    assert active(box) == "active", box.journal()
+    after = box.run("systemctl", "show", "-P", "MainPID", "tproxyd").stdout.strip()
+    assert after != before  # restarted on the new code
+    assert "198.18.0.0/15" in box.run("cat", CONF).stdout
+    assert "table inet tproxyd" in box.run("nft", "list", "tables").stdout
+    assert box.sh(FETCH, timeout=60).stdout.strip() == "198.18.1.2", box.journal()
+
+
+def test_removal_stops_it_and_purge_leaves_nothing(box):
+    box.run("apt-get", "remove", "-y", "tproxyd", timeout=300)
+    assert active(box) in ("inactive", "unknown")
+    assert "tproxyd" not in box.run("nft", "list", "tables").stdout
+    assert "proto 201" not in box.run("ip", "rule", "show").stdout
+    box.run("apt-get", "purge", "-y", "tproxyd", timeout=300)
+    for path in ("/etc/tproxyd", "/run/tproxyd", "/lib/systemd/system/tproxyd.service"):
+        assert box.run("test", "-e", path, check=False).returncode == 1, path
+    assert box.run("ip", "route", "show", "table", "100").stdout.strip() == ""
