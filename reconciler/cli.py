@@ -33,9 +33,15 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+NOTHING_TO_INTERCEPT = ("nothing to intercept: no [[intercept]] in the config, so tproxyd adds "
+                        "no rule, route, nft table or sysctl")
+
+
 def _summary(config: Config) -> List[str]:
     desired = render(config)
     r, m, t = config.routing, config.marks, desired.nft
+    if t is None:
+        return [NOTHING_TO_INTERCEPT]
     lines = [
         f"relay port {config.relay.port}",
         f"marks: intercept {m.intercept:#x}, relay {m.relay:#x}",
@@ -193,12 +199,15 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     ok = in_sync(statuses) and not (view and view.get("config_error"))
     if args.json:
         _print_json({"config": config.source, "in_sync": in_sync(statuses),
+                     "nothing_to_intercept": not config.intercepts,
                      "objects": [s.to_json() for s in statuses],
                      "findings": [f.to_json() for f in findings], "daemon": view})
     else:
         for line in _daemon_lines(config.daemon.socket_path, view):
             print(line)
-        width = max(len(s.kind) for s in statuses)
+        if not config.intercepts:
+            print(NOTHING_TO_INTERCEPT)
+        width = max((len(s.kind) for s in statuses), default=0)
         for s in statuses:
             detail = f"  ({s.detail})" if s.detail else ""
             print(f"{s.state.upper() if s.state != IN_SYNC else s.state:9} {s.kind:{width}}  "

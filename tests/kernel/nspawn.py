@@ -89,8 +89,15 @@ class Booted:
 
     def wait_ready(self) -> None:
         self.init = self._find_init()
-        out = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=120)
-        assert out.stdout.strip() in ("running", "degraded"), (out.stdout, self.journal(""))
+        # early on, systemctl may not reach the manager yet (its private socket is not bound):
+        # ask again until boot is done, whatever it answers meanwhile
+        deadline = time.monotonic() + 180
+        while True:
+            out = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=180)
+            if out.stdout.strip() in ("running", "degraded"):
+                return
+            assert time.monotonic() < deadline, (out.stdout, out.stderr, log_text(self.log))
+            time.sleep(0.5)
 
     def _find_init(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout

@@ -89,6 +89,21 @@ def test_apt_installs_it_from_debian_alone_enabling_and_starting_nothing(box):
     assert ": valid" in check.stdout
 
 
+def test_the_shipped_config_changes_nothing_on_the_host(box):
+    """Issue 15 item 4: with no [[intercept]] it added rules, a route table and an nft table."""
+    before = box.sh("ip rule; ip -6 rule; cat /proc/sys/net/ipv4/ip_forward").stdout
+    box.run("systemctl", "start", "tproxyd", timeout=120)
+    try:
+        assert active(box) == "active", box.journal()
+        assert box.run("nft", "list", "tables").stdout.strip() == ""
+        assert box.sh("ip rule; ip -6 rule; cat /proc/sys/net/ipv4/ip_forward").stdout == before
+        assert box.run("ip", "route", "show", "table", "100", check=False).stdout.strip() == ""
+        status = box.run("tproxy", "status", "-c", CONF, check=False)
+        assert "nothing to intercept" in status.stdout, status.stdout + status.stderr
+    finally:
+        box.run("systemctl", "stop", "tproxyd", timeout=120)
+
+
 def test_the_unit_starts_as_notify_and_intercepts_a_connection_on_a_veth(box):
     box.sh(LAB)
     box.sh(f"cat >> {CONF} <<'EOF'\n{INTERCEPT}\nEOF")  # the admin's edit of the conffile
@@ -133,4 +148,4 @@ def test_removal_stops_it_and_purge_leaves_nothing(box):
     box.run("apt-get", "purge", "-y", "tproxyd", timeout=300)
     for path in ("/etc/tproxyd", "/run/tproxyd", "/lib/systemd/system/tproxyd.service"):
         assert box.run("test", "-e", path, check=False).returncode == 1, path
-    assert box.run("ip", "route", "show", "table", "100").stdout.strip() == ""
+    assert box.run("ip", "route", "show", "table", "100", check=False).stdout.strip() == ""
