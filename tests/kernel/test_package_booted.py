@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
+import testinfra
+from testinfra.backend.base import CommandResult
+from testinfra.backend.local import LocalBackend
 
 from tests.kernel import nspawn
 from tests.kernel.conftest import _skip_or_fail, build
@@ -125,6 +128,40 @@ def test_reload_applies_a_good_file_and_refuses_a_broken_one_visibly(box):
     assert active(box) == "active"
     box.sh(f"cp /root/good.toml {CONF}")
     box.run("systemctl", "reload", "tproxyd", timeout=120)
+
+
+class NspawnBackend(LocalBackend):
+    """testinfra's local backend, with every command run in the booted container."""
+
+    NAME = "nspawn"
+
+    def __init__(self, init: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.init = init
+
+    def run(self, command: str, *args: str, **kwargs: Any) -> CommandResult:
+        return self.run_local("nsenter -t %s -a -- sh -c %s", str(self.init),
+                              self.get_command(command, *args))
+
+
+def test_the_running_gateway_as_an_operator_checks_it(box):
+    host = testinfra.host.Host(NspawnBackend(box.init))
+    service = host.service("tproxyd")
+    assert service.is_running and service.is_enabled
+    sock = host.file("/run/tproxyd/tproxyd.sock")
+    assert sock.is_socket and sock.mode == 0o600 and sock.user == "root"
+    assert host.file("/run/tproxyd").mode == 0o700
+    conf = host.file(CONF)
+    assert conf.is_file and conf.mode == 0o644 and conf.user == "root"
+    for page in ("man8/tproxy.8.gz", "man8/tproxyd.8.gz", "man5/tproxy.toml.5.gz"):
+        assert host.file(f"/usr/share/man/{page}").is_file
+    assert host.file("/usr/share/doc/tproxyd/examples/tproxy.toml.example").is_file
+    table = host.run("nft list table inet tproxyd")
+    assert table.rc == 0 and "tproxy ip to :12345" in table.stdout
+    assert "lookup 100 proto 201" in host.check_output("ip rule show")
+    assert host.socket("tcp://0.0.0.0:12345").is_listening
+    status = host.run(f"tproxy status -c {CONF}")
+    assert status.rc == 0 and status.stdout.strip().endswith("in sync"), status.stdout
 
 
 def test_an_upgrade_while_running_keeps_it_running_and_the_admins_edit(box):
