@@ -17,7 +17,7 @@ from testinfra.backend.base import CommandResult
 from testinfra.backend.local import LocalBackend
 
 from tests.kernel import nspawn
-from tests.kernel.conftest import _skip_or_fail, build
+from tests.kernel.conftest import REPO, _skip_or_fail, build
 
 pytestmark = pytest.mark.kernel
 CONF = "/etc/tproxyd/tproxy.toml"
@@ -67,6 +67,7 @@ def box(package, tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Bo
         debs.mkdir(parents=True)
         for deb in (package["deb"], upgrade):
             shutil.copy(deb, debs)
+        shutil.copy(REPO / "packaging/debian/tests/gateway", debs / "autopkgtest-gateway")
         # Debian's packages for the install, downloaded with the host's network: nothing runs
         root.chroot("apt-get", "update", "-qq")
         root.chroot("apt-get", "install", "-y", "-qq", "--download-only",
@@ -175,6 +176,15 @@ def test_an_upgrade_while_running_keeps_it_running_and_the_admins_edit(box):
     assert "198.18.0.0/15" in box.run("cat", CONF).stdout
     assert "table inet tproxyd" in box.run("nft", "list", "tables").stdout
     assert box.sh(FETCH, timeout=60).stdout.strip() == "198.18.1.2", box.journal()
+
+
+def test_the_autopkgtest_passes_on_the_installed_package(box):
+    """debian/tests/gateway as autopkgtest runs it (needs-root, a machine of its own)."""
+    box.run("mkdir", "-p", "/var/tmp/autopkgtest")
+    out = box.run("env", "AUTOPKGTEST_TMP=/var/tmp/autopkgtest", "sh",
+                  "/var/tmp/debs/autopkgtest-gateway", timeout=180)
+    assert "intercepted: the server saw the client's own address" in out.stdout, out.stderr
+    assert "nothing of tproxyd left" in out.stdout
 
 
 def test_removal_stops_it_and_purge_leaves_nothing(box):
