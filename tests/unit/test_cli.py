@@ -52,10 +52,3 @@ def test_an_untrusted_state_dir_is_named_not_blamed_on_privileges(tmp_path, caps
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "mode 0775" in err and "run as root" not in err
 
-
-def test_check_says_nothing_to_intercept_without_an_intercept(tmp_path, capsys):
-    path = tmp_path / "t.toml"
-    path.write_text("[relay]\nport = 12345\n")
-    assert main(["check", "--config-only", "-c", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "nothing to intercept" in out and "nft table" not in out.replace("no rule, route, nft table", "")
