@@ -51,4 +51,3 @@ def test_an_untrusted_state_dir_is_named_not_blamed_on_privileges(tmp_path, caps
     assert main(["down", "-c", EXAMPLE]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "mode 0775" in err and "run as root" not in err
-
