@@ -187,7 +187,18 @@ def test_the_autopkgtest_passes_on_the_installed_package(box):
     assert "nothing of tproxyd left" in out.stdout
 
 
+def test_a_package_change_leaves_a_disabled_stopped_gateway_stopped(box):
+    """Restarted after an upgrade only when enabled or running: the admin's stop holds."""
+    box.run("systemctl", "disable", "--now", "tproxyd", timeout=120)
+    box.run("apt-get", "install", "-y", "--allow-downgrades",
+            "/var/tmp/debs/tproxyd_0.1.0-1_all.deb", timeout=300)
+    assert active(box) == "inactive"
+    box.run("systemctl", "enable", "--now", "tproxyd", timeout=120)  # running for the removal
+    assert active(box) == "active", box.journal()
+
+
 def test_removal_stops_it_and_purge_leaves_nothing(box):
+    assert active(box) == "active"
     box.run("apt-get", "remove", "-y", "tproxyd", timeout=300)
     assert active(box) in ("inactive", "unknown")
     assert "tproxyd" not in box.run("nft", "list", "tables").stdout
