@@ -20,6 +20,7 @@ from tproxyd.state.loader import load
 from tproxyd.state.plan import op_to_json
 from tproxyd.state.status import IN_SYNC, in_sync
 
+from . import reload_cmd
 from .desired_cache import load_rendered
 from .errors import KernelError, PreflightError
 from .statefiles import UntrustedError
@@ -33,9 +34,15 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+NOTHING_TO_INTERCEPT = ("nothing to intercept: no [[intercept]] in the config, so tproxyd adds "
+                        "no rule, route, nft table or sysctl")
+
+
 def _summary(config: Config) -> List[str]:
     desired = render(config)
     r, m, t = config.routing, config.marks, desired.nft
+    if t is None:
+        return [NOTHING_TO_INTERCEPT]
     lines = [
         f"relay port {config.relay.port}",
         f"marks: intercept {m.intercept:#x}, relay {m.relay:#x}",
@@ -171,6 +178,11 @@ def _daemon_lines(path: str, view: dict | None) -> list[str]:
                      f"{w['restarts']} restarts{stale}")
     for slot in view.get("crash_loop", []):
         lines.append(f"worker {slot}: CRASH LOOP ({view['last_exits'].get(str(slot), '')})")
+    m = view.get("metrics") or {}
+    if m.get("error"):
+        lines.append(f"metrics: NOT SERVED: {m['error']} (tried again every resync_interval)")
+    elif m.get("listen"):
+        lines.append(f"metrics: http://{m['listen']}/metrics")
     c = view.get("counters") or {}
     if c:
         lines.append(f"relay: {c.get('active', 0):.0f} active, {c.get('accepted', 0):.0f} accepted, "
@@ -195,12 +207,15 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     ok = in_sync(statuses) and not (view and view.get("config_error"))
     if args.json:
         _print_json({"config": config.source, "in_sync": in_sync(statuses),
+                     "nothing_to_intercept": not config.intercepts,
                      "objects": [s.to_json() for s in statuses],
                      "findings": [f.to_json() for f in findings], "daemon": view})
     else:
         for line in _daemon_lines(config.daemon.socket_path, view):
             print(line)
-        width = max(len(s.kind) for s in statuses)
+        if not config.intercepts:
+            print(NOTHING_TO_INTERCEPT)
+        width = max((len(s.kind) for s in statuses), default=0)
         for s in statuses:
             detail = f"  ({s.detail})" if s.detail else ""
             print(f"{s.state.upper() if s.state != IN_SYNC else s.state:9} {s.kind:{width}}  "
@@ -217,6 +232,8 @@ COMMANDS = {
     "apply": (cmd_apply, "converge the host to the config"),
     "down": (cmd_down, "remove everything tproxyd owns and restore the sysctls it changed"),
     "status": (cmd_status, "desired against live, per object"),
+    "reload": (lambda config, args: reload_cmd.reload(config, timeout=args.timeout),
+               "validate the file, then have the running daemon reload it and wait for the result"),
 }
 
 
@@ -235,13 +252,16 @@ def parser() -> argparse.ArgumentParser:
         if name == "apply":
             sp.add_argument("--force", action="store_true",
                             help="apply even when preflight reports errors")
+        if name == "reload":
+            sp.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds to wait for the daemon's reconcile (default 60)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "check":  # the validator always reads the file
+        if args.command in ("check", "reload"):  # the validator always reads the file
             config = load(args.config)
         else:  # an unchanged file was validated and rendered before: desired_cache
             args.rendered = load_rendered(args.config)

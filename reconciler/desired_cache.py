@@ -113,6 +113,7 @@ def load_rendered(path: str) -> Rendered:
         return found
     config = from_bytes(data, path)
     desired = render(config)
-    rendered = Rendered(config, desired, {s.name: digest(s.elements) for s in desired.nft.sets})
+    sets = desired.nft.sets if desired.nft else ()
+    rendered = Rendered(config, desired, {s.name: digest(s.elements) for s in sets})
     store(key, rendered)
     return rendered

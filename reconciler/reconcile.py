@@ -115,7 +115,7 @@ class Reconciler:
         self._untidy = set()  # sets whose elements only a flush can clear: see set_change
         sets, known = [], {}
         for s in table.sets:
-            want = self.desired.nft.set_named(s.name)
+            want = self.desired.nft.set_named(s.name) if self.desired.nft else None
             seen = trusted.get(s.name)
             if want is None or want.type != s.type or tuple(sorted(want.flags)) != tuple(
                     sorted(s.flags)):
@@ -168,7 +168,8 @@ class Reconciler:
             rules=self.netlink.rules(),
             table_routes=self.netlink.routes(self.config.routing.table),
             # the structure alone: kernel support is what is checked, not 100,000 elements
-            nft_error=self.nft.check(replace_table_commands(self.desired.nft.without_elements())),
+            nft_error=None if self.desired.nft is None else self.nft.check(
+                replace_table_commands(self.desired.nft.without_elements())),
             foreign_mark_users=tuple(mark_users(self._ruleset or self.nft.ruleset_terse(),
                                                 self.config.nftables.table, marks)),
         )
@@ -286,7 +287,8 @@ class Reconciler:
                 rebuilt = bool(commands)
                 flushed = {c.name for c in changes if c.flush}
                 self.verified.save(name, genid + 1, {
-                    s.name: (self._digest(s), s.elements) for s in self.desired.nft.sets
+                    s.name: (self._digest(s), s.elements)
+                    for s in (self.desired.nft.sets if self.desired.nft else ())
                     if rebuilt or s.name not in self._untidy or s.name in flushed})
 
 

@@ -34,8 +34,13 @@ class DesiredState:
     owner: Owner
     rules: FrozenSet[Rule]
     routes: FrozenSet[Route]
-    nft: NftTable
+    nft: NftTable | None  # None: no table at all (nothing to intercept)
     sysctls: Mapping[str, str]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to intercept: tproxyd wants nothing on the host."""
+        return self.nft is None
 
 
 def owner_of(config: Config) -> Owner:
@@ -179,6 +184,11 @@ def render_nft(config: Config) -> NftTable:
 
 def render(config: Config) -> DesiredState:
     owner = owner_of(config)
+    if not config.intercepts:
+        # The shipped config: no rule, route, table or sysctl until an intercept is named (what
+        # tproxyd owns from an earlier config is still removed: the ownership test holds).
+        return DesiredState(owner=owner, rules=frozenset(), routes=frozenset(), nft=None,
+                            sysctls={})
     r, m = config.routing, config.marks
     rules = frozenset(Rule(family=v, priority=r.priority, table=r.table, fwmark=m.intercept,
                            fwmask=m.intercept, protocol=r.protocol) for v in (4, 6))

@@ -161,7 +161,9 @@ def owned_routes(owner: Owner, live: LiveState) -> List[Route]:
     return sorted(r for r in live.routes if r.protocol == owner.protocol and r.table == owner.table)
 
 
-def _nft_ops(desired: NftTable, live: NftTable | None) -> List[Op]:
+def _nft_ops(desired: NftTable | None, live: NftTable | None) -> List[Op]:
+    if desired is None:  # nothing to intercept: our table (live is read by our name) goes
+        return [] if live is None else [DeleteNftTable(live.name)]
     if live is None:
         return [ReplaceNftTable(desired, "missing")]
     if live.structure() != desired.structure():

@@ -70,6 +70,10 @@ def compare(desired: DesiredState, live: LiveState) -> List[ObjectStatus]:
             if r.key not in wanted]
 
     want, have = desired.nft, live.nft
+    if want is None:  # nothing to intercept: any table of ours is extra
+        if have is not None:
+            out.append(ObjectStatus("nft table", f"{FAMILY} {have.name}", EXTRA))
+        return out
     name = f"{FAMILY} {want.name}"
     if have is None:
         out.append(ObjectStatus("nft table", name, MISSING))

@@ -82,10 +82,12 @@ def nft_tables(draw, config):
     if kind == "none":
         return None
     if kind == "other":
-        other = draw(configs())
-        return NftTable(name=config.nftables.table, chains=render(other).nft.chains,
-                        sets=render(other).nft.sets)
+        other = render(draw(configs())).nft
+        return None if other is None else NftTable(name=config.nftables.table,
+                                                   chains=other.chains, sets=other.sets)
     table = render(config).nft
+    if table is None:
+        return None
     if kind == "damaged":
         return NftTable(name=table.name, chains=table.chains[: draw(st.integers(0, len(table.chains)))],
                         sets=table.sets)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tproxyd.reconciler.cli import main
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -65,3 +67,19 @@ def test_daemon_lines_say_which_worker_does_not_answer():
     lines = _daemon_lines("/run/tproxyd/tproxyd.sock", view)
     assert lines[1] == "worker 0: pid 11, up 9.0s, serving, 0 restarts"
     assert lines[2] == "worker 1: pid 12, up 9.0s, serving, 0 restarts, not answering (counters from 8s ago)"
+
+
+@pytest.mark.parametrize("metrics, line", [
+    ({"listen": "127.0.0.1:9641", "error": None}, "metrics: http://127.0.0.1:9641/metrics"),
+    ({"listen": "[::1]:9641", "error": "cannot listen on [::1]:9641: Address already in use"},
+     "metrics: NOT SERVED: cannot listen on [::1]:9641: Address already in use (tried again every "
+     "resync_interval)"),
+    ({"listen": None, "error": None}, None),
+])
+def test_daemon_lines_say_where_metrics_are_served_or_why_not(metrics, line):
+    from tproxyd.reconciler.cli import _daemon_lines
+
+    view = {"pid": 7, "started": 0.0, "reconciles": 1, "last_reconcile": {}, "config_error": None,
+            "workers": [], "crash_loop": [], "last_exits": {}, "counters": {}, "metrics": metrics}
+    lines = _daemon_lines("/run/tproxyd/tproxyd.sock", view)
+    assert [ln for ln in lines if ln.startswith("metrics")] == ([line] if line else [])

@@ -109,3 +109,11 @@ def test_redirect_mode_captures_in_a_nat_chain():
     assert any("socket" in json.dumps(r) for r in nft_rules(d.nft)["prerouting"])
     (entry,) = loads('[relay]\nmode = "redirect"\n[[intercept]]\ninterfaces = ["x"]\n').intercepts
     assert entry.protocols == ("tcp",)
+
+
+def test_no_intercept_wants_nothing_on_the_host():
+    """Issue 15 item 4: the shipped config (no [[intercept]]) still added the fwmark rules, the
+    route table, an nft table and the forwarding sysctl."""
+    d = render(loads("[routing]\nforwarding = true\n"))
+    assert d.idle and d.nft is None
+    assert d.rules == frozenset() and d.routes == frozenset() and dict(d.sysctls) == {}

@@ -51,7 +51,8 @@ def test_no_production_module_imports_the_lab():
                 assert not [n for n in names if _is_lab(n)], f"{path}:{node.lineno} reaches the lab"
 
 
-@pytest.mark.skipif(not shutil.which("git"), reason="needs git: builds from the checkout's files")
+@pytest.mark.skipif(not shutil.which("git") or not (ROOT / ".git").exists(),
+                    reason="needs git and a checkout (not a source package): builds from its files")
 def test_the_wheel_holds_tproxyd_and_nothing_of_the_lab(tmp_path):
     """Built from the checkout's files as packaging/build-deb takes them, with pyproject's own
     mapping (the Debian package is this wheel, installed)."""

@@ -209,3 +209,14 @@ def test_down_refuses_a_saved_value_under_a_foreign_key():
     """What `down` restores comes from a file: a key it never wrote is not a plan."""
     with pytest.raises(ValueError):
         plan_down(DESIRED.owner, LiveState(), {"net.ipv4.conf./tmp/x.rp_filter": "0"})
+
+
+def test_no_intercept_plans_nothing_from_nothing_and_removes_what_an_earlier_config_left():
+    idle = render(loads("[relay]\nport = 12345\n"))
+    assert plan(idle, LiveState()) == ()
+    live = converge(DESIRED, LiveState())
+    ops = plan(idle, live)
+    assert {type(op) for op in ops} == {DeleteNftTable, DeleteRule, DeleteRoute}
+    after = apply_all(live, ops)
+    assert after.nft is None and after.rules == frozenset() and after.routes == frozenset()
+    assert plan(idle, after) == ()

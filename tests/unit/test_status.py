@@ -44,3 +44,16 @@ def test_converged_is_in_sync_and_drift_is_named():
     assert table.state == DRIFTED and "chain prerouting: 1 of 5 rules" in table.detail
     assert by[("sysctl", "net.ipv4.ip_forward = 1")].state == DRIFTED
     assert by[("nft set", "lan_dst4")].state == IN_SYNC
+
+
+def test_no_intercept_is_in_sync_with_nothing_and_names_a_leftover_table():
+    from tproxyd.state.desired import render
+    from tproxyd.state.live import LiveState
+    from tproxyd.state.loader import loads
+    from tproxyd.state.status import EXTRA, compare, in_sync
+
+    idle = render(loads("[relay]\n"))
+    assert compare(idle, LiveState()) == [] and in_sync(compare(idle, LiveState()))
+    leftover = render(loads('[[intercept]]\ninterfaces = ["lan0"]\n')).nft
+    (table,) = compare(idle, LiveState(nft=leftover))
+    assert table.kind == "nft table" and table.state == EXTRA
