@@ -221,3 +221,26 @@ def test_stream_sniff_parses_a_trickle_a_logarithmic_number_of_times(monkeypatch
     assert unparsed.feed(request[:20]) is NEED_MORE
     assert unparsed.feed(request[20:33]) is NEED_MORE  # Host is complete, but no parse was due
     assert unparsed.give_up() == "h.example"  # give_up parses what is there
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([*sorted(CAPTURES), "curl-http11.http", "curl-http-proxy.http"]),
+       st.lists(st.integers(1, 700), min_size=1, max_size=40), st.integers(1, 512))
+def test_stream_sniff_agrees_with_one_parse_of_everything(name, cuts, record):
+    """However the bytes are cut into recv()s (and a TLS stream into records), the sniff ends
+    where one parse of all of them would: its skipped parses never lose an answer."""
+    from tproxyd.relay.sniff import StreamSniff
+
+    stream = capture(name)
+    if stream[0] == 0x16:
+        stream = records(unrecord(stream), record)
+    sniff = StreamSniff(deadline=1.0)
+    pos = 0
+    for size in cuts * (len(stream) // sum(cuts) + 1):
+        if pos >= len(stream) or sniff.result is not NEED_MORE:
+            break
+        sniff.feed(stream[pos:pos + size])
+        pos += size
+    full = sniff_stream(bytes(sniff.data))
+    assert sniff.give_up() == (NO_NAME if full is NEED_MORE else full)
+    assert sniff.result == sniff_stream(stream)
