@@ -244,3 +244,32 @@ def test_stream_sniff_agrees_with_one_parse_of_everything(name, cuts, record):
     full = sniff_stream(bytes(sniff.data))
     assert sniff.give_up() == (NO_NAME if full is NEED_MORE else full)
     assert sniff.result == sniff_stream(stream)
+
+
+def python_client_hello(server_name: str, alpn: list[str] | None = None) -> bytes:
+    """What Python's ssl (OpenSSL) sends first, through a MemoryBIO: a real client, no socket."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+LABEL = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?", fullmatch=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(LABEL, min_size=1, max_size=4), st.sampled_from(["com", "example", "Net", "xn--p1ai"]),
+       st.integers(0, 6))
+def test_python_ssl_hellos_for_any_name(labels, tld, alpns):
+    name = ".".join([*labels, tld])
+    stream = python_client_hello(name, [chr(97 + i) * 250 for i in range(alpns)] or None)
+    assert sniff_stream(stream) == name.lower()
+    assert sniff_stream(records(unrecord(stream), 300)) == name.lower()
