@@ -707,7 +707,7 @@ class Relay:
         name = check.upstream.name
         reason = exc.reason if isinstance(exc, HandshakeError) else "error"
         self.health[name].check_failed(self.now, reason)
-        self.upstream_counts[name].check_failures += 1
+        self.upstream_counts[name].checks_failed += 1
         self.note(f"check-{name}", f"upstream {name}: active check failed: {exc}")
         self._end_check(check)
 
@@ -816,8 +816,8 @@ class Relay:
         if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
             counts = self.upstream_counts[conn.upstream]
             counts.active -= 1
-            counts.bytes_up += conn.up.bytes
-            counts.bytes_down += conn.down.bytes
+            counts.sent += conn.up.bytes
+            counts.received += conn.down.bytes
         if end is End.UPSTREAM_ERROR and conn.error:
             log.debug("connection %s -> %s: upstream_error: %s", conn.client_addr, conn.dst,
                       conn.error)
@@ -845,8 +845,8 @@ class Relay:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
             if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
-                out[f"upstream_{conn.upstream}_bytes_up"] += conn.up.bytes
-                out[f"upstream_{conn.upstream}_bytes_down"] += conn.down.bytes
+                out[f"upstream_{conn.upstream}_sent"] += conn.up.bytes
+                out[f"upstream_{conn.upstream}_received"] += conn.down.bytes
         return out
 
     def _serve_stats(self, listener: socket.socket) -> None:

@@ -51,16 +51,19 @@ def outbound(address: Address, mark: int) -> socket.socket:
 
 @dataclass
 class UpstreamCounters:
-    """One upstream's counters in one worker, reported flat as upstream_<name>_<field>."""
+    """One upstream's counters in one worker, reported flat as upstream_<name>_<field>, with
+    upstream_<name>_up (1 while this worker has it up). No field is "<word>_<another field>",
+    so a key names one upstream and one field whatever `[a-z0-9_-]` the name has; and only the
+    gauges end in _active and _up (the supervisor keeps no total of them)."""
 
     connections: int = 0  # tunnels opened through it
     failures: int = 0  # attempts that failed (connect, timeout, handshake), checks excluded
     declined: int = 0  # requests it answered with a refusal (a SOCKS5 error reply, HTTP 4xx/5xx)
     active: int = 0  # open connections through it now (a gauge)
-    bytes_up: int = 0  # of ended connections
-    bytes_down: int = 0
+    sent: int = 0  # bytes client -> server through it (bytes_up), of ended connections
+    received: int = 0  # bytes server -> client (bytes_down), likewise
     checks: int = 0  # active checks run
-    check_failures: int = 0
+    checks_failed: int = 0
 
 
 

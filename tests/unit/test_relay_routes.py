@@ -93,7 +93,7 @@ def test_a_route_via_an_upstream_carries_the_connection_and_its_early_bytes_come
         assert proxy.targets == [DST]  # the upstream was asked for the original destination
         assert s["route_corp_connections"] == 1 and s["upstream_a_connections"] == 1
         assert s["upstream_a_up"] == 1 and s["upstream_a_active"] == 0
-        assert s["upstream_a_bytes_up"] == 4 and s["upstream_a_bytes_down"] == 11
+        assert s["upstream_a_sent"] == 4 and s["upstream_a_received"] == 11
         assert s["end_tcp_client_fin"] == 1
     assert not proxy.server.errors
 
@@ -208,7 +208,7 @@ def test_active_checks_bring_a_recovered_upstream_back_after_two_passes():
     port = closed_port()
     up = upstream_at("a", port, check_interval=0.2)
     with running(DST, upstreams=(up,), routes=(RouteRule("r", ("a",)),)) as (relay, _):
-        wait_for(lambda: stats(relay)["upstream_a_check_failures"] >= 1, "a failed check")
+        wait_for(lambda: stats(relay)["upstream_a_checks_failed"] >= 1, "a failed check")
         assert stats(relay)["upstream_a_up"] == 0
         # something answers on the port now: a SOCKS5 greeting is all a check needs
         back = socket.create_server(port)
