@@ -21,6 +21,8 @@ import socket
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from tproxyd.state.upstreams import DIRECT, REJECT
+
 from .ends import End
 from .sockopts import (
     SO_MARK,
@@ -181,6 +183,24 @@ class UdpRelay:
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
+        relay = self.relay
+        route = relay.routes.match_text(dst[0], dst[1], client[0], "udp") if relay.routes else None
+        if route is not None:
+            # No session is kept for a datagram a route drops: each one is counted.
+            relay.route_counts[route.name] += 1
+            if route.action == REJECT:
+                c.udp_ends[End.REJECTED] += 1
+                relay.note("udp-reject", f"udp from {client[0]} port {client[1]} to {dst[0]} "
+                                         f"port {dst[1]}: route {route.name}: reject: dropped")
+                return None
+            if route.action != DIRECT:
+                # UDP ASSOCIATE is not built yet: dropped (counted), never sent direct past
+                # the upstream the route asks for
+                c.udp_ends[End.UPSTREAM_ERROR] += 1
+                relay.warn("udp-upstream", f"udp to {dst[0]} port {dst[1]}: route {route.name} "
+                                           "goes through an upstream, which the relay cannot do "
+                                           "for UDP yet: dropped")
+                return None
         if self.per_client.get(client[0], 0) >= self.settings.max_udp_sessions_per_client:
             c.udp_ends[End.OVER_LIMIT] += 1
             self.relay.warn("udp-per-client", f"{client[0]} has max_udp_sessions_per_client "

@@ -65,16 +65,18 @@ def need(program: str) -> None:
         pytest.skip(f"{program} is not installed (sh .ci/setup installs it)")
 
 
-def start_relay(lab: Lab, upstreams: str, routes: str) -> str:
-    """Apply a config capturing TCP to the server network, with these [[upstream]] and
-    [[route]] tables, and start the relay; returns its stats socket."""
+def start_relay(lab: Lab, upstreams: str, routes: str, protocols: str = '["tcp"]') -> str:
+    """Apply a config capturing TCP (and what protocols says) to the server network, with
+    these [[upstream]] and [[route]] tables, and start the relay; returns its stats socket."""
     config = lab.write_config(lab.config(
         extra="[relay]\nspoof_source = true\n",
-        destinations='["198.18.2.0/24", "2001:db8:2::/64"]', protocols='["tcp"]')
+        destinations='["198.18.2.0/24", "2001:db8:2::/64"]', protocols=protocols)
         + upstreams + routes)
     Tproxy(lab, config)("apply", check=True)
     lab.spawn(lab.gw, sys.executable, "-m", "tproxyd.relay", "-c", config)
     wait_for_port(lab, lab.gw, 12345)
+    if "udp" in protocols:
+        wait_for_port(lab, lab.gw, 12345, "udp")
     return f"{lab.tmp}/state/relay.sock"
 
 
@@ -277,3 +279,29 @@ def test_a_hostile_upstream_costs_one_clean_reset_and_the_relay_lives_on(net: Ne
     counters = read_stats(stats)
     assert counters["upstream_evil_failures"] == 1 and counters["end_tcp_upstream_error"] == 1
     assert counters["internal_errors"] == 0
+
+
+def dnsmasq(lab: Lab, port: int) -> subprocess.Popen:
+    proc = lab.spawn(lab.server, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
+                     "--log-queries", "--no-resolv", "--no-hosts", "--user=root", f"--port={port}",
+                     "--address=/example.test/198.18.2.50", "--bind-interfaces",
+                     f"--listen-address={WAN.peer4}")
+    wait_for_port(lab, lab.server, port, "udp")
+    return proc
+
+
+def dig(lab: Lab, port: int) -> subprocess.CompletedProcess:
+    return lab.run(lab.client, "dig", "+short", "+timeout=1", "+tries=1", "-p", str(port),
+                   f"@{WAN.peer4}", "A", "example.test", check=False)
+
+
+def test_udp_on_a_reject_route_is_dropped_and_counted_and_other_udp_goes_direct(net: Net):
+    lab = net.lab
+    dnsmasq(lab, 53)
+    dnsmasq(lab, 5353)
+    stats = start_relay(lab, "", route("nodns", ["reject"], ports=[53]), '["tcp", "udp"]')
+    assert "198.18.2.50" not in dig(lab, 53).stdout  # dropped: dig times out
+    assert dig(lab, 5353).stdout.strip() == "198.18.2.50"
+    counters = read_stats(stats)
+    assert counters["end_udp_rejected"] >= 1 and counters["route_nodns_connections"] >= 1
+    assert counters["udp_sessions_opened"] == 1
