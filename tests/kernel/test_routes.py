@@ -305,3 +305,28 @@ def test_udp_on_a_reject_route_is_dropped_and_counted_and_other_udp_goes_direct(
     counters = read_stats(stats)
     assert counters["end_udp_rejected"] >= 1 and counters["route_nodns_connections"] >= 1
     assert counters["udp_sessions_opened"] == 1
+
+
+def test_the_daemon_reloads_changed_routes_into_its_workers_and_status_shows_upstreams(net: Net):
+    from tests.kernel.test_daemon import Tproxyd, eventually
+
+    lab = net.lab
+    dante(lab, net.proxy_ns)
+    base = lab.config(destinations='["198.18.2.0/24", "2001:db8:2::/64"]', protocols='["tcp"]')
+    ups = upstream("dante", "socks5", f"{P4}:1080", check_interval=1)
+    d = Tproxyd(lab, base + ups + route("r", ["reject"], ports=[8080]))
+    assert_reset(get(lab, 4, 8080))
+    d.save(base + ups + route("r", ["dante"], ports=[8080]))
+    # the new workers take new connections once the reload is done; the old ones drain
+    eventually(lambda: get(lab, 4, 8080).stdout == "200", "the route through dante", timeout=20,
+               step=0.2)
+    assert peers_seen(net) == [P4]
+
+    def status_with_upstream() -> str | None:
+        out = d.tproxy("status").stdout
+        return out if "upstream dante" in out else None
+
+    out = eventually(status_with_upstream, "status to list the upstream", timeout=10, step=0.5)
+    assert f"upstream dante (socks5 {P4}:1080): up;" in out, out
+    assert "route r: " in out
+    assert d.stop() == 0
