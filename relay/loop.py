@@ -40,7 +40,7 @@ from .sockopts import (
     set_reset_on_close,
     set_transparent,
 )
-from .udp import UDP_IN, UDP_SESSION, Session, UdpRelay
+from .udp import UDP_CONTROL, UDP_IN, UDP_SESSION, Session, UdpRelay
 from .upstreams import Check, UpstreamCounters, outbound, resolve
 
 log = logging.getLogger("tproxyd.relay")
@@ -192,6 +192,7 @@ class Relay:
         self.routes = RouteTable(settings.routes) if settings.routes else None
         self.upstreams = {u.name: u for u in settings.upstreams}
         self.addresses = {u.name: resolve(u) for u in settings.upstreams}
+        self.upstream_ips = {a[0] for a in self.addresses.values() if a is not None}
         self.health = Health(settings.upstreams, self.now)
         self.route_counts = {r.name: 0 for r in settings.routes}
         self.upstream_counts = {u.name: UpstreamCounters() for u in settings.upstreams}
@@ -309,6 +310,8 @@ class Relay:
             self.udp.on_datagrams(obj)
         elif kind == UDP_SESSION:
             self.udp.on_reply(obj)
+        elif kind == UDP_CONTROL:
+            self.udp.on_control(obj, mask)
         elif kind == STATS:
             self._serve_stats(obj)
         elif kind == CHECK:

@@ -121,8 +121,9 @@ clientmethod: none
 user.privileged: root
 user.unprivileged: nobody
 client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
-socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect }}
-socks pass {{ from: 0.0.0.0/0 to: ::/0 command: connect }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate }}
+socks pass {{ from: 0.0.0.0/0 to: ::/0 command: connect udpassociate }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: udpreply }}
 """, f"danted{port}.conf")
     proc = lab.spawn(ns, "danted", "-f", conf)
     wait_for_port(lab, ns, port)
@@ -290,8 +291,8 @@ def dnsmasq(lab: Lab, port: int) -> subprocess.Popen:
     return proc
 
 
-def dig(lab: Lab, port: int) -> subprocess.CompletedProcess:
-    return lab.run(lab.client, "dig", "+short", "+timeout=1", "+tries=1", "-p", str(port),
+def dig(lab: Lab, port: int, *args: str) -> subprocess.CompletedProcess:
+    return lab.run(lab.client, "dig", "+short", "+timeout=1", "+tries=1", "-p", str(port), *args,
                    f"@{WAN.peer4}", "A", "example.test", check=False)
 
 
@@ -330,3 +331,46 @@ def test_the_daemon_reloads_changed_routes_into_its_workers_and_status_shows_ups
     assert f"upstream dante (socks5 {P4}:1080): up;" in out, out
     assert "route r: " in out
     assert d.stop() == 0
+
+
+def test_udp_through_dante_udp_associate_reaches_dns_from_the_upstreams_address(net: Net):
+    lab = net.lab
+    dante(lab, net.proxy_ns)
+    dns = dnsmasq(lab, 53)
+    stats = start_relay(lab, upstream("dante", "socks5", f"{P4}:1080", udp=True, check_interval=0),
+                        route("dns", ["dante"], ports=[53]), '["tcp", "udp"]')
+    same_port = ("-b", f"{LAN.peer4}#5300")  # both queries in one session
+    assert dig(lab, 53, *same_port).stdout.strip() == "198.18.2.50"  # from the address it asked
+    assert dig(lab, 53, *same_port).stdout.strip() == "198.18.2.50"
+    log = lab.log_of(dns)
+    assert f"from {P4}" in log and f"from {LAN.peer4}" not in log, log
+    counters = read_stats(stats)
+    assert counters["upstream_dante_connections"] == 1  # one association for both queries
+    # dante reaches the server through this gateway, where the relay's socket bound to the
+    # server's address catches its datagrams: they go direct (a session of dante's own), not
+    # back through dante
+    assert counters["udp_sessions"] == 2 and counters["route_dns_connections"] == 1
+    assert counters["udp_datagrams_down"] == 4 and counters["end_udp_loop"] == 0
+
+
+def test_udp_with_its_upstream_dead_is_dropped_and_counted(net: Net):
+    lab = net.lab
+    dnsmasq(lab, 53)
+    stats = start_relay(lab, upstream("gone", "socks5", f"{P4}:1099", udp=True, check_interval=0),
+                        route("dns", ["gone"], ports=[53]), '["tcp", "udp"]')
+    assert "198.18.2.50" not in dig(lab, 53).stdout
+    counters = read_stats(stats)
+    assert counters["end_udp_upstream_error"] >= 1 and counters["upstream_gone_failures"] == 1
+    assert counters["udp_sessions"] == 0
+
+
+def test_udp_fails_over_to_the_second_upstream(net: Net):
+    lab = net.lab
+    dante(lab, net.proxy_ns)
+    dnsmasq(lab, 53)
+    stats = start_relay(lab, upstream("gone", "socks5", f"{P4}:1099", udp=True, check_interval=0)
+                        + upstream("dante", "socks5", f"{P4}:1080", udp=True, check_interval=0),
+                        route("dns", ["gone", "dante"], ports=[53]), '["tcp", "udp"]')
+    assert dig(lab, 53).stdout.strip() == "198.18.2.50"
+    counters = read_stats(stats)
+    assert counters["upstream_gone_failures"] == 1 and counters["upstream_dante_connections"] == 1
