@@ -7,6 +7,7 @@ service, never a system account) and killed with the lab."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -171,6 +172,35 @@ def test_dante_carries_a_routed_connection_and_the_server_sees_the_upstream(net:
     counters = read_stats(stats)
     assert counters["route_proxied_connections"] == 1
     assert counters["upstream_dante_connections"] == 1 and counters["upstream_dante_up"] == 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_megabytes_cross_byte_exact_through_dante(net: Net, family):
+    lab = net.lab
+    body = os.urandom(8 << 20)
+    with open(os.path.join(lab.tmp, "body"), "wb") as f:
+        f.write(body)
+    dante(lab, net.proxy_ns)
+    start_relay(lab, upstream("dante", "socks5", f"{P4}:1080", check_interval=0),
+                route("all", ["dante"]))
+    host = WAN.peer4 if family == 4 else f"[{WAN.peer6}]"
+    got = lab.run(lab.client, "sh", "-c", f"curl -sS --max-time 60 http://{host}:8080/body"
+                                          " | sha256sum").stdout.split()[0]
+    assert got == hashlib.sha256(body).hexdigest()
+    assert peers_seen(net) == [P4 if family == 4 else P6]
+
+
+def test_an_upstream_reached_over_ipv6(net: Net):
+    lab = net.lab
+    need("microsocks")
+    lab.spawn(net.proxy_ns, "microsocks", "-i", P6, "-p", "1084")
+    wait_for_port(lab, net.proxy_ns, 1084)
+    stats = start_relay(lab, upstream("v6", "socks5", f"[{P6}]:1084", check_interval=0),
+                        route("all", ["v6"]))
+    assert_ok(get(lab, 4, 8080))
+    assert_ok(get(lab, 6, 8080))
+    assert peers_seen(net) == [P4, P6]  # microsocks leaves by the destination's family
+    assert read_stats(stats)["upstream_v6_connections"] == 2
 
 
 def test_microsocks_with_username_and_password_and_a_wrong_password(net: Net):

@@ -144,7 +144,10 @@ def test_every_upstream_dead_resets_the_client_as_upstream_error():
 def hostile(behaviour: str):
     def handle(conn: socket.socket) -> None:
         conn.recv(16)
-        if behaviour == "garbage":
+        if behaviour == "endless header":  # an HTTP proxy whose response header never ends
+            conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * (20 << 10))
+            conn.recv(16)
+        elif behaviour == "garbage":
             conn.sendall(b"HTTP/1.0 400 nonsense\r\n\r\n")
         elif behaviour == "close":
             conn.sendall(b"\x05")  # half a method choice, then gone
@@ -184,6 +187,37 @@ def test_a_declined_request_fails_over_without_marking_the_upstream_down():
         roundtrip(addr, b"x", b"x")
         s = stats(relay)
         assert s["upstream_refusing_declined"] == 1 and s["upstream_refusing_up"] == 1
+
+
+def test_an_endless_http_response_header_fails_the_attempt():
+    endless, good = hostile("endless header"), FakeSocks5()
+    ups = (upstream_at("endless", endless.addr, kind=HTTP), good.config("good"))
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("endless", "good")),)) as (relay, addr):
+        roundtrip(addr, b"x", b"x")
+        assert stats(relay)["upstream_endless_failures"] == 1
+
+
+def test_an_upstream_by_name_is_resolved_when_the_worker_starts():
+    proxy = FakeSocks5()
+    named = UpstreamConfig("a", SOCKS5, "localhost", proxy.server.addr[1], check_interval=0)
+    with running(DST, upstreams=(named,), routes=(RouteRule("r", ("a",)),)) as (relay, addr):
+        assert relay.addresses["a"] in (("127.0.0.1", proxy.server.addr[1]),
+                                        ("::1", proxy.server.addr[1]))
+        if relay.addresses["a"][0] == "127.0.0.1":
+            roundtrip(addr, b"by name", b"by name")
+
+
+def test_a_name_that_does_not_resolve_fails_over(monkeypatch):
+    from tproxyd.relay import loop
+
+    proxy = FakeSocks5()
+    unresolved = UpstreamConfig("lost", SOCKS5, "lost.example", 1080, check_interval=0)
+    real = loop.resolve
+    monkeypatch.setattr(loop, "resolve", lambda u: None if u.name == "lost" else real(u))
+    ups = (unresolved, proxy.config("b"))
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("lost", "b")),)) as (relay, addr):
+        roundtrip(addr, b"x", b"x")
+        assert relay.health["lost"].failure_counts == {"unresolved": 1}
 
 
 def test_http_connect_upstream():
