@@ -83,7 +83,7 @@ class Connection:
         self.timer_at = 0.0  # when this connection's live timer fires (see Relay._schedule)
         self.masks = [0, 0]  # what the selector watches now, per side
         self.first_fin: int | None = None  # CLIENT or SERVER: who finished sending first
-        # through an upstream: its route's name, the upstream tried now and those tried before
+        # through an upstream: its route, the upstream tried now and those tried before
         self.route: RouteRule | None = None
         self.upstream: str | None = None
         self.tried: set[str] = set()

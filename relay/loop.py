@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
-from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, REJECT, UP, Health, decide
+from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Health, decide
 from tproxyd.state.routes import RouteTable
-from tproxyd.state.upstreams import RouteRule, Upstream
+from tproxyd.state.upstreams import REJECT, RouteRule, Upstream
 
 from . import unixsock
 from .connection import CLIENT, OPENING, READ, SERVER, WRITE, Connection, State
