@@ -9,6 +9,6 @@ must never be able to do: tests/unit/test_layout.py holds them to that.
     python -m lab listen PORT     # a transparent listener (inside a lab namespace)
 """
 
-from .netns import LAN, PREFIX, ROOT, WAN, Lab, Side, sweep_stale, wait_for_port
+from .netns import LAN, PREFIX, ROOT, WAN, Lab, Side, run_own_lab, sweep_stale, wait_for_port
 
-__all__ = ["LAN", "PREFIX", "ROOT", "WAN", "Lab", "Side", "sweep_stale", "wait_for_port"]
+__all__ = ["LAN", "PREFIX", "ROOT", "WAN", "Lab", "Side", "run_own_lab", "sweep_stale", "wait_for_port"]

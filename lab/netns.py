@@ -199,3 +199,20 @@ def wait_for_port(lab: Lab, ns: str, port: int, proto: str = "tcp", timeout: flo
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {proto} port {port} in {ns}")
+
+
+def run_own_lab(cmd: list[str], timeout: float, **kwargs) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run a command that builds its own lab; return its result and the namespaces of that
+    lab still present afterwards (named after the command's pid, so other labs running at the
+    same time do not count)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                       text=True).stdout.splitlines()
+            if line.startswith(f"{PREFIX}{proc.pid}x")]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), left

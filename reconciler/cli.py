@@ -198,6 +198,11 @@ def _daemon_lines(path: str, view: dict | None) -> list[str]:
                      f"{w['restarts']} restarts{stale}")
     for slot in view.get("crash_loop", []):
         lines.append(f"worker {slot}: CRASH LOOP ({view['last_exits'].get(str(slot), '')})")
+    m = view.get("metrics") or {}
+    if m.get("error"):
+        lines.append(f"metrics: NOT SERVED: {m['error']} (tried again every resync_interval)")
+    elif m.get("listen"):
+        lines.append(f"metrics: http://{m['listen']}/metrics")
     c = view.get("counters") or {}
     if c:
         lines.append(f"relay: {c.get('active', 0):.0f} active, {c.get('accepted', 0):.0f} accepted, "

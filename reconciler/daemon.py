@@ -2,10 +2,11 @@
 
 One loop (selectors) waits on: signals (signals.py), config file events (watch.py, debounced),
 netlink notifications for rules, routes and nftables (drift.py), the status socket
-(status_server.py), and timers (debounce, periodic resync, worker restarts, the systemd watchdog:
-notify.py). This file holds the loop and what it decides: when to reconcile, when a config is
-taken, when the workers are replaced (supervisor.py runs them). A bad config is logged and shown
-in status while the last good one stays in force; a kernel error is retried with backoff.
+(status_server.py), Prometheus scrapes (metrics_server.py, metrics.py), and timers (debounce,
+periodic resync, worker restarts, the systemd watchdog: notify.py). This file holds the loop and
+what it decides: when to reconcile, when a config is taken, when the workers are replaced
+(supervisor.py runs them). A bad config is logged and shown in status while the last good one
+stays in force; a kernel error is retried with backoff.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from prometheus_client.exposition import choose_encoder
+
 from tproxyd.relay import unixsock
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
 from tproxyd.state.config import Daemon as DaemonConfig
@@ -29,9 +32,10 @@ from tproxyd.state.desired import owner_of
 from tproxyd.state.errors import ConfigError, Problem
 from tproxyd.state.loader import from_bytes
 
-from . import drift
+from . import drift, metrics
 from .config_file import ConfigFile, Settled, Unreadable, Unsettled
 from .errors import KernelError, PreflightError
+from .metrics_server import MetricsServer
 from .notify import Notifier
 from .reconcile import Reconciler
 from .signals import SignalQueue
@@ -71,6 +75,12 @@ class Daemon:
         self.started = time.time()
         self.reconciles = 0
         self.last: dict = {}
+        self.counts = metrics.DaemonCounts()  # reconciles by result, their durations, repairs
+        self.converged: Config | None = None  # the config last converged to without error
+        self.config_loaded_at = 0.0  # Unix time the config in force was loaded
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_error: str | None = None  # why the endpoint is not open
+        self.registry = metrics.registry(self.metrics_snapshot)
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -86,6 +96,7 @@ class Daemon:
         try:
             settled = self._wait_until_settled()
             self.config = from_bytes(settled.raw, self.path)
+            self.config_loaded_at = time.time()
             self.config_digest = settled.digest
             self.file.settle = self.config.daemon.settle
             self._keep_for_workers(settled.raw, self.config)
@@ -112,6 +123,7 @@ class Daemon:
             refresh=lambda: self.stats.ask(self.supervisor.workers, again=True),
             fresh=lambda: self.stats.idle)
         self.status_server.open()
+        self._open_metrics()
         self._at(time.monotonic() + self.config.daemon.resync_interval, "resync")
         self._at(time.monotonic() + STATS_INTERVAL, "stats")
         if self.notifier.watchdog:
@@ -156,6 +168,7 @@ class Daemon:
             log.info("on_exit = keep: rules left in force")
         if self.status_server is not None:
             self.status_server.close()
+        self._close_metrics()
         self.stats.close()
 
     # --- the loop ------------------------------------------------------------------------------
@@ -183,7 +196,8 @@ class Daemon:
         if self.settle_at is not None:
             deadlines.append(self.settle_at)
         for nxt in (self.supervisor.tick(now), self.stats.expire(),
-                    self.status_server.tick() if self.status_server else None):
+                    self.status_server.tick() if self.status_server else None,
+                    self.metrics_server.tick() if self.metrics_server else None):
             if nxt is not None:
                 deadlines.append(nxt)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
@@ -200,6 +214,8 @@ class Daemon:
                 self._schedule_reconcile(now=True)
                 assert self.config is not None
                 self._at(now + self.config.daemon.resync_interval, "resync")
+                if self.metrics_server is None and self.config.metrics.enabled:
+                    self._open_metrics()  # its address was taken or not yet configured: again
             elif what == "watchdog":
                 self.notifier.send("WATCHDOG=1")
                 self._at(now + (self.notifier.watchdog or 1), "watchdog")
@@ -275,7 +291,10 @@ class Daemon:
             self._refuse(exc)
             return False
         self.config_error = None
-        return self._switch(new, outcome.raw, replace_workers=force)
+        changed = self._switch(new, outcome.raw, replace_workers=force)
+        if self.config_error is None:  # not refused by _switch: new (or its equal) is in force
+            self.config_loaded_at = time.time()
+        return changed
 
     def _refuse(self, exc: ConfigError) -> None:
         if str(exc) == self.config_error:  # an unreadable file is looked at on every reconcile
@@ -313,6 +332,9 @@ class Daemon:
                 self.reconciler.close()
                 self.reconciler = None
             self.config = new
+            if new.metrics != old.metrics:
+                self._close_metrics()
+                self._open_metrics()
         if replace_workers or relay_view(new) != relay_view(old):
             log.info("reloading the relay workers")
             try:
@@ -325,17 +347,19 @@ class Daemon:
     def _converge(self) -> None:
         assert self.config is not None
         self.reconciles += 1
-        when = time.time()
+        when, started = time.time(), time.monotonic()
         try:
             if self.reconciler is None:
                 self.reconciler = Reconciler(self.config)
             result = self.reconciler.apply()
         except PreflightError as exc:
+            self.counts.reconciled("error", time.monotonic() - started)
             self._failed(when, f"preflight: {exc}")
             return
         except Exception as exc:  # a kernel hiccup or our bug: retry, never die
             if not isinstance(exc, (KernelError, OSError)):
                 log.exception("reconcile failed unexpectedly")
+            self.counts.reconciled("error", time.monotonic() - started)
             self._failed(when, str(exc))
             if self.reconciler is not None:  # a fresh connection to the kernel next time
                 with contextlib.suppress(Exception):
@@ -343,6 +367,10 @@ class Daemon:
                 self.reconciler = None
             return
         self.retry_delay = RETRY_FIRST
+        # changes while the config in force was already converged to undo someone else's
+        self.counts.reconciled("ok", time.monotonic() - started,
+                               metrics.repairs(result.ops) if self.converged is self.config else {})
+        self.converged = self.config
         changes = [str(op) for op in result.ops]
         for line in changes:
             log.info("%s", line)
@@ -357,6 +385,49 @@ class Daemon:
         self.reconcile_due = (t + self.retry_delay, t)
         self.retry_delay = min(RETRY_MAX, self.retry_delay * 2)
 
+    # --- metrics -------------------------------------------------------------------------------
+
+    def _open_metrics(self) -> None:
+        """Serve [metrics] listen, if set. A failure (the address is taken or not this host's)
+        is logged and shown in status, and tried again at each resync: the gateway itself
+        matters more than its metrics."""
+        assert self.config is not None
+        m = self.config.metrics
+        if not m.enabled:
+            self.metrics_error = None
+            return
+        server = MetricsServer(m.host, m.port, self.selector, time.monotonic, self._render,
+                               refresh=lambda: self.stats.ask(self.supervisor.workers, again=True),
+                               fresh=lambda: self.stats.idle)
+        try:
+            server.open()
+        except OSError as exc:
+            error = f"cannot listen on {m.listen}: {exc.strerror or exc}"
+            if error != self.metrics_error:
+                log.error("metrics: %s (trying again every resync_interval)", error)
+            self.metrics_error = error
+            return
+        self.metrics_server, self.metrics_error = server, None
+        log.info("metrics on http://%s/metrics", m.listen)
+
+    def _close_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+
+    def _render(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    def metrics_snapshot(self) -> metrics.Snapshot:
+        """What a scrape shows: built in the loop from what the daemon holds, no I/O."""
+        assert self.config is not None
+        return metrics.Snapshot(
+            counters=self.supervisor.counters(), daemon=self.counts,
+            upstreams=tuple(u.name for u in self.config.upstreams),
+            config_valid=self.config_error is None, config_last_good=self.config_loaded_at,
+            worker_restarts=sum(s.restarts for s in self.supervisor.slots))
+
     # --- status --------------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -369,7 +440,9 @@ class Daemon:
                 "config_error": self.config_error, "last_reconcile": self.last,
                 "reconciles": self.reconciles, "in_sync": self.last.get("result") == "ok",
                 "pending": self.reconcile_due is not None or self.settle_at is not None,
-                **self.supervisor.info(now), "counters": self.supervisor.counters()}
+                **self.supervisor.info(now), "counters": self.supervisor.counters(),
+                "metrics": {"listen": self.config.metrics.listen if self.config.metrics.enabled
+                            else None, "error": self.metrics_error}}
 
 
 def relay_view(config: Config) -> tuple:

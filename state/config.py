@@ -102,6 +102,23 @@ class Daemon:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """[metrics]: the daemon's Prometheus endpoint. Off when listen is not given."""
+
+    host: str = ""  # an IP literal, without brackets
+    port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    @property
+    def listen(self) -> str:
+        """host:port as written ([v6]:port)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Intercept:
     name: str
     interfaces: Tuple[str, ...]
@@ -122,6 +139,7 @@ class Config:
     routing: Routing = field(default_factory=Routing)
     nftables: Nftables = field(default_factory=Nftables)
     daemon: Daemon = field(default_factory=Daemon)
+    metrics: Metrics = field(default_factory=Metrics)
     intercepts: Tuple[Intercept, ...] = ()
     upstreams: Tuple[Upstream, ...] = ()  # [[upstream]], by name in routes' `via`
     routes: Tuple[RouteRule, ...] = ()  # [[route]] in file order: the first match decides

@@ -19,6 +19,7 @@ from .config import (
     Daemon,
     Intercept,
     Marks,
+    Metrics,
     Nftables,
     PortRange,
     RelayConfig,
@@ -137,7 +138,7 @@ def _fast_cidr(text: str) -> Cidr | None:
     family, bits, version = ((socket.AF_INET6, 128, 6) if ":" in addr else (socket.AF_INET, 32, 4))
     try:
         packed = socket.inet_pton(family, addr)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         return None
     if socket.inet_ntop(family, packed) != addr:
         return None
@@ -297,7 +298,8 @@ def _intercept(raw: Any, index: int, out: _Collector, mode: str) -> Intercept | 
                      destinations=dests or (), ports=ports or (), exclude=exclude or ())
 
 
-TOP_KEYS = ("relay", "marks", "routing", "nftables", "daemon", "intercept", "upstream", "route")
+TOP_KEYS = ("relay", "marks", "routing", "nftables", "daemon", "metrics", "intercept", "upstream",
+            "route")
 
 
 def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
@@ -351,6 +353,8 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "settle": lambda v, p: _seconds(v, p, out, 0.01, 60),
     }, Daemon()))
 
+    metrics = _metrics(_section(doc, "metrics", out), out, relay.port)
+
     intercepts: List[Intercept] = []
     raw_list = doc.get("intercept", [])
     if not isinstance(raw_list, list):
@@ -374,8 +378,32 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
     if out.problems:
         raise ConfigError(source, out.problems)
     return Config(relay=relay, marks=marks, routing=routing, nftables=nft, daemon=daemon,
-                  intercepts=tuple(intercepts), upstreams=tuple(upstreams.values()),
+                  metrics=metrics, intercepts=tuple(intercepts), upstreams=tuple(upstreams.values()),
                   routes=tuple(routes), source=source)
+
+
+def _metrics(section: Dict[str, Any], out: _Collector, relay_port: int) -> Metrics:
+    """[metrics] listen = "127.0.0.1:9641" or "[::1]:9641": an address of this host, never a
+    name (a name may resolve to several addresses, or to none when the daemon starts)."""
+    _check_keys(section, ("listen",), "metrics", out)
+    if "listen" not in section:
+        return Metrics()
+    path = "metrics.listen"
+    hostport = _hostport(section["listen"], path, out, "listen")
+    if hostport is None:
+        return Metrics()
+    host, port = hostport
+    if ip_literal(host) is None:
+        out.add(path, f"'{host}' is not an IP address: listen on an address of this host, "
+                      "such as 127.0.0.1:9641 or [::1]:9641")
+        return Metrics()
+    if ipaddress.ip_address(host).is_multicast:
+        out.add(path, f"{host} is a multicast address")
+        return Metrics()
+    if port == relay_port:
+        out.add(path, f"port {port} is the relay's own port (relay.port)")
+        return Metrics()
+    return Metrics(host=str(ipaddress.ip_address(host)), port=port)
 
 
 def _array_of_tables(doc: Dict[str, Any], key: str, out: _Collector) -> List[Any]:

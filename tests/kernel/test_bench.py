@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
+from lab import run_own_lab
+
 pytestmark = pytest.mark.kernel
 
 
 def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: root and tools
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     out = tmp_path / "bench.jsonl"
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result, left = run_own_lab([sys.executable, "-m", "bench", "--quick", "--out", str(out)], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     failed = "\n".join(ln for ln in result.stderr.splitlines() if " failed: " in ln
@@ -39,4 +39,4 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
     compared = subprocess.run([sys.executable, "-m", "bench", "--compare", str(out), str(out)],
                               capture_output=True, text=True)
     assert compared.returncode == 0 and "1.00" in compared.stdout
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+    assert left == []

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
-from lab import ROOT
+from lab import ROOT, run_own_lab
 
 pytestmark = pytest.mark.kernel
 
 
 def test_demo_relays_and_cleans_up(lab):  # the lab fixture: root and tools are there
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    result = subprocess.run([sys.executable, "-m", "lab", "demo"], cwd=ROOT,  # as the README says
-                            capture_output=True, text=True, timeout=120)
+    result, left = run_own_lab([sys.executable, "-m", "lab", "demo"], cwd=ROOT,  # as the README says
+                               timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("hello from the server") == 2
@@ -25,5 +23,4 @@ def test_demo_relays_and_cleans_up(lab):  # the lab fixture: root and tools are 
     assert "repaired: True" in out
     assert "left behind: nft nothing; fwmark rules none" in out
     assert out.rstrip().endswith("done: the namespaces are gone")
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert after == before
+    assert left == []

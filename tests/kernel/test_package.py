@@ -47,8 +47,8 @@ def packaged(root: Path, *args: str) -> list:
 def test_depends_on_debians_own_libraries(package):
     assert field(package["deb"], "Architecture") == "all"
     depends = {d.strip().split()[0] for d in field(package["deb"], "Depends").split(",")}
-    assert {"python3-pyroute2", "python3-nftables", "python3-watchdog", "nftables",
-            "iproute2"} <= depends
+    assert {"python3-pyroute2", "python3-nftables", "python3-watchdog",
+            "python3-prometheus-client", "nftables", "iproute2"} <= depends
 
 
 def test_installs_the_commands_the_unit_and_a_conffile(package):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tproxyd.reconciler.cli import main
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -120,3 +122,19 @@ def test_status_shows_upstream_health_from_the_workers_counters(tmp_path):
                          "route ads: 2 connections -> reject"]
     view["counters"]["upstream_corp_up"] = 1
     assert ": up in 1 of 2 workers;" in _upstream_lines(config, view)[0]
+
+
+@pytest.mark.parametrize("metrics, line", [
+    ({"listen": "127.0.0.1:9641", "error": None}, "metrics: http://127.0.0.1:9641/metrics"),
+    ({"listen": "[::1]:9641", "error": "cannot listen on [::1]:9641: Address already in use"},
+     "metrics: NOT SERVED: cannot listen on [::1]:9641: Address already in use (tried again every "
+     "resync_interval)"),
+    ({"listen": None, "error": None}, None),
+])
+def test_daemon_lines_say_where_metrics_are_served_or_why_not(metrics, line):
+    from tproxyd.reconciler.cli import _daemon_lines
+
+    view = {"pid": 7, "started": 0.0, "reconciles": 1, "last_reconcile": {}, "config_error": None,
+            "workers": [], "crash_loop": [], "last_exits": {}, "counters": {}, "metrics": metrics}
+    lines = _daemon_lines("/run/tproxyd/tproxyd.sock", view)
+    assert [ln for ln in lines if ln.startswith("metrics")] == ([line] if line else [])

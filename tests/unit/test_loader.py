@@ -124,6 +124,8 @@ def test_ports_and_ranges():
     ('[relay]\nmode = "redirect"\n[[intercept]]\ninterfaces = ["a"]\nprotocols = ["udp"]\n',
      "intercept[0].protocols", "TCP only"),
     ('relay = 1\n', "relay", "must be a table"),
+    ('[[intercept]]\ninterfaces = ["a"]\ndestinations = ["\\u0000"]\n',
+     "intercept[0].destinations[0]", "not an IPv4 or IPv6"),
 ])
 def test_refusals_name_the_key(snippet, where, words):
     lines = problems(snippet)

@@ -1,0 +1,154 @@
+"""The collector's mapping from the workers' counters and the daemon's own to Prometheus
+series, checked by parsing what prometheus_client renders (no daemon, no root)."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families
+
+from tproxyd.reconciler.metrics import (
+    ENDS,
+    WORKER_COUNTERS,
+    DaemonCounts,
+    Histogram,
+    Snapshot,
+    families,
+    registry,
+)
+
+INFO = ("9.9", "3.11.2")
+
+
+def samples(snap: Snapshot) -> dict[tuple, float]:
+    """(sample name, sorted labels) -> value, as a scraper reads the 0.0.4 text."""
+    text = generate_latest(registry(lambda: snap)).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def conn(proto: str, end: str) -> tuple:
+    return ("tproxyd_connections_total",
+            (("end", end), ("proto", proto), ("route", "direct"), ("via", "direct")))
+
+
+def test_every_end_of_tcp_and_udp_is_a_series_from_the_first_scrape():
+    got = samples(Snapshot({}, DaemonCounts()))
+    for proto in ("tcp", "udp"):
+        for end in ENDS:
+            assert got[conn(proto, end)] == 0
+    assert len(ENDS) == 16
+
+
+def test_worker_counters_reach_their_series():
+    counters = {"end_tcp_client_fin": 3, "end_tcp_server_reset": 1, "end_udp_udp_expired": 4,
+                "end_tcp_over_limit": 2, "active": 5, "udp_sessions": 6,
+                "bytes_up": 100, "bytes_down": 1000, "udp_bytes_up": 7, "udp_bytes_down": 70,
+                "udp_datagrams_up": 8, "udp_datagrams_down": 9, "udp_drops": 10,
+                "udp_kernel_drops": 11, "udp_failed": 12, "log_suppressed": 13,
+                "accepted": 99, "started": 1}  # not in the table: not shown
+    got = samples(Snapshot(counters, DaemonCounts()))
+    assert got[conn("tcp", "client_fin")] == 3
+    assert got[conn("tcp", "server_reset")] == 1
+    assert got[conn("tcp", "over_limit")] == 2
+    assert got[conn("udp", "udp_expired")] == 4
+    assert got[("tproxyd_active_connections", (("proto", "tcp"),))] == 5
+    assert got[("tproxyd_active_connections", (("proto", "udp"),))] == 6
+    # TCP's and UDP's payload bytes add up in one series per direction
+    assert got[("tproxyd_bytes_total", (("direction", "up"), ("via", "direct")))] == 107
+    assert got[("tproxyd_bytes_total", (("direction", "down"), ("via", "direct")))] == 1070
+    assert got[("tproxyd_udp_datagrams_total", (("direction", "up"),))] == 8
+    assert got[("tproxyd_udp_datagrams_total", (("direction", "down"),))] == 9
+    drops = {dict(labels)["reason"]: v for (name, labels), v in got.items()
+             if name == "tproxyd_drops_total"}
+    assert drops == {"udp_relay": 10, "udp_receive_queue": 11, "udp_no_socket": 12, "log_line": 13}
+    assert not any("accepted" in name or "started" in name for name, _ in got)
+
+
+def test_the_table_names_what_a_worker_reports():
+    """Every worker counter in the table is in a relay's stats reply: a renamed counter would
+    otherwise read 0 for ever."""
+    from tproxyd.relay.loop import Relay, Settings
+
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False))
+    try:
+        reported = set(relay.stats())
+    finally:
+        relay.close()
+    assert set(WORKER_COUNTERS) <= reported, sorted(set(WORKER_COUNTERS) - reported)
+    assert {f"end_{p}_{e}" for p in ("tcp", "udp") for e in ENDS} <= reported
+    assert ENDS == ("client_fin", "server_fin", "client_reset", "server_reset", "idle_timeout",
+                    "connect_timeout", "connect_refused", "unreachable", "upstream_error",
+                    "rejected", "over_limit", "loop", "drained", "udp_expired", "udp_evicted",
+                    "udp_icmp")  # the access log's names (issue 14)
+
+
+def test_the_table_maps_each_worker_counter_to_a_known_family_and_labels():
+    for key, (family, labels) in WORKER_COUNTERS.items():
+        assert family in ("connections", "active_connections", "bytes", "udp_datagrams",
+                          "drops"), key
+        assert all(value and " " not in value for _, value in labels), key
+
+
+def test_upstreams_only_from_the_config_and_only_once_reported():
+    snap = Snapshot({}, DaemonCounts(), upstreams=("a", "b"), upstream_up={"a": 1, "gone": 1},
+                    upstream_check_seconds={"a": 0.05},
+                    upstream_failures={("a", "refused"): 2, ("gone", "refused"): 9})
+    got = samples(snap)
+    assert got[("tproxyd_upstream_up", (("upstream", "a"),))] == 1
+    assert got[("tproxyd_upstream_check_seconds", (("upstream", "a"),))] == 0.05
+    assert got[("tproxyd_upstream_failures_total", (("reason", "refused"), ("upstream", "a")))] == 2
+    upstreams = {dict(labels).get("upstream") for _, labels in got} - {None}
+    assert upstreams == {"a"}  # b not reported yet; "gone" is in no config
+
+
+def test_daemon_counters_histogram_and_config_state():
+    d = DaemonCounts()
+    d.reconciled("ok", 0.003)
+    d.reconciled("ok", 0.2, {"rule": 1, "nft_table": 1})
+    d.reconciled("error", 40.0)
+    snap = Snapshot({}, d, config_valid=False, config_last_good=1_700_000_000.5,
+                    worker_restarts=3)
+    got = samples(snap)
+    assert got[("tproxyd_reconciles_total", (("result", "ok"),))] == 2
+    assert got[("tproxyd_reconciles_total", (("result", "error"),))] == 1
+    bucket = "tproxyd_reconcile_duration_seconds_bucket"
+    assert got[(bucket, (("le", "0.005"),))] == 1
+    assert got[(bucket, (("le", "0.25"),))] == 2
+    assert got[(bucket, (("le", "30.0"),))] == 2
+    assert got[(bucket, (("le", "+Inf"),))] == 3
+    assert got[("tproxyd_reconcile_duration_seconds_count", ())] == 3
+    assert got[("tproxyd_reconcile_duration_seconds_sum", ())] == pytest.approx(40.203)
+    assert got[("tproxyd_drift_repairs_total", (("kind", "rule"),))] == 1
+    assert got[("tproxyd_drift_repairs_total", (("kind", "nft_table"),))] == 1
+    assert got[("tproxyd_drift_repairs_total", (("kind", "sysctl"),))] == 0
+    assert got[("tproxyd_config_valid", ())] == 0
+    assert got[("tproxyd_config_last_good_timestamp_seconds", ())] == 1_700_000_000.5
+    assert got[("tproxyd_worker_restarts_total", ())] == 3
+
+
+def test_build_info():
+    names = {m.name: m for m in families(Snapshot({}, DaemonCounts()), INFO)}
+    (sample,) = names["tproxyd_build_info"].samples
+    assert sample.labels == {"version": "9.9", "python": "3.11.2"} and sample.value == 1
+
+
+def test_a_histogram_bound_is_inclusive():
+    h = Histogram(bounds=(1.0, 2.0))
+    for v in (1.0, 1.5, 2.0, 3.0):
+        h.observe(v)
+    assert h.buckets() == [("1.0", 1), ("2.0", 3), ("+Inf", 4)]
+
+
+def test_openmetrics_when_asked_for_and_it_parses():
+    reg = registry(lambda: Snapshot({"end_tcp_client_fin": 2}, DaemonCounts()))
+    encoder, content_type = choose_encoder("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    text = encoder(reg).decode()
+    assert text.endswith("# EOF\n")
+    fams = {f.name: f for f in parse_om(text)}
+    assert fams["tproxyd_connections"].type == "counter"
+    assert any(s.value == 2 for s in fams["tproxyd_connections"].samples)
+    _, plain = choose_encoder("text/plain")
+    assert plain.startswith("text/plain; version=0.0.4")
