@@ -19,6 +19,7 @@ from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import load
 from tproxyd.state.plan import op_to_json
 from tproxyd.state.status import IN_SYNC, in_sync
+from tproxyd.state.upstreams import summary as upstream_summary
 
 from . import reload_cmd
 from .desired_cache import load_rendered
@@ -57,6 +58,9 @@ def _summary(config: Config) -> List[str]:
                      f"{len(i.exclude)} excluded, {ports}")
     if desired.sysctls:
         lines.append("sysctls: " + ", ".join(f"{k} = {v}" for k, v in desired.sysctls.items()))
+    lines += upstream_summary(config.upstreams, config.routes)
+    if config.routes:
+        lines.append("traffic no route matches goes direct")
     return lines
 
 
@@ -160,6 +164,29 @@ def _daemon_view(config: Config) -> dict | None:
         return None
 
 
+def _upstream_lines(config: Config, view: dict) -> list[str]:
+    """Each upstream's health and counts and each route's matches, from the workers' counters
+    as the daemon sums them (upstream_<name>_up: how many workers have it up)."""
+    c, lines = view.get("counters") or {}, []
+    workers = len(view.get("workers", []))
+    for u in config.upstreams:
+        k = f"upstream_{u.name}_"
+        if f"{k}up" not in c:
+            continue
+        up = int(c[f"{k}up"])
+        state = "up" if up == workers else "DOWN" if up == 0 else f"up in {up} of {workers} workers"
+        lines.append(f"upstream {u.name} ({u.type} {u.address}): {state}; "
+                     f"{c.get(k + 'active', 0):.0f} active, {c.get(k + 'connections', 0):.0f} "
+                     f"connections, {c.get(k + 'failures', 0):.0f} failures, "
+                     f"{c.get(k + 'declined', 0):.0f} declined, {c.get(k + 'checks_failed', 0):.0f} "
+                     f"of {c.get(k + 'checks', 0):.0f} checks failed")
+    for r in config.routes:
+        if f"route_{r.name}_connections" in c:
+            lines.append(f"route {r.name}: {c[f'route_{r.name}_connections']:.0f} connections "
+                         f"-> {', '.join(r.via)}")
+    return lines
+
+
 def _daemon_lines(path: str, view: dict | None) -> list[str]:
     if view is None:
         return [f"daemon: not running (nothing answers on {path})"]
@@ -215,6 +242,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             print(line)
         if not config.intercepts:
             print(NOTHING_TO_INTERCEPT)
+        for line in _upstream_lines(config, view or {}):
+            print(line)
         width = max((len(s.kind) for s in statuses), default=0)
         for s in statuses:
             detail = f"  ({s.detail})" if s.detail else ""

@@ -454,7 +454,8 @@ class Daemon:
 
 def relay_view(config: Config) -> tuple:
     """What the relay workers read from the config: a change here reloads them."""
-    return (config.relay, config.marks.relay, listener_shape(config), config.daemon.state_dir)
+    return (config.relay, config.marks.relay, listener_shape(config), config.daemon.state_dir,
+            config.upstreams, config.routes)
 
 
 def query(path: str, timeout: float = 5.0) -> dict:

@@ -35,6 +35,13 @@ CRASH_LOOP = 5  # this many unexpected exits within a minute is reported as a cr
 # What workers report "now" rather than "so far": summed over live workers only. Every other
 # integer a worker reports is a running total, kept when the worker ends.
 GAUGES = frozenset({"active", "udp_sessions", "pipe_memory"})
+# per upstream: upstream_<name>_active (connections open through it now) and upstream_<name>_up
+# (1 where that worker has it up: summed, "up in k of n workers")
+UPSTREAM_GAUGES = ("_active", "_up")
+
+
+def is_gauge(key: str) -> bool:
+    return key in GAUGES or (key.startswith("upstream_") and key.endswith(UPSTREAM_GAUGES))
 
 
 def worker_count(config: Config) -> int:
@@ -227,7 +234,7 @@ class Supervisor:
         if w not in self.workers:
             before = counts(w.last)
             for key, value in counts(report).items():
-                if key not in GAUGES:
+                if not is_gauge(key):
                     self.retired[key] = self.retired.get(key, 0) + max(0, value - before.get(key, 0))
         w.last, w.last_at = report, now
 
@@ -287,7 +294,7 @@ class Supervisor:
         if w in self.workers:
             self.workers.remove(w)
             for key, value in counts(w.last).items():
-                self.retired[key] = self.retired.get(key, 0) + (0 if key in GAUGES else value)
+                self.retired[key] = self.retired.get(key, 0) + (0 if is_gauge(key) else value)
         with contextlib.suppress(OSError):
             os.unlink(w.stats)  # a killed worker could not remove its own
 

@@ -5,7 +5,15 @@
                                   +------server FIN passed on--> SERVER_DONE --+
     any state --error, reset, timeout--> CLOSED (reset both ways)
 
+    through an upstream proxy (a route's via), instead of CONNECTING:
+    UPSTREAM_CONNECTING --connected--> HANDSHAKING --reply ok--> RELAYING
+        |                                  |
+        +---- refused, timeout, bad reply: HandshakeError; the relay tries the route's next
+              upstream on a new server socket (UPSTREAM_CONNECTING again) or resets the client
+
 CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once.
+Through an upstream, nothing is read from the client until the tunnel is open: its bytes wait
+in the kernel, and the upstream's bytes after its reply (step.rest) reach the client first.
 Reaching CLOSED by FINs, the last FIN is still to send: close() sends it.
 """
 
@@ -18,8 +26,12 @@ import os
 import selectors
 import socket
 
+from tproxyd.state.health import FAILED
+from tproxyd.state.upstreams import RouteRule
+
 from .ends import End, connect_end
 from .flow import DST, SRC, Flow, Pool
+from .handshake import Handshake, HandshakeError
 from .sockopts import Address, set_reset_on_close
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -28,6 +40,8 @@ CLIENT, SERVER = 0, 1
 
 class State(enum.Enum):
     CONNECTING = "connecting"
+    UPSTREAM_CONNECTING = "connecting to an upstream proxy"
+    HANDSHAKING = "handshaking with an upstream proxy"
     RELAYING = "relaying"
     CLIENT_DONE = "client done sending"  # half-closed: server -> client still flows
     SERVER_DONE = "server done sending"  # half-closed: client -> server still flows
@@ -38,29 +52,54 @@ class ConnectFailed(OSError):
     """The server refused, was unreachable, or did not answer in time."""
 
 
+OPENING = (State.CONNECTING, State.UPSTREAM_CONNECTING, State.HANDSHAKING)  # connect deadline
+# a failed connect's errno -> the short reason an upstream's failure is counted under
+_UPSTREAM_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
+                     errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable",
+                     errno.ECONNRESET: "reset", errno.EPIPE: "reset"}
+
+
+def upstream_error(err: int, upstream: str, during: str) -> HandshakeError:
+    """An upstream's socket failed with errno err: the upstream is broken (FAILED)."""
+    return HandshakeError(FAILED, _UPSTREAM_REASONS.get(err, "error"),
+                          f"upstream {upstream}: {during}: {os.strerror(err)}")
+
+
 class Connection:
-    __slots__ = ("client", "client_addr", "deadline", "down", "dst", "first_fin", "last_active",
-                 "masks", "server", "state", "timer_at", "up")
+    __slots__ = ("attempt_started", "client", "client_addr", "deadline", "down", "dst", "error",
+                 "first_fin", "handshake", "hs_out", "last_active", "masks", "pool", "route",
+                 "server", "state", "timer_at", "tried", "up", "upstream", "use_splice")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
         self.client, self.server = client, server
         self.client_addr, self.dst = client_addr, dst
-        pool = pool or Pool()
-        self.up = Flow(client, server, use_splice, pool)  # client -> server
-        self.down = Flow(server, client, use_splice, pool)  # server -> client
+        self.pool, self.use_splice = pool or Pool(), use_splice
+        self.up = Flow(client, server, use_splice, self.pool)  # client -> server
+        self.down = Flow(server, client, use_splice, self.pool)  # server -> client
         self.state = State.CONNECTING
         self.last_active = now
         self.deadline = 0.0  # connect deadline while CONNECTING
         self.timer_at = 0.0  # when this connection's live timer fires (see Relay._schedule)
         self.masks = [0, 0]  # what the selector watches now, per side
         self.first_fin: int | None = None  # CLIENT or SERVER: who finished sending first
+        # through an upstream: its route, the upstream tried now and those tried before
+        self.route: RouteRule | None = None
+        self.upstream: str | None = None
+        self.tried: set[str] = set()
+        self.handshake: Handshake | None = None
+        self.hs_out = b""  # handshake bytes the upstream's socket did not take yet
+        self.attempt_started = 0.0
+        self.error = ""  # the last upstream's failure (reply code, status line) for the log
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""
-        if self.state is State.CONNECTING:
+        state = self.state
+        if state is State.CONNECTING or state is State.UPSTREAM_CONNECTING:
             return 0, WRITE
-        if self.state is State.CLOSED:
+        if state is State.HANDSHAKING:
+            return 0, READ | (WRITE if self.hs_out else 0)
+        if state is State.CLOSED:
             return 0, 0
         # read a flow's src while it is open and nothing waits for dst; write dst while
         # something does (backpressure)
@@ -89,6 +128,61 @@ class Connection:
             if sent:
                 self.state = State.RELAYING
 
+    def via_upstream(self, server: socket.socket, upstream: str, address: Address | None,
+                     handshake: Handshake, now: float) -> None:
+        """Start (or, after a failed upstream, restart on a new server socket) the way through
+        an upstream proxy at address: connect, then the handshake for dst. Nothing has moved
+        yet, so the flows are made again around the new socket. Raises HandshakeError."""
+        if server is not self.server:
+            self.server.close()
+            self.server = server
+            self.up = Flow(self.client, server, self.use_splice, self.pool)
+            self.down = Flow(server, self.client, self.use_splice, self.pool)
+        self.upstream, self.handshake, self.hs_out = upstream, handshake, b""
+        self.attempt_started = now
+        self.state = State.UPSTREAM_CONNECTING
+        if address is None:
+            raise HandshakeError(FAILED, "unresolved",
+                                 f"upstream {upstream}: its name did not resolve")
+        err = server.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
+            raise upstream_error(err, upstream, "connect")
+
+    def _upstream_event(self, mask: int) -> None:
+        """UPSTREAM_CONNECTING or HANDSHAKING: one step of the way to an open tunnel. Raises
+        HandshakeError for anything that makes this upstream's attempt fail."""
+        hs, name = self.handshake, self.upstream or ""
+        assert hs is not None
+        if self.state is State.UPSTREAM_CONNECTING:
+            err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise upstream_error(err, name, "connect")
+            self.state = State.HANDSHAKING
+            self.hs_out = hs.start()
+            mask = WRITE
+        try:
+            if mask & WRITE and self.hs_out:
+                self.hs_out = self.hs_out[self.server.send(self.hs_out):]
+            if not mask & READ:
+                return
+            data = self.server.recv(4096)  # a handshake's reply is small; the rest waits
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise upstream_error(exc.errno or 0, name, f"handshake ({hs.state})") from None
+        if not data:
+            raise hs.closed()
+        step = hs.feed(data)
+        if step.send:
+            self.hs_out += step.send
+            with contextlib.suppress(BlockingIOError):
+                self.hs_out = self.hs_out[self.server.send(self.hs_out):]
+        if step.done:
+            self.state = State.RELAYING
+            if step.rest:  # the server spoke right after the reply: to the client first
+                self.down.leftover = memoryview(step.rest)
+                self.down.pending = len(step.rest)
+
     def connected(self) -> None:
         """The server socket became writable while CONNECTING: did the connect succeed? With
         bytes to send, the send answers that (and sends them); else SO_ERROR does."""
@@ -109,6 +203,10 @@ class Connection:
     def on_event(self, side: int, mask: int, now: float) -> None:
         """Move the bytes this readiness allows, then pass on FINs and advance the state.
         Raises OSError when a socket fails; the caller resets the connection."""
+        if self.state is State.UPSTREAM_CONNECTING or self.state is State.HANDSHAKING:
+            self._upstream_event(mask)
+            self.last_active = now
+            return
         up, down = self.up, self.down
         if self.state is State.CONNECTING:
             # Nothing is read here: the selector says when the client sends more, or the

@@ -17,8 +17,9 @@ class End(enum.Enum):
     CONNECT_TIMEOUT = "connect_timeout"
     CONNECT_REFUSED = "connect_refused"
     UNREACHABLE = "unreachable"  # no route, host or network unreachable
-    UPSTREAM_ERROR = "upstream_error"  # any other failure to reach the destination
-    REJECTED = "rejected"  # a route said reject (no routes yet: never counted)
+    UPSTREAM_ERROR = "upstream_error"  # any other failure to reach the destination; every
+    # upstream of the route failed (or none is up), or closed a UDP association
+    REJECTED = "rejected"  # a route said reject: TCP reset at accept, a UDP datagram dropped
     OVER_LIMIT = "over_limit"  # max_connections, per-client limits, out of descriptors
     LOOP = "loop"  # the original destination was the relay itself
     DRAINED = "drained"  # cut by a stop while still carrying data

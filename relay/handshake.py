@@ -64,6 +64,11 @@ class Handshake:
             self.state = REQUEST
 
     @property
+    def done(self) -> bool:
+        """The tunnel is open (or the check passed)."""
+        return self.state == DONE
+
+    @property
     def needs_exchange(self) -> bool:
         """False for an http check without check_target: the TCP connect is the whole check."""
         return not (self.upstream.type == HTTP and self.check and not self.upstream.check_target)

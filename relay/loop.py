@@ -20,11 +20,15 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
+from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Health, decide
+from tproxyd.state.routes import RouteTable
+from tproxyd.state.upstreams import REJECT, RouteRule, Upstream
 
 from . import unixsock
-from .connection import CLIENT, READ, SERVER, Connection, State
+from .connection import CLIENT, OPENING, READ, SERVER, WRITE, Connection, State
 from .ends import RESOURCE_ERRORS, End
 from .flow import SPLICE, Pool
+from .handshake import Handshake, HandshakeError
 from .listeners import open_listeners
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
@@ -36,14 +40,15 @@ from .sockopts import (
     set_reset_on_close,
     set_transparent,
 )
-from .udp import UDP_IN, UDP_SESSION, Session, UdpRelay
+from .udp import UDP_CONTROL, UDP_IN, UDP_SESSION, Session, UdpRelay
+from .upstreams import Check, UpstreamCounters, outbound, resolve
 
 log = logging.getLogger("tproxyd.relay")
 
 ACCEPTS_PER_EVENT = 64
 ACCEPT_PAUSE = 0.25  # seconds without accepting when short of descriptors: no 100% CPU spin
 FDS_PER_CONNECTION = 6  # two sockets, two pipes of two ends each
-LISTENER, WAKER, STATS = "listener", "waker", "stats"
+LISTENER, WAKER, STATS, CHECK = "listener", "waker", "stats", "check"
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Settings:
     max_pipe_memory: int = 256 << 20  # splice pipes' capacity, all flows together
     max_connections_per_client: int = 1024  # per client address
     max_udp_sessions_per_client: int = 1024
+    upstreams: tuple[Upstream, ...] = ()  # [[upstream]]
+    routes: tuple[RouteRule, ...] = ()  # [[route]], in file order
 
 
 @dataclass
@@ -181,6 +188,16 @@ class Relay:
         self.selector.register(self._waker_r, READ, (WAKER, None))
         self.stats_listener: socket.socket | None = None
         self.udp = UdpRelay(self)
+        # routes and upstreams: compiled and resolved once per config (a worker's life)
+        self.routes = RouteTable(settings.routes) if settings.routes else None
+        self.upstreams = {u.name: u for u in settings.upstreams}
+        self.addresses = {u.name: resolve(u) for u in settings.upstreams}
+        self.upstream_ips = {a[0] for a in self.addresses.values() if a is not None}
+        self.health = Health(settings.upstreams, self.now)
+        self.route_counts = {r.name: 0 for r in settings.routes}
+        self.upstream_counts = {u.name: UpstreamCounters() for u in settings.upstreams}
+        self.checks: set[Check] = set()
+        self._check_timer: float | None = None
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -204,6 +221,7 @@ class Relay:
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
         self.ports = {port for _, port in bound}
+        self._schedule_checks()
         return bound
 
     def request_drain(self) -> None:
@@ -292,8 +310,12 @@ class Relay:
             self.udp.on_datagrams(obj)
         elif kind == UDP_SESSION:
             self.udp.on_reply(obj)
+        elif kind == UDP_CONTROL:
+            self.udp.on_control(obj, mask)
         elif kind == STATS:
             self._serve_stats(obj)
+        elif kind == CHECK:
+            self._on_check(obj, mask)
         else:
             self._drain_waker()
 
@@ -303,6 +325,8 @@ class Relay:
         for conn in list(self.connections):
             self._end(conn, End.DRAINED)
         self.udp.close()
+        for check in list(self.checks):
+            self._end_check(check)
         for s in self.listeners:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
@@ -340,6 +364,8 @@ class Relay:
             return arg.state is not State.CLOSED and when == arg.timer_at
         if isinstance(arg, Session):
             return self.udp.sessions.get((arg.client, arg.dst)) is arg and when == arg.timer_at
+        if isinstance(arg, Check):
+            return arg in self.checks
         return True  # accept pauses and the like
 
     def _run_timers(self) -> None:
@@ -361,6 +387,16 @@ class Relay:
         last_active, it never touches the heap."""
         assert isinstance(conn, Connection)
         if conn.state is State.CLOSED or when != conn.timer_at:
+            return
+        if conn.state is State.UPSTREAM_CONNECTING or conn.state is State.HANDSHAKING:
+            if self.now >= conn.deadline:
+                hs = conn.handshake
+                step = "connect" if conn.state is State.UPSTREAM_CONNECTING else hs and hs.state
+                self._upstream_failed(conn, HandshakeError(
+                    FAILED, "timeout", f"upstream {conn.upstream}: no answer in the {step} step "
+                                       f"within its connect_timeout"))
+            else:
+                self._schedule(conn, conn.deadline)
             return
         if conn.state is State.CONNECTING:
             if self.now >= conn.deadline:
@@ -480,9 +516,25 @@ class Relay:
                                f"asked for the relay itself ({dst[0]} port {dst[1]})")
             self._refuse(client, End.LOOP)
             return
+        route = upstream = None
+        if self.routes is not None:
+            route = self.routes.match_text(dst[0], dst[1], client_addr[0], "tcp")
+        if route is not None:
+            self.route_counts[route.name] += 1
+            decision = decide(route, self.health, self.now)
+            if decision.action == REJECT:
+                self.note("reject", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
+                self._refuse(client, End.REJECTED)
+                return
+            if decision.action == NO_UPSTREAM:
+                self.note("no-upstream", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
+                self._refuse(client, End.UPSTREAM_ERROR)
+                return
+            upstream = decision.upstream  # None: direct
         try:
             client.setblocking(False)  # accept4 without SOCK_NONBLOCK: Python has no flags for it
-            server = self._outbound(family, client_addr)
+            server = (self._outbound(family, client_addr) if upstream is None
+                      else self._upstream_socket(upstream))
         except OSError as exc:
             self.note("start", f"{who}: {exc}")
             self._refuse(client, End.OVER_LIMIT if exc.errno in RESOURCE_ERRORS
@@ -493,6 +545,10 @@ class Relay:
         self.connections.add(conn)
         self.counters.active += 1
         self.per_client[client_addr[0]] = self.per_client.get(client_addr[0], 0) + 1
+        if upstream is not None:
+            conn.route = route
+            self._try_upstream(conn, server, upstream)
+            return
         try:
             conn.connect()
         except OSError as exc:
@@ -511,6 +567,158 @@ class Relay:
             self._schedule(conn, conn.deadline)
         elif self.settings.idle_timeout:
             self._schedule(conn, self.now + self.settings.idle_timeout)
+
+    # --- through upstream proxies ----------------------------------------------------------------
+
+    def _upstream_socket(self, name: str) -> socket.socket:
+        """A socket towards upstream `name` (the spare descriptor covers a full table)."""
+        address = self.addresses[name] or ("0.0.0.0", 0)  # unresolved: the attempt fails at once
+        try:
+            return outbound(address, self.settings.mark)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._release_reserve():
+                raise
+            return outbound(address, self.settings.mark)
+
+    def _try_upstream(self, conn: Connection, server: socket.socket, name: str) -> None:
+        """Start conn's attempt through upstream `name` on server (a new socket), with the
+        upstream's connect_timeout covering the connect and the whole handshake."""
+        upstream = self.upstreams[name]
+        try:
+            conn.via_upstream(server, name, self.addresses[name],
+                              Handshake(upstream, conn.dst[0], conn.dst[1]), self.now)
+        except HandshakeError as exc:
+            self._upstream_failed(conn, exc)
+            return
+        try:
+            self._update(conn)
+        except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
+            self.counters.register_errors += 1
+            self.warn("register", f"cannot watch a connection: {exc}; resetting it")
+            self._end(conn, End.OVER_LIMIT)
+            return
+        conn.deadline = self.now + upstream.connect_timeout
+        self._schedule(conn, conn.deadline)
+
+    def _upstream_failed(self, conn: Connection, exc: HandshakeError) -> None:
+        """conn's attempt through conn.upstream failed: tell Health, then try the route's next
+        usable upstream for the same client connection (nothing reached the client yet), or
+        reset the client when none is left. The last error is kept for the access log."""
+        name = conn.upstream
+        assert name is not None and conn.route is not None
+        self.health.report(name, self.now, exc.outcome, exc.reason, started=conn.attempt_started)
+        counts = self.upstream_counts[name]
+        if exc.outcome == DECLINED:
+            counts.declined += 1
+        else:
+            counts.failures += 1
+        conn.error = str(exc)
+        conn.tried.add(name)
+        if conn.masks[SERVER]:
+            self.unregister(conn.server)
+            conn.masks[SERVER] = 0
+        client = f"client {conn.client_addr[0]} port {conn.client_addr[1]}"
+        decision = decide(conn.route, self.health, self.now, conn.tried)
+        if decision.upstream is None:
+            self.note("upstream", f"{client} to {conn.dst[0]} port {conn.dst[1]}: {exc}; "
+                                  f"{decision}: reset")
+            self._end(conn, End.UPSTREAM_ERROR)
+            return
+        self.note("upstream", f"{client}: {exc}; trying {decision.upstream}")
+        try:
+            server = self._upstream_socket(decision.upstream)
+        except OSError as err:
+            self.note("start", f"{client}: {err}")
+            self._end(conn, End.OVER_LIMIT if err.errno in RESOURCE_ERRORS else End.UPSTREAM_ERROR)
+            return
+        self._try_upstream(conn, server, decision.upstream)
+
+    def _tunnel_open(self, conn: Connection) -> None:
+        """conn's upstream completed its handshake: the flows run from here as a direct one's."""
+        name = conn.upstream
+        assert name is not None
+        self.health.report(name, self.now, OK, started=conn.attempt_started)
+        counts = self.upstream_counts[name]
+        counts.connections += 1
+        counts.active += 1
+        if self.settings.idle_timeout:
+            self._schedule(conn, self.now + self.settings.idle_timeout)
+
+    # --- active checks -------------------------------------------------------------------------
+
+    def _schedule_checks(self) -> None:
+        """One timer for the earliest due check (a later one supersedes nothing: it is skipped
+        when an earlier timer is already set)."""
+        when = self.health.next_check()
+        if when is None or self.draining:
+            return
+        if self._check_timer is not None and self._check_timer <= when:
+            return
+        self._check_timer = when
+        self.at(when, self._run_checks, None)
+
+    def _run_checks(self, _: object, when: float) -> None:
+        if when != self._check_timer:
+            return  # superseded by an earlier timer, which ran them
+        self._check_timer = None
+        if self.draining:
+            return
+        running = {c.upstream.name for c in self.checks}
+        for name in self.health.due_checks(self.now):
+            self.health[name].check_started(self.now)
+            if name not in running:  # a slow check still running counts for this one
+                self._start_check(self.upstreams[name])
+        self._schedule_checks()
+
+    def _start_check(self, upstream: Upstream) -> None:
+        check = Check(upstream, self.addresses[upstream.name], self.now)
+        self.upstream_counts[upstream.name].checks += 1
+        try:
+            check.start(self.settings.mark)
+            assert check.sock is not None
+            self.selector.register(check.sock, WRITE, (CHECK, check))
+        except (HandshakeError, OSError) as exc:
+            self._check_failed(check, exc)
+            return
+        self.checks.add(check)
+        self.at(check.deadline, self._check_deadline, check)
+
+    def _on_check(self, check: Check, mask: int) -> None:
+        try:
+            passed = check.on_event(mask)
+        except HandshakeError as exc:
+            if exc.outcome == DECLINED:  # it answered (an http check_target refused): alive
+                passed = True
+            else:
+                self._check_failed(check, exc)
+                return
+        if passed:
+            self.health[check.upstream.name].check_passed(self.now, self.now - check.started)
+            self._end_check(check)
+        else:
+            assert check.sock is not None
+            self.selector.modify(check.sock, READ | (WRITE if check.wants_write() else 0),
+                                 (CHECK, check))
+
+    def _check_deadline(self, check: object, when: float) -> None:
+        assert isinstance(check, Check)
+        if check in self.checks:
+            self._check_failed(check, HandshakeError(FAILED, "timeout", "no answer within its "
+                                                                        "connect_timeout"))
+
+    def _check_failed(self, check: Check, exc: Exception) -> None:
+        name = check.upstream.name
+        reason = exc.reason if isinstance(exc, HandshakeError) else "error"
+        self.health[name].check_failed(self.now, reason)
+        self.upstream_counts[name].checks_failed += 1
+        self.note(f"check-{name}", f"upstream {name}: active check failed: {exc}")
+        self._end_check(check)
+
+    def _end_check(self, check: Check) -> None:
+        self.checks.discard(check)
+        if check.sock is not None:
+            self.unregister(check.sock)
+        check.close()
 
     def _outbound(self, family: int, client_addr: Address) -> socket.socket:
         """A socket for the server side, made and bound; Connection.connect() connects it."""
@@ -542,8 +750,12 @@ class Relay:
         if conn.state is State.CLOSED:
             return  # already ended by the other side's event in this same batch
         connecting = conn.state is State.CONNECTING
+        upstream_step = conn.state in OPENING and not connecting
         try:
             conn.on_event(side, mask, self.now)
+        except HandshakeError as exc:
+            self._upstream_failed(conn, exc)
+            return
         except OSError as exc:
             if conn.state is State.CONNECTING:  # the connect itself failed
                 self.note("connect", f"{exc} (client {conn.client_addr[0]} port "
@@ -555,6 +767,8 @@ class Relay:
         if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
             # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
+        elif upstream_step and conn.state not in OPENING:
+            self._tunnel_open(conn)
         if conn.state is State.CLOSED:
             self._end(conn, conn.fin_end())
         else:
@@ -602,6 +816,14 @@ class Relay:
         self.counters.closed += 1
         self.counters.bytes_up += conn.up.bytes  # counted once, not per event
         self.counters.bytes_down += conn.down.bytes
+        if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
+            counts = self.upstream_counts[conn.upstream]
+            counts.active -= 1
+            counts.sent += conn.up.bytes
+            counts.received += conn.down.bytes
+        if end is End.UPSTREAM_ERROR and conn.error:
+            log.debug("connection %s -> %s: upstream_error: %s", conn.client_addr, conn.dst,
+                      conn.error)
         conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
 
     def unregister(self, sock: socket.socket) -> None:
@@ -616,9 +838,18 @@ class Relay:
         pool = self.pool
         out.update(pipe_memory=pool.pipe_memory, pipes_small=pool.pipes_small,
                    pipes_refused=pool.pipes_refused)
+        for name, n in self.route_counts.items():
+            out[f"route_{name}_connections"] = n
+        for name, counts in self.upstream_counts.items():
+            for f in fields(counts):
+                out[f"upstream_{name}_{f.name}"] = getattr(counts, f.name)
+            out[f"upstream_{name}_up"] = int(self.health[name].state == UP)
         for conn in self.connections:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
+            if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
+                out[f"upstream_{conn.upstream}_sent"] += conn.up.bytes
+                out[f"upstream_{conn.upstream}_received"] += conn.down.bytes
         return out
 
     def _serve_stats(self, listener: socket.socket) -> None:

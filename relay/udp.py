@@ -21,7 +21,13 @@ import socket
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from tproxyd.state.health import DECLINED, FAILED, OK, decide
+from tproxyd.state.upstreams import DIRECT, REJECT, RouteRule
+
+from . import socks5
+from .association import PENDING_MAX, Association, AssocState
 from .ends import End
+from .handshake import HandshakeError
 from .sockopts import (
     SO_MARK,
     Address,
@@ -40,15 +46,16 @@ log = logging.getLogger("tproxyd.relay")
 MAX_DATAGRAM = 65536  # IPv4 carries at most 65,507 bytes of UDP payload, IPv6 65,527
 CMSG_SPACE = socket.CMSG_SPACE(28) + socket.CMSG_SPACE(4)  # sockaddr_in6 + drop counter
 BATCH = 64  # datagrams per readiness event: one busy socket cannot starve the others
-UDP_IN, UDP_SESSION = "udp-in", "udp-session"
+UDP_IN, UDP_SESSION, UDP_CONTROL = "udp-in", "udp-session", "udp-control"
 
 
 class Session:
-    __slots__ = ("client", "dst", "last_active", "reply", "sock", "timer_at")
+    __slots__ = ("assoc", "client", "dst", "last_active", "reply", "sock", "timer_at")
 
-    def __init__(self, client: Address, dst: Address, sock: socket.socket,
-                 reply: socket.socket, now: float):
+    def __init__(self, client: Address, dst: Address, sock: socket.socket | None,
+                 reply: socket.socket, now: float, assoc: Association | None = None):
         self.client, self.dst, self.sock, self.reply = client, dst, sock, reply
+        self.assoc = assoc  # through a SOCKS5 upstream: sock is its UDP socket, when open
         self.last_active = now
         self.timer_at = 0.0
 
@@ -153,12 +160,16 @@ class UdpRelay:
         session = self.sessions.get(key)
         if session is None:
             session = self._open_session(client, dst)
-            if session is None:
+            if session is None or self.sessions.get(key) is not session:
                 c.udp_drops += 1
                 return
         else:
             self.sessions.move_to_end(key)
         session.last_active = self.relay.now
+        if session.assoc is not None:
+            self._forward_associated(session, data)
+            return
+        assert session.sock is not None
         try:
             session.sock.send(data)
         except BlockingIOError:
@@ -181,6 +192,22 @@ class UdpRelay:
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
+        relay = self.relay
+        route = relay.routes.match_text(dst[0], dst[1], client[0], "udp") if relay.routes else None
+        if route is not None and route.action not in (DIRECT, REJECT) and client[0] in relay.upstream_ips:
+            # An upstream's own datagram to a destination it relays for us, reached through
+            # this gateway: the reply socket bound to that destination caught it (TPROXY's
+            # socket match sees no interface). Through the upstream again it would loop; it
+            # goes direct instead, as plain forwarding would have carried it.
+            route = None
+        if route is not None:
+            # No session is kept for a datagram a route drops: each one is counted.
+            relay.route_counts[route.name] += 1
+            if route.action == REJECT:
+                c.udp_ends[End.REJECTED] += 1
+                relay.note("udp-reject", f"udp from {client[0]} port {client[1]} to {dst[0]} "
+                                         f"port {dst[1]}: route {route.name}: reject: dropped")
+                return None
         if self.per_client.get(client[0], 0) >= self.settings.max_udp_sessions_per_client:
             c.udp_ends[End.OVER_LIMIT] += 1
             self.relay.warn("udp-per-client", f"{client[0]} has max_udp_sessions_per_client "
@@ -190,6 +217,8 @@ class UdpRelay:
         while len(self.sessions) >= self.settings.max_udp_sessions:
             _, oldest = self.sessions.popitem(last=False)
             self._close(oldest, End.UDP_EVICTED)
+        if route is not None and route.action != DIRECT:
+            return self._open_associated(client, dst, route)
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -220,12 +249,163 @@ class UdpRelay:
             c.udp_failed += 1
             self.relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
             return None
-        self.sessions[(client, dst)] = session
-        self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
+        self._add(session)
+        return session
+
+    def _add(self, session: Session) -> None:
+        c = self.counters
+        self.sessions[(session.client, session.dst)] = session
+        self.per_client[session.client[0]] = self.per_client.get(session.client[0], 0) + 1
         c.udp_sessions += 1
         c.udp_sessions_opened += 1
         self._schedule(session, self.relay.now + self.settings.udp_idle_timeout)
+
+    # --- through a SOCKS5 upstream (UDP ASSOCIATE) -----------------------------------------------
+
+    def _open_associated(self, client: Address, dst: Address, route: RouteRule) -> Session | None:
+        c, relay = self.counters, self.relay
+        decision = decide(route, relay.health, relay.now)
+        if decision.upstream is None:
+            c.udp_ends[End.UPSTREAM_ERROR] += 1
+            relay.note("udp-upstream", f"udp from {client[0]} port {client[1]} to {dst[0]} port "
+                                       f"{dst[1]}: {decision}: dropped")
+            return None
+        try:
+            reply = self._reply_socket(dst)
+        except OSError as exc:
+            c.udp_failed += 1
+            relay.warn("udp-open", f"udp session {client} -> {dst}: {exc}")
+            return None
+        session = Session(client, dst, None, reply, relay.now, Association(route))
+        self._add(session)
+        self._attempt(session, decision.upstream)
         return session
+
+    def _attempt(self, session: Session, name: str) -> None:
+        """Start session's association through upstream `name`; its connect_timeout covers
+        the connect and the handshake."""
+        relay, assoc = self.relay, session.assoc
+        assert assoc is not None
+        self._unwatch(session)
+        try:
+            assoc.start(relay.upstreams[name], relay.addresses[name], self.settings.mark,
+                        relay.now)
+            session.sock = assoc.udp
+            assert assoc.control is not None
+            relay.selector.register(assoc.control, selectors.EVENT_WRITE, (UDP_CONTROL, session))
+        except HandshakeError as exc:
+            self._assoc_failed(session, exc)
+            return
+        except OSError as exc:  # out of descriptors, epoll full: this session is lost
+            self.counters.udp_failed += 1
+            relay.warn("udp-open", f"udp session {session.client} -> {session.dst}: {exc}")
+            self._end(session, End.OVER_LIMIT)
+            return
+        relay.at(assoc.deadline, self._assoc_deadline, (session, assoc.attempt_started))
+
+    def _unwatch(self, session: Session) -> None:
+        assoc = session.assoc
+        if assoc is not None:
+            for sock in (assoc.control, assoc.udp):
+                if sock is not None:
+                    self.relay.unregister(sock)
+
+    def on_control(self, session: Session, mask: int) -> None:
+        """The control connection: the handshake until READY; after it, any byte or its end
+        ends the session (the association is gone)."""
+        assoc = session.assoc
+        if assoc is None or self.sessions.get((session.client, session.dst)) is not session:
+            return
+        assert assoc.control is not None and assoc.upstream is not None
+        if assoc.state is AssocState.READY:
+            try:
+                data = assoc.control.recv(512)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.relay.note("udp-upstream", f"upstream {assoc.upstream.name} closed the UDP "
+                                                f"association of {session.client[0]}")
+                self._end(session, End.UPSTREAM_ERROR)
+            return  # bytes on a ready control connection mean nothing: ignored
+        try:
+            ready = assoc.on_control(mask)
+        except HandshakeError as exc:
+            self._assoc_failed(session, exc)
+            return
+        relay = self.relay
+        if not ready:
+            relay.selector.modify(assoc.control, selectors.EVENT_READ | (
+                selectors.EVENT_WRITE if assoc.wants_write() else 0), (UDP_CONTROL, session))
+            return
+        name = assoc.upstream.name
+        relay.health.report(name, relay.now, OK, started=assoc.attempt_started)
+        relay.upstream_counts[name].connections += 1
+        relay.selector.modify(assoc.control, selectors.EVENT_READ, (UDP_CONTROL, session))
+        assert assoc.udp is not None
+        relay.selector.register(assoc.udp, selectors.EVENT_READ, (UDP_SESSION, session))
+        pending, assoc.pending = assoc.pending, []
+        for wrapped in pending:
+            self._send_wrapped(session, wrapped)
+
+    def _assoc_deadline(self, arg: object, when: float) -> None:
+        session, started = arg  # type: ignore[misc]
+        assoc = session.assoc
+        if (self.sessions.get((session.client, session.dst)) is session and assoc is not None
+                and assoc.state is not AssocState.READY and assoc.attempt_started == started):
+            self._assoc_failed(session, HandshakeError(
+                FAILED, "timeout", f"upstream {assoc.upstream.name if assoc.upstream else '?'}: "
+                                   "no UDP association within its connect_timeout"))
+
+    def _assoc_failed(self, session: Session, exc: HandshakeError) -> None:
+        """Tell Health, then try the route's next upstream, or end the session (its queued
+        datagrams are dropped)."""
+        relay, assoc = self.relay, session.assoc
+        assert assoc is not None and assoc.upstream is not None
+        name = assoc.upstream.name
+        relay.health.report(name, relay.now, exc.outcome, exc.reason, started=assoc.attempt_started)
+        counts = relay.upstream_counts[name]
+        if exc.outcome == DECLINED:
+            counts.declined += 1
+        else:
+            counts.failures += 1
+        assoc.tried.add(name)
+        self._unwatch(session)
+        assoc.release()
+        decision = decide(assoc.route, relay.health, relay.now, assoc.tried)
+        if decision.upstream is None:
+            relay.note("udp-upstream", f"udp from {session.client[0]} to {session.dst[0]} port "
+                                       f"{session.dst[1]}: {exc}; {decision}: dropped")
+            self._end(session, End.UPSTREAM_ERROR)
+            return
+        relay.note("udp-upstream", f"{exc}; trying {decision.upstream}")
+        self._attempt(session, decision.upstream)
+
+    def _forward_associated(self, session: Session, data: bytes) -> None:
+        assoc = session.assoc
+        assert assoc is not None
+        wrapped = socks5.udp_header(*session.dst) + data
+        if assoc.state is AssocState.READY:
+            self._send_wrapped(session, wrapped)
+        elif len(assoc.pending) < PENDING_MAX:
+            assoc.pending.append(wrapped)
+        else:
+            self.counters.udp_drops += 1
+
+    def _send_wrapped(self, session: Session, wrapped: bytes) -> None:
+        c = self.counters
+        assert session.sock is not None
+        try:
+            session.sock.send(wrapped)
+        except BlockingIOError:
+            c.udp_drops += 1
+            return
+        except OSError as exc:
+            self._icmp_error(session, exc)
+            return
+        c.udp_datagrams_up += 1
+        c.udp_bytes_up += len(wrapped) - len(socks5.udp_header(*session.dst))
 
     # --- server -> client ------------------------------------------------------------------------
 
@@ -233,6 +413,7 @@ class UdpRelay:
         c = self.counters
         if self.sessions.get((session.client, session.dst)) is not session:
             return  # ended earlier in this batch of events
+        assert session.sock is not None
         for _ in range(BATCH):
             try:
                 data = session.sock.recv(MAX_DATAGRAM)
@@ -241,6 +422,12 @@ class UdpRelay:
             except OSError as exc:  # ECONNREFUSED: the server's ICMP port unreachable
                 self._icmp_error(session, exc)
                 return
+            if session.assoc is not None:  # from the upstream's relay: unwrap
+                try:
+                    data = data[socks5.parse_udp(data).offset:]
+                except socks5.Socks5Error:
+                    c.udp_drops += 1
+                    continue
             try:
                 session.reply.sendto(data, session.client)
             except OSError:  # BlockingIOError included: a full buffer drops, as UDP does
@@ -284,7 +471,11 @@ class UdpRelay:
             self.per_client[ip] -= 1
         else:
             del self.per_client[ip]
-        self.relay.unregister(session.sock)
-        session.sock.close()
+        if session.assoc is not None:
+            self._unwatch(session)
+            session.assoc.release()  # the control connection too: no association outlives it
+        elif session.sock is not None:
+            self.relay.unregister(session.sock)
+            session.sock.close()
         self._release_reply(session.dst)
         self.counters.udp_sessions -= 1

@@ -69,6 +69,61 @@ def test_daemon_lines_say_which_worker_does_not_answer():
     assert lines[2] == "worker 1: pid 12, up 9.0s, serving, 0 restarts, not answering (counters from 8s ago)"
 
 
+UPSTREAMS = '''[[intercept]]
+name = "lan"
+interfaces = ["lan0"]
+destinations = ["0.0.0.0/0"]
+[[upstream]]
+name = "corp"
+type = "socks5"
+address = "198.18.3.2:1080"
+[[upstream]]
+name = "web"
+type = "http"
+address = "[2001:db8:3::2]:3128"
+check_interval = 0
+[[route]]
+name = "office"
+ports = [443]
+via = ["corp", "web"]
+[[route]]
+name = "ads"
+destinations = ["198.18.9.0/24"]
+via = "reject"
+'''
+
+
+def test_check_prints_the_upstreams_and_routes(tmp_path, capsys):
+    config = tmp_path / "t.toml"
+    config.write_text(UPSTREAMS)
+    assert main(["check", "--config-only", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "upstream corp: socks5 198.18.3.2:1080, check every 10 s" in out
+    assert "upstream web: http [2001:db8:3::2]:3128, passive checks only" in out
+    assert "route office: tcp ports 443 -> corp, web" in out
+    assert "route ads: tcp/udp to 1 destinations -> reject" in out
+
+
+def test_status_shows_upstream_health_from_the_workers_counters(tmp_path):
+    from tproxyd.reconciler.cli import _upstream_lines
+    from tproxyd.state.loader import from_bytes
+
+    config = from_bytes(UPSTREAMS.encode(), "t.toml")
+    view = {"workers": [{}, {}], "counters": {
+        "upstream_corp_up": 2, "upstream_corp_connections": 5, "upstream_corp_failures": 1,
+        "upstream_corp_active": 1, "upstream_corp_checks": 4, "upstream_corp_checks_failed": 0,
+        "upstream_web_up": 0, "upstream_web_failures": 3, "route_office_connections": 6,
+        "route_ads_connections": 2}}
+    lines = _upstream_lines(config, view)
+    assert lines[0] == ("upstream corp (socks5 198.18.3.2:1080): up; 1 active, 5 connections, "
+                        "1 failures, 0 declined, 0 of 4 checks failed")
+    assert lines[1].startswith("upstream web (http [2001:db8:3::2]:3128): DOWN; ")
+    assert lines[2:] == ["route office: 6 connections -> corp, web",
+                         "route ads: 2 connections -> reject"]
+    view["counters"]["upstream_corp_up"] = 1
+    assert ": up in 1 of 2 workers;" in _upstream_lines(config, view)[0]
+
+
 @pytest.mark.parametrize("metrics, line", [
     ({"listen": "127.0.0.1:9641", "error": None}, "metrics: http://127.0.0.1:9641/metrics"),
     ({"listen": "[::1]:9641", "error": "cannot listen on [::1]:9641: Address already in use"},

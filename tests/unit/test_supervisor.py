@@ -58,3 +58,32 @@ def test_counters_keep_what_ended_workers_counted(tmp_path: Path):
     sup.stop(timeout=5)
     after = sup.counters()
     assert after["accepted"] == 6 and after["new_counter"] == 7 and after["active"] == 0
+
+
+def test_upstream_gauges_are_not_kept_after_a_worker_ends(tmp_path: Path):
+    """upstream_<name>_up and _active say "now"; its connections and failures are totals."""
+    sup = supervisor(tmp_path)
+    w = stand_in(sup, tmp_path)
+    w.last = {"upstream_corp_up": 1, "upstream_corp_active": 3, "upstream_corp_failures": 2,
+              "upstream_corp_connections": 9, "route_r_connections": 9}
+    w.proc.kill()
+    w.proc.wait()
+    sup.tick(time.monotonic())
+    assert sup.counters() == {"upstream_corp_up": 0, "upstream_corp_active": 0,
+                              "upstream_corp_failures": 2, "upstream_corp_connections": 9,
+                              "route_r_connections": 9}
+    sup.stop(timeout=5)
+
+
+def test_a_change_of_upstreams_or_routes_replaces_the_workers():
+    from tproxyd.reconciler.daemon import relay_view
+    from tproxyd.state.loader import from_bytes
+
+    base = (b'[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\ndestinations = ["0.0.0.0/0"]\n'
+            b'[[upstream]]\nname = "a"\ntype = "socks5"\naddress = "198.18.3.2:1080"\n')
+    route = b'[[route]]\nports = [443]\nvia = ["a"]\n'
+    one = from_bytes(base + route, "t.toml")
+    assert relay_view(one) == relay_view(from_bytes(base + route, "t.toml"))
+    assert relay_view(one) != relay_view(from_bytes(base, "t.toml"))
+    moved = base.replace(b"1080", b"1081") + route
+    assert relay_view(one) != relay_view(from_bytes(moved, "t.toml"))

@@ -1,0 +1,264 @@
+"""Routes and upstream proxies in the relay's loop, on loopback without root: fake SOCKS5 and
+HTTP CONNECT upstreams in threads, the original destination given by a function. The same
+behaviours run against real proxies (microsocks, dante, tinyproxy) in tests/kernel/test_routes.py."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+
+from tests.unit.test_relay_loop import (
+    DEADLINE,
+    Upstream,
+    closed_port,
+    echo,
+    expect_reset,
+    running,
+    wait_for,
+)
+from tproxyd.relay.ends import End
+from tproxyd.relay.loop import Relay
+from tproxyd.state.upstreams import HTTP, SOCKS5, RouteRule
+from tproxyd.state.upstreams import Upstream as UpstreamConfig
+
+DST = ("127.0.0.1", 9)  # the "original destination" every accepted connection reports
+
+
+def recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+class FakeSocks5:
+    """A SOCKS5 server (no auth, CONNECT to IPv4) that records each request's target, replies
+    success with `early` right behind the reply in the same segment, then echoes."""
+
+    def __init__(self, early: bytes = b""):
+        self.targets: list[tuple[str, int]] = []
+        self.early = early
+        self.server = Upstream(self.handle)
+
+    def handle(self, conn: socket.socket) -> None:
+        head = recv_exactly(conn, 2)
+        recv_exactly(conn, head[1])
+        conn.sendall(b"\x05\x00")
+        ver, cmd, _, atyp = recv_exactly(conn, 4)
+        assert (ver, cmd, atyp) == (5, 1, 1)
+        host = socket.inet_ntoa(recv_exactly(conn, 4))
+        (port,) = struct.unpack("!H", recv_exactly(conn, 2))
+        self.targets.append((host, port))
+        conn.sendall(b"\x05\x00\x00\x01" + bytes(4) + b"\x00\x00" + self.early)
+        echo(conn)
+
+    def config(self, name: str, **kw) -> UpstreamConfig:
+        return UpstreamConfig(name, SOCKS5, "127.0.0.1", self.server.addr[1], check_interval=0, **kw)
+
+
+def upstream_at(name: str, addr: tuple, kind: str = SOCKS5, **kw) -> UpstreamConfig:
+    kw.setdefault("check_interval", 0)
+    return UpstreamConfig(name, kind, addr[0], addr[1], **kw)
+
+
+def roundtrip(addr: tuple, message: bytes, expect: bytes) -> None:
+    with socket.create_connection(addr, timeout=DEADLINE) as c:
+        c.sendall(message)
+        assert recv_exactly(c, len(expect)) == expect
+
+
+def stats(relay: Relay) -> dict:
+    """The relay's stats from the test's thread: its loop may change the set of connections
+    while they are summed (the stats socket, in the loop's thread, never races)."""
+    for _ in range(100):
+        try:
+            return relay.stats()
+        except RuntimeError:
+            continue
+    raise AssertionError("the connections never held still")
+
+
+def test_a_route_via_an_upstream_carries_the_connection_and_its_early_bytes_come_first():
+    proxy = FakeSocks5(early=b"banner ")
+    routes = (RouteRule("corp", ("a",)),)
+    with running(DST, upstreams=(proxy.config("a"),), routes=routes) as (relay, addr):
+        roundtrip(addr, b"ping", b"banner ping")
+        wait_for(lambda: relay.counters.active == 0, "the connection to end")
+        s = stats(relay)
+        assert proxy.targets == [DST]  # the upstream was asked for the original destination
+        assert s["route_corp_connections"] == 1 and s["upstream_a_connections"] == 1
+        assert s["upstream_a_up"] == 1 and s["upstream_a_active"] == 0
+        assert s["upstream_a_sent"] == 4 and s["upstream_a_received"] == 11
+        assert s["end_tcp_client_fin"] == 1
+    assert not proxy.server.errors
+
+
+def test_no_matching_route_goes_direct():
+    direct = Upstream(echo)
+    proxy = FakeSocks5()
+    routes = (RouteRule("other", ("a",), ports=((1, 2),)),)
+    with running(direct.addr, upstreams=(proxy.config("a"),), routes=routes) as (relay, addr):
+        roundtrip(addr, b"hello", b"hello")
+        assert proxy.targets == []
+        assert stats(relay)["route_other_connections"] == 0
+
+
+def test_a_reject_route_resets_at_once_and_is_counted():
+    with running(DST, routes=(RouteRule("ads", ("reject",)),)) as (relay, addr):
+        expect_reset(addr)
+        wait_for(lambda: relay.counters.tcp_ends[End.REJECTED] == 1, "the reject count")
+        assert stats(relay)["route_ads_connections"] == 1
+
+
+def test_failover_to_the_second_upstream_when_the_first_refuses():
+    proxy = FakeSocks5()
+    dead = upstream_at("dead", closed_port())
+    routes = (RouteRule("corp", ("dead", "b")),)
+    with running(DST, upstreams=(dead, proxy.config("b")), routes=routes) as (relay, addr):
+        roundtrip(addr, b"one", b"one")
+        roundtrip(addr, b"two", b"two")  # dead is skipped now (down, in backoff)
+        s = stats(relay)
+        assert s["upstream_dead_failures"] == 1 and s["upstream_dead_up"] == 0
+        assert s["upstream_b_connections"] == 2
+        assert relay.health["dead"].failure_counts == {"refused": 1}
+
+
+def test_every_upstream_dead_resets_the_client_as_upstream_error():
+    routes = (RouteRule("corp", ("a", "b")),)
+    ups = (upstream_at("a", closed_port()), upstream_at("b", closed_port()))
+    with running(DST, upstreams=ups, routes=routes) as (relay, addr):
+        expect_reset(addr)
+        wait_for(lambda: relay.counters.tcp_ends[End.UPSTREAM_ERROR] == 1, "the count")
+        expect_reset(addr)  # both down now: reset at accept, no attempt
+        wait_for(lambda: relay.counters.tcp_ends[End.UPSTREAM_ERROR] == 2, "the count")
+        s = stats(relay)
+        assert s["upstream_a_failures"] == s["upstream_b_failures"] == 1
+        assert relay.counters.active == 0
+
+
+def hostile(behaviour: str):
+    def handle(conn: socket.socket) -> None:
+        conn.recv(16)
+        if behaviour == "endless header":  # an HTTP proxy whose response header never ends
+            conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * (20 << 10))
+            conn.recv(16)
+        elif behaviour == "garbage":
+            conn.sendall(b"HTTP/1.0 400 nonsense\r\n\r\n")
+        elif behaviour == "close":
+            conn.sendall(b"\x05")  # half a method choice, then gone
+        elif behaviour == "silent":
+            conn.recv(16)  # holds the connection open, never answers
+    return Upstream(handle)
+
+
+def test_hostile_upstreams_cost_one_attempt_each_and_the_relay_lives_on():
+    garbage, closer, silent = hostile("garbage"), hostile("close"), hostile("silent")
+    good = FakeSocks5()
+    ups = (upstream_at("garbage", garbage.addr), upstream_at("closer", closer.addr),
+           upstream_at("silent", silent.addr, connect_timeout=0.5), good.config("good"))
+    routes = (RouteRule("corp", ("garbage", "closer", "silent", "good")),)
+    with running(DST, upstreams=ups, routes=routes) as (relay, addr):
+        roundtrip(addr, b"still works", b"still works")
+        s = stats(relay)
+        for name in ("garbage", "closer", "silent"):
+            assert s[f"upstream_{name}_failures"] == 1 and s[f"upstream_{name}_up"] == 0, name
+        assert relay.health["garbage"].failure_counts == {"protocol": 1}
+        assert relay.health["closer"].failure_counts == {"closed": 1}
+        assert relay.health["silent"].failure_counts == {"timeout": 1}
+        assert s["upstream_good_connections"] == 1 and relay.counters.internal_errors == 0
+
+
+def test_a_declined_request_fails_over_without_marking_the_upstream_down():
+    def refuse(conn: socket.socket) -> None:
+        conn.recv(16)
+        conn.sendall(b"\x05\x00")
+        conn.recv(64)
+        conn.sendall(b"\x05\x05\x00\x01" + bytes(6))  # connection refused by the destination
+        conn.recv(1)
+
+    refusing, good = Upstream(refuse), FakeSocks5()
+    ups = (upstream_at("refusing", refusing.addr), good.config("good"))
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("refusing", "good")),)) as (relay, addr):
+        roundtrip(addr, b"x", b"x")
+        s = stats(relay)
+        assert s["upstream_refusing_declined"] == 1 and s["upstream_refusing_up"] == 1
+
+
+def test_an_endless_http_response_header_fails_the_attempt():
+    endless, good = hostile("endless header"), FakeSocks5()
+    ups = (upstream_at("endless", endless.addr, kind=HTTP), good.config("good"))
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("endless", "good")),)) as (relay, addr):
+        roundtrip(addr, b"x", b"x")
+        assert stats(relay)["upstream_endless_failures"] == 1
+
+
+def test_an_upstream_by_name_is_resolved_when_the_worker_starts():
+    proxy = FakeSocks5()
+    named = UpstreamConfig("a", SOCKS5, "localhost", proxy.server.addr[1], check_interval=0)
+    with running(DST, upstreams=(named,), routes=(RouteRule("r", ("a",)),)) as (relay, addr):
+        assert relay.addresses["a"] in (("127.0.0.1", proxy.server.addr[1]),
+                                        ("::1", proxy.server.addr[1]))
+        if relay.addresses["a"][0] == "127.0.0.1":
+            roundtrip(addr, b"by name", b"by name")
+
+
+def test_a_name_that_does_not_resolve_fails_over(monkeypatch):
+    from tproxyd.relay import loop
+
+    proxy = FakeSocks5()
+    unresolved = UpstreamConfig("lost", SOCKS5, "lost.example", 1080, check_interval=0)
+    real = loop.resolve
+    monkeypatch.setattr(loop, "resolve", lambda u: None if u.name == "lost" else real(u))
+    ups = (unresolved, proxy.config("b"))
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("lost", "b")),)) as (relay, addr):
+        roundtrip(addr, b"x", b"x")
+        assert relay.health["lost"].failure_counts == {"unresolved": 1}
+
+
+def test_http_connect_upstream():
+    seen = []
+
+    def http_proxy(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        seen.append(head.split(b"\r\n")[0])
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        echo(conn)
+
+    proxy = Upstream(http_proxy)
+    ups = (upstream_at("web", proxy.addr, kind=HTTP),)
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("web",)),)) as (_, addr):
+        roundtrip(addr, b"over http", b"over http")
+    assert seen == [b"CONNECT 127.0.0.1:9 HTTP/1.1"]
+
+
+def test_active_checks_bring_a_recovered_upstream_back_after_two_passes():
+    port = closed_port()
+    up = upstream_at("a", port, check_interval=0.2)
+    with running(DST, upstreams=(up,), routes=(RouteRule("r", ("a",)),)) as (relay, _):
+        wait_for(lambda: stats(relay)["upstream_a_checks_failed"] >= 1, "a failed check")
+        assert stats(relay)["upstream_a_up"] == 0
+        # something answers on the port now: a SOCKS5 greeting is all a check needs
+        back = socket.create_server(port)
+        try:
+            def answer() -> None:
+                while True:
+                    try:
+                        conn, _ = back.accept()
+                    except OSError:
+                        return
+                    with conn, contextlib.suppress(OSError):  # a check ends with a reset
+                        conn.recv(16)
+                        conn.sendall(b"\x05\x00")
+                        conn.recv(1)
+            threading.Thread(target=answer, daemon=True).start()
+            wait_for(lambda: stats(relay)["upstream_a_up"] == 1, "two passed checks", timeout=30)
+            assert relay.health["a"].last_check_ok
+        finally:
+            back.close()
