@@ -429,9 +429,13 @@ class Daemon:
     def metrics_snapshot(self) -> metrics.Snapshot:
         """What a scrape shows: built in the loop from what the daemon holds, no I/O."""
         assert self.config is not None
+        counters = self.supervisor.counters()
+        upstreams = tuple(u.name for u in self.config.upstreams)
+        up, failures = metrics.upstream_series(
+            counters, upstreams, sum(not w.draining for w in self.supervisor.workers))
         return metrics.Snapshot(
-            counters=self.supervisor.counters(), daemon=self.counts,
-            upstreams=tuple(u.name for u in self.config.upstreams),
+            counters=counters, daemon=self.counts, upstreams=upstreams,
+            upstream_up=up, upstream_failures=failures,
             config_valid=self.config_error is None, config_last_good=self.config_loaded_at,
             worker_restarts=sum(s.restarts for s in self.supervisor.slots))
 

@@ -45,7 +45,7 @@ from tproxyd.state.plan import (
 # How a TCP connection or UDP session ended: the access log's `end` values (issue 14), and the
 # suffixes of the relay's end_tcp_<end> / end_udp_<end> counters.
 ENDS = tuple(end.value for end in End)
-DIRECT = "direct"  # route and via until routes and upstreams reach the relay
+DIRECT = "direct"  # route and via labels: per-route series are open work (issue 14)
 
 Labels = Tuple[Tuple[str, str], ...]
 
@@ -163,6 +163,25 @@ class Snapshot:
     upstream_up: Mapping[str, float] = field(default_factory=dict)
     upstream_check_seconds: Mapping[str, float] = field(default_factory=dict)
     upstream_failures: Mapping[Tuple[str, str], int] = field(default_factory=dict)
+
+
+# the relay's per-upstream counters (upstream_<name>_<suffix>) -> failure reason
+FAILURE_COUNTERS = {"failures": "failed", "declined": "declined", "checks_failed": "check"}
+
+
+def upstream_series(counters: Mapping[str, int], upstreams: Tuple[str, ...], workers: int
+                    ) -> Tuple[Dict[str, float], Dict[Tuple[str, str], int]]:
+    """tproxyd_upstream_up and _failures_total from the workers' summed counters: an upstream
+    is up (1) when every live worker has it up (each worker judges it on its own, and one
+    that has it down fails its connections over); failures by reason."""
+    up: Dict[str, float] = {}
+    failures: Dict[Tuple[str, str], int] = {}
+    for name in upstreams:
+        if workers:
+            up[name] = 1.0 if counters.get(f"upstream_{name}_up", 0) >= workers else 0.0
+        for suffix, reason in FAILURE_COUNTERS.items():
+            failures[(name, reason)] = counters.get(f"upstream_{name}_{suffix}", 0)
+    return up, failures
 
 
 def build_info() -> Tuple[str, str]:

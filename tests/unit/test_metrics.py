@@ -152,3 +152,15 @@ def test_openmetrics_when_asked_for_and_it_parses():
     assert any(s.value == 2 for s in fams["tproxyd_connections"].samples)
     _, plain = choose_encoder("text/plain")
     assert plain.startswith("text/plain; version=0.0.4")
+
+
+def test_upstream_up_and_failures_come_from_the_workers_counters():
+    from tproxyd.reconciler.metrics import upstream_series
+
+    counters = {"upstream_corp_up": 2, "upstream_corp_failures": 3, "upstream_corp_checks_failed": 1,
+                "upstream_backup_up": 1, "upstream_backup_declined": 4}
+    up, failures = upstream_series(counters, ("corp", "backup"), workers=2)
+    assert up == {"corp": 1.0, "backup": 0.0}  # one of two workers has backup down
+    assert failures[("corp", "failed")] == 3 and failures[("corp", "check")] == 1
+    assert failures[("backup", "declined")] == 4 and failures[("backup", "failed")] == 0
+    assert upstream_series(counters, ("corp",), workers=0)[0] == {}  # no worker: unknown
