@@ -33,7 +33,8 @@ def settings_from(config: Config, stats_path: str | None) -> Settings:
                     stats_path=stats_path, udp=udp, udp_idle_timeout=r.udp_idle_timeout,
                     max_udp_sessions=r.max_udp_sessions, max_pipe_memory=r.max_pipe_memory,
                     max_connections_per_client=r.max_connections_per_client,
-                    max_udp_sessions_per_client=r.max_udp_sessions_per_client)
+                    max_udp_sessions_per_client=r.max_udp_sessions_per_client,
+                    access_log=config.log.access)
 
 
 def die_with_parent() -> None:

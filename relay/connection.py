@@ -39,8 +39,8 @@ class ConnectFailed(OSError):
 
 
 class Connection:
-    __slots__ = ("client", "client_addr", "deadline", "down", "dst", "first_fin", "last_active",
-                 "masks", "server", "state", "timer_at", "up")
+    __slots__ = ("client", "client_addr", "connected_at", "deadline", "down", "dst", "first_fin",
+                 "last_active", "masks", "server", "started", "state", "timer_at", "up")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
@@ -55,6 +55,8 @@ class Connection:
         self.timer_at = 0.0  # when this connection's live timer fires (see Relay._schedule)
         self.masks = [0, 0]  # what the selector watches now, per side
         self.first_fin: int | None = None  # CLIENT or SERVER: who finished sending first
+        # for the access log: when accepted, and when the server's handshake was done
+        self.started, self.connected_at = now, None
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""

@@ -21,7 +21,7 @@ from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
 
-from . import unixsock
+from . import accesslog, unixsock
 from .connection import CLIENT, READ, SERVER, Connection, State
 from .ends import RESOURCE_ERRORS, End
 from .flow import SPLICE, Pool
@@ -65,6 +65,7 @@ class Settings:
     max_pipe_memory: int = 256 << 20  # splice pipes' capacity, all flows together
     max_connections_per_client: int = 1024  # per client address
     max_udp_sessions_per_client: int = 1024
+    access_log: str = accesslog.OFF  # "off", "stderr" or a file's path
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Counters:
     udp_bytes_down: int = 0
     udp_drops: int = 0  # datagrams we dropped: full buffers, unreadable, no session
     udp_kernel_drops: int = 0  # datagrams the kernel dropped on our full receive queues
+    access_log_dropped: int = 0  # access-log lines lost to a write error (full disk, full pipe)
     started: float = field(default_factory=time.time)
     # how TCP connections and UDP sessions ended, one count per End
     tcp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
@@ -181,6 +183,7 @@ class Relay:
         self.selector.register(self._waker_r, READ, (WAKER, None))
         self.stats_listener: socket.socket | None = None
         self.udp = UdpRelay(self)
+        self.access = accesslog.open_log(settings.access_log, self._access_log_dropped)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -303,6 +306,8 @@ class Relay:
         for conn in list(self.connections):
             self._end(conn, End.DRAINED)
         self.udp.close()
+        if self.access is not None:  # after the last connection's line
+            self.access.close()
         for s in self.listeners:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
@@ -506,6 +511,8 @@ class Relay:
             self.warn("register", f"cannot watch a connection: {exc}; resetting it")
             self._end(conn, End.OVER_LIMIT)
             return
+        if conn.state is not State.CONNECTING:
+            conn.connected_at = self.now  # access log: connected inside connect()
         if conn.state is State.CONNECTING:
             conn.deadline = self.now + self.settings.connect_timeout
             self._schedule(conn, conn.deadline)
@@ -552,6 +559,8 @@ class Relay:
                 log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
             self._end(conn, conn.failure_end(exc))
             return
+        if connecting:
+            conn.connected_at = self.now  # access log: the server's handshake is done
         if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
             # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
@@ -602,7 +611,16 @@ class Relay:
         self.counters.closed += 1
         self.counters.bytes_up += conn.up.bytes  # counted once, not per event
         self.counters.bytes_down += conn.down.bytes
+        if self.access is not None:  # access-log hook
+            self.access.write(accesslog.tcp_line(conn, end.value, self.now, time.time()))
         conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
+
+    def access_log_udp(self, session: Session, end: End) -> None:
+        if self.access is not None:
+            self.access.write(accesslog.udp_line(session, end.value, self.now, time.time()))
+
+    def _access_log_dropped(self) -> None:
+        self.counters.access_log_dropped += 1
 
     def unregister(self, sock: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):

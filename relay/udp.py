@@ -44,13 +44,15 @@ UDP_IN, UDP_SESSION = "udp-in", "udp-session"
 
 
 class Session:
-    __slots__ = ("client", "dst", "last_active", "reply", "sock", "timer_at")
+    __slots__ = ("bytes_down", "bytes_up", "client", "dst", "last_active", "reply", "sock",
+                 "started", "timer_at")
 
     def __init__(self, client: Address, dst: Address, sock: socket.socket,
                  reply: socket.socket, now: float):
         self.client, self.dst, self.sock, self.reply = client, dst, sock, reply
         self.last_active = now
         self.timer_at = 0.0
+        self.started, self.bytes_up, self.bytes_down = now, 0, 0  # for the access log
 
 
 class UdpRelay:
@@ -169,6 +171,7 @@ class UdpRelay:
             return
         c.udp_datagrams_up += 1
         c.udp_bytes_up += len(data)
+        session.bytes_up += len(data)
 
     def _open_session(self, client: Address, dst: Address) -> Session | None:
         c = self.counters
@@ -248,6 +251,7 @@ class UdpRelay:
                 continue
             c.udp_datagrams_down += 1
             c.udp_bytes_down += len(data)
+            session.bytes_down += len(data)
         session.last_active = self.relay.now
         self.sessions.move_to_end((session.client, session.dst))
 
@@ -279,6 +283,7 @@ class UdpRelay:
     def _close(self, session: Session, end: End) -> None:
         """Release a session already removed from the table, counted under end. Never raises."""
         self.counters.udp_ends[end] += 1
+        self.relay.access_log_udp(session, end)  # access-log hook
         ip = session.client[0]
         if self.per_client[ip] > 1:
             self.per_client[ip] -= 1
