@@ -26,6 +26,7 @@ from .connection import CLIENT, READ, SERVER, Connection, State
 from .ends import RESOURCE_ERRORS, End
 from .flow import SPLICE, Pool
 from .listeners import open_listeners
+from .listing import TOP, ListingServer, listing_path
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
     SO_MARK,
@@ -182,6 +183,7 @@ class Relay:
         self._waker_w.setblocking(False)
         self.selector.register(self._waker_r, READ, (WAKER, None))
         self.stats_listener: socket.socket | None = None
+        self.listing: ListingServer | None = None  # `tproxy top`'s socket, next to stats
         self.udp = UdpRelay(self)
         self.access = accesslog.open_log(settings.access_log, self._access_log_dropped)
 
@@ -206,6 +208,7 @@ class Relay:
         self._take_reserve()
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
+            self.listing = ListingServer(self, listing_path(self.settings.stats_path))
         self.ports = {port for _, port in bound}
         return bound
 
@@ -297,6 +300,8 @@ class Relay:
             self.udp.on_reply(obj)
         elif kind == STATS:
             self._serve_stats(obj)
+        elif kind == TOP:
+            obj.serve()
         else:
             self._drain_waker()
 
@@ -308,6 +313,8 @@ class Relay:
         self.udp.close()
         if self.access is not None:  # after the last connection's line
             self.access.close()
+        if self.listing is not None:
+            self.listing.close()
         for s in self.listeners:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
