@@ -36,7 +36,10 @@ class _Request:
 
 class StatsPoller:
     def __init__(self, selector: selectors.BaseSelector, clock: Callable[[], float],
-                 on_report: Callable[[Worker, dict, float], None]):
+                 on_report: Callable[[Worker, dict, float], None],
+                 path: Callable[[Worker], str] = lambda w: w.stats):
+        """path: which of a worker's sockets to ask (its stats, or its connection listing)."""
+        self.path = path
         self.selector = selector
         self.clock = clock
         self.on_report = on_report
@@ -61,7 +64,7 @@ class StatsPoller:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                sock.connect(w.stats)  # a Unix socket connects at once or fails (EAGAIN: full)
+                sock.connect(self.path(w))  # a Unix socket connects at once or fails (EAGAIN: full)
             except OSError:  # not listening yet, gone, or its backlog is full: next round
                 sock.close()
                 continue
