@@ -100,6 +100,7 @@ class AccessLog:
         self.sock: socket.socket | None = None
         self.checked = -1e9
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self.failing: str | None = None  # the last error opening the file
         if target == STDERR:
             self._open_stderr()
         else:
@@ -128,9 +129,14 @@ class AccessLog:
             fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          FILE_MODE)
         except OSError as exc:
-            log.error("access log %s: %s; lines are dropped until it can be opened",
-                      self.target, exc)
+            if str(exc) != self.failing:  # tried once a second: said once, not each time
+                self.failing = str(exc)
+                log.error("access log %s: %s; lines are dropped until it can be opened",
+                          self.target, exc.strerror)
             return
+        if self.failing is not None:
+            self.failing = None
+            log.info("access log %s: open again", self.target)
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd

@@ -463,6 +463,8 @@ class Relay:
     def _refuse(self, client: socket.socket, end: End) -> None:
         """Reset a connection that never became a Connection, counted under end."""
         self.counters.tcp_ends[end] += 1
+        if self.access is not None:  # access-log hook
+            self._access_log_refused(client, end)
         with contextlib.suppress(OSError):
             set_reset_on_close(client)
         client.close()
@@ -625,6 +627,18 @@ class Relay:
     def access_log_udp(self, session: Session, end: End) -> None:
         if self.access is not None:
             self.access.write(accesslog.udp_line(session, end.value, self.now, time.time()))
+
+    def _access_log_refused(self, client: socket.socket, end: End) -> None:
+        """A connection refused before it became a Connection (over a limit, a loop). Its
+        addresses are asked for again here, only while the log is on; one already gone has
+        none to log."""
+        assert self.access is not None
+        try:
+            client_addr, dst = client.getpeername()[:2], self.original_dst(client)
+        except (OSError, ValueError):
+            return
+        self.access.write(accesslog.line(time.time(), "tcp", client_addr, dst, "direct", "direct",
+                                         0, 0, 0.0, None, end.value))
 
     def _access_log_dropped(self) -> None:
         self.counters.access_log_dropped += 1

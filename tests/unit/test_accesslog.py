@@ -3,6 +3,7 @@ drops counted, never raises), [log] validation, and lines written by a loopback 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -107,17 +108,20 @@ def test_a_full_disk_drops_and_counts_lines_never_raises():
     assert drops.n == 3
 
 
-def test_an_unopenable_file_drops_lines_and_is_tried_again(tmp_path):
+def test_an_unopenable_file_drops_lines_and_is_tried_again(tmp_path, caplog):
     path = str(tmp_path / "later" / "access.log")
     now = [0.0]
     drops = Drops()
     log = AccessLog(path, drops, clock=lambda: now[0])
     log.write(b"1\n")
+    now[0] += 1.5
+    log.write(b"1\n")  # tried again, failed again: logged once
+    assert sum("lines are dropped" in r.message for r in caplog.records) == 1
     os.mkdir(tmp_path / "later")
     now[0] += 1.5
     log.write(b"2\n")
     log.close()
-    assert drops.n == 1 and read(path) == b"2\n"
+    assert drops.n == 2 and read(path) == b"2\n"
 
 
 def test_a_full_stderr_pipe_drops_lines_without_blocking(monkeypatch):
@@ -197,3 +201,19 @@ def test_the_relay_writes_one_line_per_connection_with_exact_bytes(tmp_path):
     assert doc["route"] == doc["via"] == "direct"
     assert isinstance(doc["connect_ms"], int) and doc["duration_ms"] >= doc["connect_ms"]
     assert relay.counters.access_log_dropped == 0
+
+
+def test_a_connection_refused_over_the_limit_gets_its_line(tmp_path):
+    path = tmp_path / "access.log"
+    up = Upstream(echo)
+    with running(up.addr, access_log=str(path), max_connections=1) as (relay, addr), \
+            socket.create_connection(addr, timeout=DEADLINE) as held:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        with contextlib.suppress(ConnectionResetError), \
+                socket.create_connection(addr, timeout=DEADLINE) as refused:
+            assert refused.recv(1) == b""  # or reset, even before connect() returned
+        wait_for(lambda: relay.counters.refused == 1, "the refusal")
+    docs = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert docs[0]["end"] == "over_limit" and docs[0]["bytes_up"] == docs[0]["bytes_down"] == 0
+    assert docs[0]["connect_ms"] is None and docs[1]["end"] == "drained"  # the held one, at stop
