@@ -5,7 +5,8 @@
 
 The connections scenario of `python -m bench` (loadgen rate, 64 at once, 100 bytes each way),
 run for the two variants interleaved (off, file, off, file, ...) so a noisy neighbour hits both
-alike; prints each variant's median and the file's cost relative to off. The relay's counters
+alike; prints each variant's median and the file's cost relative to off, in connections per
+second and in the relay's CPU time per connection (steadier on a shared machine). The relay's counters
 prove it carried the traffic and the log's line count that it logged every connection.
 
 --formatter times one line with the format string the relay uses against json.dumps of a dict.
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
         return 0
     install()
     values: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}
+    cpu: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}  # relay CPU us/connection
     with Lab(forwarding=True) as lab:
         gen = loadgen(lab)
 
@@ -85,13 +87,18 @@ def main(argv=None) -> int:
                 if isinstance(v, Logged):  # every connection logged, none dropped
                     assert v.lines() - before >= row["done"], (v.lines() - before, row)
                 values[v.name].append(row["value"])
-                print(f"run {i} {v.name:12} {row['value']:10.0f} conn/s", file=sys.stderr,
+                cpu[v.name].append(row["relay_cpu_s"] / row["done"] * 1e6)
+                print(f"run {i} {v.name:12} {row['value']:10.0f} conn/s "
+                      f"{cpu[v.name][-1]:6.1f} us relay CPU a connection", file=sys.stderr,
                       flush=True)
     off, on = (statistics.median(values[k]) for k in ("tproxyd", "tproxyd-log"))
     for k, vs in values.items():
         print(f"{k:12} median {statistics.median(vs):9.0f} conn/s  (min {min(vs):.0f}, "
               f"max {max(vs):.0f}, {len(vs)} runs)")
     print(f"access log to a file costs {100 * (off - on) / off:.1f}% of connections per second")
+    c_off, c_on = (statistics.median(cpu[k]) for k in ("tproxyd", "tproxyd-log"))
+    print(f"relay CPU a connection: off {c_off:.1f} us, to a file {c_on:.1f} us "
+          f"(+{100 * (c_on - c_off) / c_off:.1f}%)")
     return 0
 
 
