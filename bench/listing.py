@@ -1,5 +1,6 @@
 """What a `tproxy top` refresh costs a worker's loop: Snapshots.listing() over N open
-connections (real Flow objects, a seventh of them moving), median of K calls, in CPU time.
+connections (real Flow objects, a seventh of them moving) and the JSON of its answer, median
+of K calls, in CPU time.
 
     python -m bench.listing [--connections N] [--repeat K]
 """
@@ -7,6 +8,7 @@ connections (real Flow objects, a seventh of them moving), median of K calls, in
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import time
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
                 c.down.bytes += 1000 + j
         t0 = time.thread_time()
         doc = snaps.listing(conns, 1.0 + k)
+        json.dumps(doc)  # unixsock.reply's encoding, in the loop too
         costs.append(time.thread_time() - t0)
     print(f"{args.connections} connections, {doc['shown']} rows: median "
           f"{statistics.median(costs) * 1000:.2f} ms, max {max(costs) * 1000:.2f} ms of CPU a listing")
