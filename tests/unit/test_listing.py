@@ -101,3 +101,25 @@ def test_a_relay_answers_its_listing_socket_while_relaying(tmp_path):
         (row,) = doc["connections"]
         assert row["dst"] == f"{up.addr[0]}:{up.addr[1]}" and row["bytes_up"] == 100
     assert not os.path.exists(listing_path(str(tmp_path / "relay.sock")))  # removed on close
+
+
+def test_the_daemon_merges_its_workers_lists_busiest_first_and_forgets_ended_workers():
+    from tproxyd.reconciler.daemon import Daemon
+
+    def row(client: str, rate: int | None, total: int) -> dict:
+        return {"client": client, "rate_up": rate, "rate_down": 0, "bytes_up": total,
+                "bytes_down": 0}
+
+    workers = [SimpleNamespace(proc=SimpleNamespace(pid=p), slot=i) for i, p in enumerate((7, 8))]
+    fake = SimpleNamespace(supervisor=SimpleNamespace(workers=workers), listings={
+        7: {"pid": 7, "open": 2, "udp_sessions": 1, "bytes_up": 5, "bytes_down": 6, "rate": 10,
+            "cost_ms": 1.5, "connections": [row("a", 3, 1), row("b", None, 9)]},
+        8: {"pid": 8, "open": 1, "udp_sessions": 0, "bytes_up": 1, "bytes_down": 2, "rate": 4,
+            "cost_ms": 0.5, "connections": [row("c", 4, 0)]},
+        9: {"pid": 9, "open": 50, "connections": [row("gone", 99, 99)]}})  # no longer a worker
+    doc = Daemon.top(fake)
+    assert [r["client"] for r in doc["connections"]] == ["c", "a", "b"]
+    assert [r["worker"] for r in doc["connections"]] == [8, 7, 7]
+    assert (doc["workers"], doc["open"], doc["udp_sessions"], doc["rate"]) == (2, 3, 1, 14)
+    assert (doc["bytes_up"], doc["bytes_down"], doc["cost_ms"]) == (6, 8, 1.5)
+    assert 9 not in fake.listings
