@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client.exposition import choose_encoder
 
 from tproxyd.relay import unixsock
-from tproxyd.relay.listing import TOP_ROWS, listing_path
+from tproxyd.relay.listing import TOP_ROWS, listing_socket
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
 from tproxyd.state.config import Daemon as DaemonConfig
 from tproxyd.state.desired import owner_of
@@ -90,7 +90,7 @@ class Daemon:
         # `tproxy top`: the workers' connection lists, asked for only while someone looks
         self.listings: dict[int, dict] = {}
         self.lister = StatsPoller(self.selector, time.monotonic, self._on_listing,
-                                  path=lambda w: listing_path(w.stats))
+                                  make_socket=listing_socket)
         self.supervisor.on_spawn = self.stats.watch_exit
         self.status_server: StatusServer | None = None
         self.watcher = ConfigWatcher(path, self._on_file_event)

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tproxyd.relay.listeners import open_listeners
-from tproxyd.relay.listing import listing_path
 from tproxyd.state.config import TPROXY, Config
 
 log = logging.getLogger("tproxyd")
@@ -287,8 +286,6 @@ class Supervisor:
                 self.retired[key] = self.retired.get(key, 0) + (0 if key in GAUGES else value)
         with contextlib.suppress(OSError):
             os.unlink(w.stats)  # a killed worker could not remove its own
-        with contextlib.suppress(OSError):
-            os.unlink(listing_path(w.stats))  # nor its `tproxy top` socket
 
     def _drain(self, w: Worker, now: float) -> None:
         assert self.config is not None

@@ -37,9 +37,11 @@ class _Request:
 class StatsPoller:
     def __init__(self, selector: selectors.BaseSelector, clock: Callable[[], float],
                  on_report: Callable[[Worker, dict, float], None],
-                 path: Callable[[Worker], str] = lambda w: w.stats):
-        """path: which of a worker's sockets to ask (its stats, or its connection listing)."""
-        self.path = path
+                 make_socket: Callable[[], socket.socket] = lambda: socket.socket(
+                     socket.AF_UNIX, socket.SOCK_STREAM)):
+        """make_socket: the socket to ask with; one bound to a listing address asks a worker
+        for its connection list instead of its counters (relay/listing.py)."""
+        self.make_socket = make_socket
         self.selector = selector
         self.clock = clock
         self.on_report = on_report
@@ -61,10 +63,13 @@ class StatsPoller:
                 if not again:
                     continue
                 self._end(self.requests[pid])
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock = self.make_socket()
+            except OSError:  # out of descriptors: next round
+                continue
             sock.setblocking(False)
             try:
-                sock.connect(self.path(w))  # a Unix socket connects at once or fails (EAGAIN: full)
+                sock.connect(w.stats)  # a Unix socket connects at once or fails (EAGAIN: full)
             except OSError:  # not listening yet, gone, or its backlog is full: next round
                 sock.close()
                 continue

@@ -1,8 +1,10 @@
-"""The worker's list of open connections for `tproxy top`, on its own Unix socket.
+"""The worker's list of open connections for `tproxy top`, asked for on its stats socket.
 
-The stats socket answers on accept without reading a request, and the relay keeps no state per
-stats reader; a second socket next to it (listing_path) asks for the list instead, so neither
-the stats protocol nor the loop changes.
+The stats socket answers on accept, without reading a request (a request read later would need
+state per reader in the loop, and one sent early could still arrive after the answer). A reader
+that wants the list says so by where it calls from: it binds its socket to an abstract address
+starting with TOP_ADDRESS before connecting, and accept() hands that address to the relay. No
+other descriptor is held: a relay short of descriptors answers both as it answers stats.
 
 The list must be cheap with 10,000 connections open: one pass over them reads each one's byte
 counts and keeps them for the next call; rows are made only for the TOP_ROWS that moved most
@@ -12,30 +14,51 @@ rate is that movement over the time between calls. Measured by bench/listing.py.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
+import json
 import os
-import selectors
 import socket
-import time
 from itertools import islice, repeat
 from operator import add, sub
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
-from . import unixsock
 from .accesslog import hostport
 
-if TYPE_CHECKING:
-    from .loop import Relay
-
 TOP_ROWS = 200  # rows a worker sends at most: a screen's worth, whatever is open
-RETRY = 0.25  # seconds the listener rests after a failed accept (out of descriptors)
-TOP = "top"
+TOP_ADDRESS = b"\0tproxyd-top-"  # abstract addresses of listing readers start so
+_names = itertools.count()
 
 
-def listing_path(stats_path: str) -> str:
-    """relay-1-2-3.sock -> relay-1-2-3-top.sock"""
-    root, ext = os.path.splitext(stats_path)
-    return f"{root}-top{ext}"
+def wants_listing(peer_address: object) -> bool:
+    """Whether an accepted stats reader asked for the connection list (see TOP_ADDRESS)."""
+    return isinstance(peer_address, bytes) and peer_address.startswith(TOP_ADDRESS)
+
+
+def listing_socket() -> socket.socket:
+    """A Unix stream socket bound to a fresh abstract TOP_ADDRESS, to connect to a stats socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for _ in range(100):
+            try:
+                s.bind(TOP_ADDRESS + f"{os.getpid()}-{next(_names)}".encode())
+                return s
+            except OSError as exc:  # EADDRINUSE: another reader's name; take the next
+                last = exc
+        raise last
+    except BaseException:
+        s.close()
+        raise
+
+
+def ask_listing(stats_path: str, timeout: float = 2.0) -> dict:
+    """The connection list of the relay whose stats socket is at stats_path."""
+    with listing_socket() as s:
+        s.settimeout(timeout)
+        s.connect(stats_path)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
 
 
 class Snapshots:
@@ -85,47 +108,3 @@ class Snapshots:
         return {"open": n, "bytes_up": sum(ups), "bytes_down": sum(totals) - sum(ups),
                 "rate": None if interval is None else round(sum(deltas) / interval),
                 "interval": interval, "shown": len(rows), "connections": rows}
-
-
-class ListingServer:
-    """The listing socket in the relay's selector: accept, answer, close, like stats."""
-
-    def __init__(self, relay: Relay, path: str):
-        self.relay = relay
-        self.path = path
-        self.snapshots = Snapshots()
-        self.listener: socket.socket | None = unixsock.listen(path)
-        self.registered = False
-        self._register(None, 0.0)
-
-    def _register(self, _: object, when: float) -> None:
-        if self.listener is not None and not self.registered:
-            self.relay.selector.register(self.listener, selectors.EVENT_READ, (TOP, self))
-            self.registered = True
-
-    def serve(self) -> None:
-        assert self.listener is not None
-        try:
-            peer, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        except OSError:  # out of descriptors: rest a while rather than spin on readiness
-            self.relay.unregister(self.listener)
-            self.registered = False
-            self.relay.at(self.relay.now + RETRY, self._register, None)
-            return
-        t0 = time.perf_counter()
-        doc = self.snapshots.listing(self.relay.connections, self.relay.now)
-        doc.update(pid=os.getpid(), udp_sessions=len(self.relay.udp.sessions),
-                   cost_ms=round((time.perf_counter() - t0) * 1000, 3))
-        unixsock.reply(peer, doc)
-
-    def close(self) -> None:
-        """Runs once, never raises."""
-        if self.listener is None:
-            return
-        self.relay.unregister(self.listener)
-        self.listener.close()
-        self.listener = None
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)

@@ -26,7 +26,7 @@ from .connection import CLIENT, READ, SERVER, Connection, State
 from .ends import RESOURCE_ERRORS, End
 from .flow import SPLICE, Pool
 from .listeners import open_listeners
-from .listing import TOP, ListingServer, listing_path
+from .listing import Snapshots, wants_listing
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
     SO_MARK,
@@ -183,7 +183,7 @@ class Relay:
         self._waker_w.setblocking(False)
         self.selector.register(self._waker_r, READ, (WAKER, None))
         self.stats_listener: socket.socket | None = None
-        self.listing: ListingServer | None = None  # `tproxy top`'s socket, next to stats
+        self.listing = Snapshots()  # `tproxy top`: byte counts of the last listing
         self.udp = UdpRelay(self)
         self.access = accesslog.open_log(settings.access_log, self._access_log_dropped)
 
@@ -208,7 +208,6 @@ class Relay:
         self._take_reserve()
         if self.settings.stats_path:
             self._open_stats(self.settings.stats_path)
-            self.listing = ListingServer(self, listing_path(self.settings.stats_path))
         self.ports = {port for _, port in bound}
         return bound
 
@@ -300,8 +299,6 @@ class Relay:
             self.udp.on_reply(obj)
         elif kind == STATS:
             self._serve_stats(obj)
-        elif kind == TOP:
-            obj.serve()
         else:
             self._drain_waker()
 
@@ -313,8 +310,6 @@ class Relay:
         self.udp.close()
         if self.access is not None:  # after the last connection's line
             self.access.close()
-        if self.listing is not None:
-            self.listing.close()
         for s in self.listeners:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
@@ -660,10 +655,18 @@ class Relay:
             out["bytes_down"] += conn.down.bytes
         return out
 
+    def connection_list(self) -> dict:
+        """`tproxy top`'s view of this worker (relay/listing.py), with what it cost."""
+        started = time.perf_counter()
+        out = self.listing.listing(self.connections, self.now)
+        out.update(pid=os.getpid(), udp_sessions=len(self.udp.sessions),
+                   cost_ms=round((time.perf_counter() - started) * 1000, 3))
+        return out
+
     def _serve_stats(self, listener: socket.socket) -> None:
         """Answer one stats reader; short of descriptors, the spare one serves it."""
         try:
-            peer, _ = listener.accept()
+            peer, addr = listener.accept()
         except BlockingIOError:
             return
         except OSError as exc:
@@ -671,11 +674,11 @@ class Relay:
                 self._short_of_descriptors(f"stats: {exc.strerror}")
                 return
             try:
-                peer, _ = listener.accept()
+                peer, addr = listener.accept()
             except OSError:
                 self._short_of_descriptors(f"stats: {exc.strerror}")
                 return
-        unixsock.reply(peer, self.stats())
+        unixsock.reply(peer, self.connection_list() if wants_listing(addr) else self.stats())
         if not self._take_reserve():
             self._short_of_descriptors("cannot keep a spare descriptor")
 

@@ -9,7 +9,7 @@ import time
 from types import SimpleNamespace
 
 from tproxyd.relay.connection import State
-from tproxyd.relay.listing import TOP_ROWS, Snapshots, listing_path
+from tproxyd.relay.listing import TOP_ROWS, Snapshots, ask_listing, wants_listing
 
 
 class Conn:
@@ -82,11 +82,12 @@ def test_the_list_is_capped_and_10000_connections_cost_under_5_ms():
     assert sorted(costs)[2] < 0.05
 
 
-def test_the_listing_socket_sits_next_to_the_stats_socket():
-    assert listing_path("/run/tproxyd/relay-1-2-3.sock") == "/run/tproxyd/relay-1-2-3-top.sock"
+def test_only_a_reader_bound_to_a_listing_address_asks_for_the_list():
+    assert wants_listing(b"\0tproxyd-top-12-0")
+    assert not wants_listing("") and not wants_listing(b"\0other") and not wants_listing("/x")
 
 
-def test_a_relay_answers_its_listing_socket_while_relaying(tmp_path):
+def test_a_relay_answers_the_list_and_the_counters_on_its_stats_socket(tmp_path):
     from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, running, wait_for
     from tproxyd.relay import unixsock
 
@@ -96,11 +97,11 @@ def test_a_relay_answers_its_listing_socket_while_relaying(tmp_path):
         c.sendall(b"x" * 100)
         assert c.recv(100)
         wait_for(lambda: relay.counters.active == 1, "the connection")
-        doc = unixsock.ask(listing_path(str(tmp_path / "relay.sock")))
-        assert doc["open"] == 1 and doc["shown"] == 1
+        doc = ask_listing(str(tmp_path / "relay.sock"))
+        assert doc["open"] == 1 and doc["shown"] == 1 and doc["pid"] == os.getpid()
         (row,) = doc["connections"]
         assert row["dst"] == f"{up.addr[0]}:{up.addr[1]}" and row["bytes_up"] == 100
-    assert not os.path.exists(listing_path(str(tmp_path / "relay.sock")))  # removed on close
+        assert unixsock.ask(str(tmp_path / "relay.sock"))["accepted"] == 1  # stats as before
 
 
 def test_the_daemon_merges_its_workers_lists_busiest_first_and_forgets_ended_workers():
