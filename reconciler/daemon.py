@@ -37,7 +37,7 @@ from . import drift, metrics
 from .config_file import ConfigFile, Settled, Unreadable, Unsettled
 from .errors import KernelError, PreflightError
 from .metrics_server import MetricsServer
-from .notify import Notifier
+from .notify import Notifier, status_text
 from .reconcile import Reconciler
 from .signals import SignalQueue
 from .status_server import Kind, StatusServer
@@ -135,7 +135,7 @@ class Daemon:
         self._at(time.monotonic() + STATS_INTERVAL, "stats")
         if self.notifier.watchdog:
             self._at(time.monotonic() + self.notifier.watchdog, "watchdog")
-        self.notifier.send("READY=1\nSTATUS=converged")
+        self._tell_status(ready=True)
         log.info("tproxyd running (pid %s), config %s", os.getpid(), self.path)
         try:
             while self.running:
@@ -237,6 +237,14 @@ class Daemon:
             self.settle_at = None
             if self._take_file():  # look at the file again; converge only if it was taken
                 self._converge()
+        self._tell_status()
+
+    def _tell_status(self, ready: bool = False) -> None:
+        assert self.config is not None
+        self.notifier.status(ready=ready, text=status_text(
+            self.config_error, self.last, [i.name for i in self.config.intercepts],
+            sum(not w.draining for w in self.supervisor.workers),
+            bool(self.supervisor.info(time.monotonic())["crash_loop"])))
 
     def _handle_signals(self) -> None:
         for sig in self.signals.pop():
@@ -309,7 +317,6 @@ class Daemon:
             return
         self.config_error = str(exc)
         log.error("config not applied, the last good one stays in force:\n%s", exc)
-        self.notifier.send(f"STATUS=config error: {exc.problems[0].render(exc.source)}")
 
     def _switch(self, new: Config, raw: bytes, replace_workers: bool = False) -> bool:
         """Put new in force. replace_workers: start new workers even if the relay's settings

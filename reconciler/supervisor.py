@@ -38,6 +38,10 @@ GAUGES = frozenset({"active", "udp_sessions", "pipe_memory"})
 
 
 def worker_count(config: Config) -> int:
+    """No intercept, no relay: the shipped config must leave the host as it was, listeners
+    included (issue 15)."""
+    if not config.intercepts:
+        return 0
     return config.relay.workers or len(os.sched_getaffinity(0))
 
 

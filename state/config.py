@@ -66,6 +66,7 @@ class RelayConfig:
     max_pipe_memory: int = 256 << 20  # bytes of splice pipes a relay holds at once, all flows
     max_connections_per_client: int = 1024  # per client address and worker; past it: reset
     max_udp_sessions_per_client: int = 1024  # likewise; past it new sessions' datagrams drop
+    sniff_timeout: float = 0.3  # seconds to wait for a client's first bytes when a route needs a name
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from .config import (
     RelayConfig,
     Routing,
 )
+from .domains import DomainError
+from .domains import entry as domain_entry
 from .errors import ConfigError, Problem
 from .upstreams import (
     DIRECT,
@@ -323,6 +325,8 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
         "max_pipe_memory": lambda v, p: _size(v, p, out, 0, 1 << 40),
         "max_connections_per_client": lambda v, p: _int(v, p, out, 1, 1_000_000),
         "max_udp_sessions_per_client": lambda v, p: _int(v, p, out, 1, 1_000_000),
+        # past a few seconds a server-first protocol (SSH, SMTP) on a sniffed port stalls visibly
+        "sniff_timeout": lambda v, p: _seconds(v, p, out, 0.01, 10),
     }, RelayConfig()))
 
     marks = Marks(**_fields(_section(doc, "marks", out), "marks", out, {
@@ -421,7 +425,7 @@ def _array_of_tables(doc: Dict[str, Any], key: str, out: _Collector) -> List[Any
 # --- [[upstream]] ----------------------------------------------------------------------------------
 
 UPSTREAM_KEYS = ("name", "type", "address", "username", "password_file", "udp", "connect_timeout",
-                 "check_interval", "check_target")
+                 "check_interval", "check_target", "send_domain")
 UPSTREAM_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 PASSWORD_FILE_MAX = 4096  # bytes read: the first line is the password
@@ -554,6 +558,7 @@ def _upstream(raw: Any, index: int, out: _Collector, relay_port: int) -> Upstrea
         out.add(f"{path}.password_file", "is required with a username: a file (mode 600) whose "
                                          "first line is the password; secrets never sit in the TOML")
     udp = _bool(raw.get("udp", False), f"{path}.udp", out)
+    send_domain = _bool(raw.get("send_domain", True), f"{path}.send_domain", out)
     if udp and kind == HTTP:
         out.add(f"{path}.udp", "HTTP CONNECT carries TCP only; udp = true needs type = \"socks5\"")
     timeout = _seconds(raw.get("connect_timeout", defaults.connect_timeout),
@@ -573,7 +578,7 @@ def _upstream(raw: Any, index: int, out: _Collector, relay_port: int) -> Upstrea
                     username=username, password=password, udp=bool(udp),
                     connect_timeout=timeout or defaults.connect_timeout,
                     check_interval=defaults.check_interval if interval is None else interval,
-                    check_target=target)
+                    check_target=target, send_domain=send_domain is not False)
 
 
 def _required(raw: Dict[str, Any], key: str, path: str, out: _Collector, what: str) -> Any:
@@ -604,7 +609,7 @@ def _upstreams(doc: Dict[str, Any], out: _Collector, relay_port: int
 
 # --- [[route]] --------------------------------------------------------------------------------------
 
-ROUTE_KEYS = ("name", "destinations", "ports", "sources", "protocols", "via")
+ROUTE_KEYS = ("name", "destinations", "ports", "sources", "protocols", "domains", "via")
 
 
 def _via(value: Any, path: str, out: _Collector, upstreams: Dict[str, Upstream],
@@ -666,6 +671,10 @@ def _route(raw: Any, index: int, out: _Collector, upstreams: Dict[str, Upstream]
     if "ports" in raw:
         ports = _ports(raw["ports"], f"{path}.ports", out)
         _nonempty(ports, raw, "ports", path, out, "port")
+    domains = None
+    if "domains" in raw:
+        domains = _domains(raw["domains"], f"{path}.domains", out)
+        _nonempty(domains, raw, "domains", path, out, "name")
     via = None
     if "via" not in raw:
         out.add(f"{path}.via", 'is required: upstream names in failover order, "direct" or "reject"')
@@ -683,7 +692,28 @@ def _route(raw: Any, index: int, out: _Collector, upstreams: Dict[str, Upstream]
     if len(out.problems) != before or via is None or protocols is None:
         return None
     return RouteRule(name=name, via=via, destinations=dests, ports=ports, sources=sources,
-                     protocols=protocols)
+                     protocols=protocols, domains=domains)
+
+
+def _domains(value: Any, path: str, out: _Collector) -> Tuple[str, ...] | None:
+    """Names as domains.entry() normalises them, each refusal with its index; duplicates after
+    normalisation ("GitHub.com" and "github.com.") are kept once, silently: they mean the same."""
+    items = _list(value, path, out)
+    if items is None:
+        return None
+    found: Dict[str, None] = {}
+    ok = True
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        if _str(item, where, out) is None:
+            ok = False
+            continue
+        try:
+            found[domain_entry(item)] = None
+        except DomainError as e:
+            out.add(where, str(e))
+            ok = False
+    return tuple(found) if ok else None
 
 
 def _routes(doc: Dict[str, Any], out: _Collector, upstreams: Dict[str, Upstream],

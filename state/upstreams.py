@@ -77,11 +77,19 @@ class Upstream:
     connect_timeout: float = 5.0  # seconds: TCP connect plus the whole handshake
     check_interval: float = 10.0  # seconds between active checks; 0: passive only
     check_target: str = ""  # http only: "host:port" the active check CONNECTs to
+    send_domain: bool = True  # a sniffed name goes to it as SOCKS5 DOMAINNAME / the CONNECT host
 
     @property
     def address(self) -> str:
         """host:port as written back to a person ([v6]:port)."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def target(self, address: str, name: str | None = None) -> str:
+        """The host to ask this upstream to connect to: the sniffed name when there is one and
+        send_domain is on (SOCKS5 DOMAINNAME, `CONNECT name:port`: the upstream resolves it, as
+        the client's own DNS answer may be wrong from where the upstream stands), else the
+        original destination address."""
+        return name if name and self.send_domain else address
 
     def ip(self) -> Tuple[int, int] | None:
         """(version, address as int) when host is an IP literal; None for a DNS name."""
@@ -91,7 +99,8 @@ class Upstream:
 @dataclass(frozen=True)
 class RouteRule:
     """One [[route]]. A key that was not given is None and matches everything; values within
-    a key OR, keys AND. (Issue 13's `domains` fits as one more such key.)"""
+    a key OR, keys AND. `domains` is one more such key, matched on the name the relay sniffs
+    from the client's first bytes; a connection without a name never matches it."""
 
     name: str
     via: Tuple[str, ...]  # upstream names in failover order, or (DIRECT,) or (REJECT,)
@@ -99,6 +108,8 @@ class RouteRule:
     ports: Tuple[PortRange, ...] | None = None  # destination ports
     sources: Tuple[Cidr, ...] | None = None  # client addresses
     protocols: Tuple[str, ...] = PROTOCOLS
+    # normalised names (domains.entry): "name" matches it and every name under it, "=name" it alone
+    domains: Tuple[str, ...] | None = None
 
     @property
     def action(self) -> str:
@@ -108,7 +119,7 @@ class RouteRule:
     def __reduce__(self) -> tuple:
         # 100,000 Cidr tuples unpickle in half the time as three flat lists (desired_cache)
         return (_route_rule, (self.name, self.via, _flat(self.destinations), self.ports,
-                              _flat(self.sources), self.protocols))
+                              _flat(self.sources), self.protocols, self.domains))
 
 
 def _flat(cidrs: Tuple[Cidr, ...] | None) -> tuple | None:
@@ -122,8 +133,8 @@ def _unflat(flat: tuple | None) -> Tuple[Cidr, ...] | None:
 
 
 def _route_rule(name: str, via: tuple, dests: tuple | None, ports: tuple | None,
-                sources: tuple | None, protocols: tuple) -> RouteRule:
-    return RouteRule(name, via, _unflat(dests), ports, _unflat(sources), protocols)
+                sources: tuple | None, protocols: tuple, domains: tuple | None = None) -> RouteRule:
+    return RouteRule(name, via, _unflat(dests), ports, _unflat(sources), protocols, domains)
 
 
 def ip_literal(host: str) -> Tuple[int, int] | None:
@@ -181,6 +192,7 @@ def summary(upstreams: Iterable[Upstream], routes: Iterable[RouteRule]) -> List[
     for u in upstreams:
         extras = [f"user {u.username} (password from {u.password.source})"] if u.password else []
         extras += ["udp"] if u.udp else []
+        extras += [] if u.send_domain else ["sniffed names not sent"]
         extras.append(f"check every {u.check_interval:g} s" if u.check_interval else "passive checks only")
         lines.append(f"upstream {u.name}: {u.type} {u.address}, " + ", ".join(extras))
     for r in routes:
@@ -191,6 +203,9 @@ def summary(upstreams: Iterable[Upstream], routes: Iterable[RouteRule]) -> List[
             keys.append("ports " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in r.ports))
         if r.sources is not None:
             keys.append(f"from {len(r.sources)} sources")
+        if r.domains is not None:
+            keys.append(f"named {r.domains[0]}" if len(r.domains) == 1
+                        else f"named {len(r.domains)} domains")
         what = " ".join(keys) or "everything"
         lines.append(f"route {r.name}: {'/'.join(r.protocols)} {what} -> {', '.join(r.via)}")
     return lines

@@ -579,3 +579,41 @@ def test_an_unreadable_config_keeps_capture(lab: Lab):
     d.save(body, "rename")
     eventually(lambda: d.status()["config_error"] is None, "the restored file to clear the error")
     assert capturing(lab)
+
+
+def test_status_text_follows_the_daemon_and_no_intercept_means_no_listener(lab: Lab, web):
+    """Issue 15: `systemctl status` showed "config error" after the file was fixed, and the
+    shipped config (no [[intercept]]) still opened the relay's port."""
+    path = os.path.join(lab.tmp, "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+
+    def status_until(prefix: str) -> str:
+        while True:
+            for line in sock.recv(4096).decode().splitlines():
+                if line.startswith("STATUS=") and line[7:].startswith(prefix):
+                    return line[7:]
+
+    def listening() -> bool:
+        return bool(lab.run(lab.gw, "ss", "-ltnH", "sport = :12345", check=False).stdout.strip())
+
+    try:
+        d = Tproxyd(lab, config(lab), env={**os.environ, "NOTIFY_SOCKET": path})
+        assert status_until("converged") == "converged: intercepting lan; 1 relay worker(s)"
+        d.save(config(lab, extra="[relay]\nport = 70000\n"))
+        assert "relay.port" in status_until("config error")
+        d.save(config(lab))
+        status_until("converged")  # the fixed file clears the error
+        d.save(f'[daemon]\nstate_dir = "{lab.tmp}/state"\n')
+        status_until("nothing to intercept")
+        eventually(lambda: not listening(), "the relay's port to close", timeout=15)
+        eventually(lambda: not d.status()["workers"], "the workers to end", timeout=15)
+        assert lab.run(lab.gw, "nft", "list", "tables").stdout.strip() == ""
+        d.save(config(lab))
+        status_until("converged")
+        wait_for_port(lab, lab.gw, 12345)
+        assert fetch_through_relay(lab)
+        d.stop()
+    finally:
+        sock.close()

@@ -36,8 +36,9 @@ def test_depends_on_debians_own_libraries_and_only_what_runs(package):
     assert field(package["deb"], "Architecture") == "all"
     assert field(package["deb"], "Version") == "0.1.0-1"
     assert names(package["deb"], "Depends") - {"python3:any", "python3-tomli", "python3"} == {
-        "python3-pyroute2", "python3-nftables", "python3-watchdog", "python3-prometheus-client"}
-    assert names(package["deb"], "Recommends") == {"iproute2", "nftables"}
+        "python3-pyroute2", "python3-nftables", "python3-watchdog", "python3-prometheus-client",
+        "python3-idna"}
+    assert names(package["deb"], "Recommends") == {"iproute2", "nftables", "python3-cryptography"}
 
 
 def test_the_source_package_is_built_and_lintian_is_clean(package):

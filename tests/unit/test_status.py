@@ -52,7 +52,7 @@ def test_no_intercept_is_in_sync_with_nothing_and_names_a_leftover_table():
     from tproxyd.state.loader import loads
     from tproxyd.state.status import EXTRA, compare, in_sync
 
-    idle = render(loads(""))
+    idle = render(loads("[relay]\n"))
     assert compare(idle, LiveState()) == [] and in_sync(compare(idle, LiveState()))
     leftover = render(loads('[[intercept]]\ninterfaces = ["lan0"]\n')).nft
     (table,) = compare(idle, LiveState(nft=leftover))

@@ -345,7 +345,9 @@ def test_example_routing_block_is_documented_and_valid_once_uncommented(pw):
     config = loads(block.replace("/etc/tproxyd/corp.password", pw))
     assert [u.name for u in config.upstreams] == ["corp", "backup"]
     assert [(r.name, r.via) for r in config.routes] == [("corp-nets", ("corp", "backup")),
+                                                        ("code-hosts", ("corp",)),
                                                         ("no-telnet", ("reject",))]
+    assert config.routes[1].domains == ("github.com", "githubusercontent.com", "=login.example.com")
 
 
 def test_summary_names_everything_but_the_secret(pw):
