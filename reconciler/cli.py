@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from typing import Any, Dict, List, Sequence
@@ -255,6 +256,62 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_PENDING
 
 
+def _size(n: float | None, rate: bool = False) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            text = f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+            return text + ("/s" if rate else "")
+        n /= 1000
+    return "-"
+
+
+def _top_lines(doc: dict, rows: int) -> list[str]:
+    """The screen: totals, then the busiest connections (the daemon sorted them by rate)."""
+    head = (f"tproxyd top: {doc['open']} connections open ({doc['workers']} workers), "
+            f"{doc['udp_sessions']} UDP sessions; {_size(doc['bytes_up'])} up, "
+            f"{_size(doc['bytes_down'])} down; now {_size(doc['rate'], rate=True)}"
+            f"   {time.strftime('%H:%M:%S', time.localtime(doc['time']))}")
+    lines = [head, "", f"{'CLIENT':24} {'DESTINATION':40} {'ROUTE':10} {'VIA':10} {'AGE':>7} "
+                       f"{'UP':>8} {'DOWN':>8} {'RATE UP':>10} {'RATE DOWN':>10}"]
+    for c in doc["connections"][:rows]:
+        dst = c["dst"] + (f" ({c['domain']})" if c.get("domain") else "")
+        lines.append(f"{c['client']:24} {dst:40} {c['route']:10} {c['via']:10} {c['age']:6.0f}s "
+                     f"{_size(c['bytes_up']):>8} {_size(c['bytes_down']):>8} "
+                     f"{_size(c['rate_up'], True):>10} {_size(c['rate_down'], True):>10}")
+    return lines
+
+
+def cmd_top(config: Config, args: argparse.Namespace) -> int:
+    """Live view of the open connections, from the daemon (which asks its workers)."""
+    from .daemon import query
+
+    path = config.daemon.socket_path
+    while True:
+        try:
+            doc = query(path, kind="top")
+        except (OSError, ValueError) as exc:
+            print(f"tproxy top: no daemon answers on {path}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if "connections" not in doc:
+            print("tproxy top: the running daemon does not list connections (an older tproxyd)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        if args.json:
+            _print_json(doc)
+        else:
+            rows = shutil.get_terminal_size().lines - 4
+            text = "\n".join(_top_lines(doc, rows if not args.once else len(doc["connections"])))
+            print(text if args.once else "\x1b[H\x1b[2J" + text, flush=True)
+        if args.once:
+            return EXIT_OK
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
 COMMANDS = {
     "check": (cmd_check, "validate the config and inspect the host"),
     "plan": (cmd_plan, "print what apply would change (exit 2 when changes are pending)"),
@@ -263,6 +320,7 @@ COMMANDS = {
     "status": (cmd_status, "desired against live, per object"),
     "reload": (lambda config, args: reload_cmd.reload(config, timeout=args.timeout),
                "validate the file, then have the running daemon reload it and wait for the result"),
+    "top": (cmd_top, "live view of the open connections, busiest first"),
 }
 
 
@@ -281,6 +339,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "apply":
             sp.add_argument("--force", action="store_true",
                             help="apply even when preflight reports errors")
+        if name == "top":
+            sp.add_argument("--once", action="store_true", help="print one view and exit")
+            sp.add_argument("--interval", type=float, default=1.0,
+                            help="seconds between refreshes (default 1)")
         if name == "reload":
             sp.add_argument("--timeout", type=float, default=60.0,
                             help="seconds to wait for the daemon's reconcile (default 60)")

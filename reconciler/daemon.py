@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client.exposition import choose_encoder
 
 from tproxyd.relay import unixsock
+from tproxyd.relay.listing import TOP_ROWS, listing_socket
 from tproxyd.state.config import DEFAULT_CONFIG_PATH, Config
 from tproxyd.state.config import Daemon as DaemonConfig
 from tproxyd.state.desired import owner_of
@@ -39,8 +40,8 @@ from .metrics_server import MetricsServer
 from .notify import Notifier, status_text
 from .reconcile import Reconciler
 from .signals import SignalQueue
-from .status_server import StatusServer
-from .supervisor import Supervisor, listener_shape
+from .status_server import Kind, StatusServer
+from .supervisor import Supervisor, Worker, listener_shape
 from .watch import ConfigWatcher
 from .worker_stats import StatsPoller
 
@@ -86,6 +87,10 @@ class Daemon:
             s.setblocking(False)
         self._on_read(self._wake_r, self._drain_wake)
         self.stats = StatsPoller(self.selector, time.monotonic, self.supervisor.report)
+        # `tproxy top`: the workers' connection lists, asked for only while someone looks
+        self.listings: dict[int, dict] = {}
+        self.lister = StatsPoller(self.selector, time.monotonic, self._on_listing,
+                                  make_socket=listing_socket)
         self.supervisor.on_spawn = self.stats.watch_exit
         self.status_server: StatusServer | None = None
         self.watcher = ConfigWatcher(path, self._on_file_event)
@@ -121,7 +126,9 @@ class Daemon:
         self.status_server = StatusServer(
             self.config.daemon.socket_path, self.selector, time.monotonic, self.status,
             refresh=lambda: self.stats.ask(self.supervisor.workers, again=True),
-            fresh=lambda: self.stats.idle)
+            fresh=lambda: self.stats.idle,
+            top=Kind(self.top, refresh=lambda: self.lister.ask(self.supervisor.workers, again=True),
+                     fresh=lambda: self.lister.idle))
         self.status_server.open()
         self._open_metrics()
         self._at(time.monotonic() + self.config.daemon.resync_interval, "resync")
@@ -170,6 +177,7 @@ class Daemon:
             self.status_server.close()
         self._close_metrics()
         self.stats.close()
+        self.lister.close()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -195,7 +203,7 @@ class Daemon:
             deadlines.append(self.reconcile_due[0])
         if self.settle_at is not None:
             deadlines.append(self.settle_at)
-        for nxt in (self.supervisor.tick(now), self.stats.expire(),
+        for nxt in (self.supervisor.tick(now), self.stats.expire(), self.lister.expire(),
                     self.status_server.tick() if self.status_server else None,
                     self.metrics_server.tick() if self.metrics_server else None):
             if nxt is not None:
@@ -456,15 +464,39 @@ class Daemon:
                             else None, "error": self.metrics_error}}
 
 
+    def _on_listing(self, w: Worker, report: dict, when: float) -> None:
+        self.listings[w.proc.pid] = report
+
+    def top(self) -> dict:
+        """The open connections of every worker (each sends its TOP_ROWS busiest), busiest
+        first, with totals over all of them."""
+        pids = {w.proc.pid: w.slot for w in self.supervisor.workers}
+        self.listings = {pid: doc for pid, doc in self.listings.items() if pid in pids}
+        docs = list(self.listings.values())
+        rows = [dict(row, worker=doc.get("pid")) for doc in docs
+                for row in doc.get("connections", [])]
+        rows.sort(key=lambda r: ((r["rate_up"] or 0) + (r["rate_down"] or 0),
+                                 r["bytes_up"] + r["bytes_down"]), reverse=True)
+        rates = [doc["rate"] for doc in docs if doc.get("rate") is not None]
+        return {"time": time.time(), "workers": len(docs),
+                "open": sum(doc.get("open", 0) for doc in docs),
+                "udp_sessions": sum(doc.get("udp_sessions", 0) for doc in docs),
+                "bytes_up": sum(doc.get("bytes_up", 0) for doc in docs),
+                "bytes_down": sum(doc.get("bytes_down", 0) for doc in docs),
+                "rate": sum(rates) if rates else None,
+                "cost_ms": max((doc.get("cost_ms", 0) for doc in docs), default=0),
+                "connections": rows[:TOP_ROWS]}
+
+
 def relay_view(config: Config) -> tuple:
     """What the relay workers read from the config: a change here reloads them."""
     return (config.relay, config.marks.relay, listener_shape(config), config.daemon.state_dir,
             config.upstreams, config.routes)
 
 
-def query(path: str, timeout: float = 5.0) -> dict:
-    """The running daemon's status, from its socket."""
-    return unixsock.ask(path, timeout)
+def query(path: str, timeout: float = 5.0, kind: str = "status") -> dict:
+    """The running daemon's status (or, kind "top", its open connections), from its socket."""
+    return unixsock.ask(path, timeout, f"{kind}\n".encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,6 +79,7 @@ def _worker_counters() -> Dict[str, Tuple[str, Labels]]:
         "udp_kernel_drops": ("drops", (("reason", "udp_receive_queue"),)),
         "udp_failed": ("drops", (("reason", "udp_no_socket"),)),  # a session's socket failed
         "log_suppressed": ("drops", (("reason", "log_line"),)),
+        "access_log_dropped": ("drops", (("reason", "access_log_line"),)),
     })
     return table
 

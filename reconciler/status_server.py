@@ -1,6 +1,11 @@
 """The daemon's status socket (mode 0600, `[daemon] socket`): `tproxy status` connects and reads
 one JSON document.
 
+A reader may name what it wants in a first line: "status\n" (the default) or "top\n" (the open
+connections, for `tproxy top`). A reader that says nothing within FRESH_WAIT gets the status, as
+readers before request kinds did; one that names a kind is answered as soon as its kind's data
+is fresh, so a request on its way never meets a status answer.
+
 Answering never blocks the daemon's loop: the document is built from what the daemon already
 holds (its last reconcile, its workers, their last counters). A request asks the workers for
 fresh counters (worker_stats.py) and is answered when they have all replied or after
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from tproxyd.relay import unixsock
 
 FRESH_WAIT = 0.25  # seconds a reader waits for the workers' fresh counters at most
+STATUS, TOP = "status", "top"
+MAX_REQUEST = 64
 SEND_TIMEOUT = 2.0
 MAX_READERS = 64  # waiting or being written to; past it, new readers are closed at once
 
@@ -31,18 +38,32 @@ class _Reader:
     since: float
     out: bytes = b""
     sending: bool = False
+    kind: str | None = None  # None: no request line read (yet)
+    request: bytes = b""
+
+
+@dataclass
+class Kind:
+    """One kind of request: the answer, how to refresh its data, whether it is fresh."""
+
+    document: Callable[[], dict]
+    refresh: Callable[[], None]
+    fresh: Callable[[], bool]
 
 
 class StatusServer:
     def __init__(self, path: str, selector: selectors.BaseSelector, clock: Callable[[], float],
                  document: Callable[[], dict], refresh: Callable[[], None],
-                 fresh: Callable[[], bool]):
+                 fresh: Callable[[], bool], top: Kind | None = None):
         """document builds the answer; refresh asks the workers for new counters; fresh says
-        whether they have all answered since."""
+        whether they have all answered since. top: the "top" request, when served."""
         self.path = path
         self.selector = selector
         self.clock = clock
         self.document, self.refresh, self.fresh = document, refresh, fresh
+        self.kinds = {STATUS: Kind(document, refresh, fresh)}
+        if top is not None:
+            self.kinds[TOP] = top
         self.listener: socket.socket | None = None
         self.readers: list[_Reader] = []
 
@@ -64,18 +85,47 @@ class StatusServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            self.readers.append(_Reader(sock, self.clock()))
+            r = _Reader(sock, self.clock())
+            self.readers.append(r)
+            self.selector.register(sock, selectors.EVENT_READ, lambda r=r: self._read_request(r))
             new = True
         if new:
-            self.refresh()
+            self.refresh()  # most readers want the status: ask the workers now
+
+    def _read_request(self, r: _Reader) -> None:
+        """A first line names the kind; EOF or a line of no known kind means status."""
+        try:
+            chunk = r.sock.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        r.request += chunk
+        if chunk and b"\n" not in r.request and len(r.request) < MAX_REQUEST:
+            return
+        word = r.request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
+        r.kind = word if word in self.kinds else STATUS
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(r.sock)
+        if r.kind != STATUS:
+            r.since = self.clock()
+            self.kinds[r.kind].refresh()
 
     def tick(self) -> float | None:
         """Answer the readers whose wait is over; drop the slow ones. The next deadline."""
         now = self.clock()
-        waiting = [r for r in self.readers if not r.sending]
-        if waiting and (self.fresh() or min(r.since for r in waiting) + FRESH_WAIT <= now):
-            data = json.dumps(self.document()).encode() + b"\n"
+        for name, kind in self.kinds.items():
+            # a reader that named no kind yet is answered the status after FRESH_WAIT
+            waiting = [r for r in self.readers if not r.sending and (
+                r.kind == name or (r.kind is None and name == STATUS
+                                   and r.since + FRESH_WAIT <= now))]
+            if not waiting or not (kind.fresh() or min(r.since for r in waiting)
+                                   + FRESH_WAIT <= now):
+                continue
+            data = json.dumps(kind.document()).encode() + b"\n"
             for r in waiting:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(r.sock)
                 r.out, r.sending, r.since = data, True, now
                 self._write(r)
         for r in list(self.readers):

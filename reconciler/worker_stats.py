@@ -36,7 +36,12 @@ class _Request:
 
 class StatsPoller:
     def __init__(self, selector: selectors.BaseSelector, clock: Callable[[], float],
-                 on_report: Callable[[Worker, dict, float], None]):
+                 on_report: Callable[[Worker, dict, float], None],
+                 make_socket: Callable[[], socket.socket] = lambda: socket.socket(
+                     socket.AF_UNIX, socket.SOCK_STREAM)):
+        """make_socket: the socket to ask with; one bound to a listing address asks a worker
+        for its connection list instead of its counters (relay/listing.py)."""
+        self.make_socket = make_socket
         self.selector = selector
         self.clock = clock
         self.on_report = on_report
@@ -58,7 +63,10 @@ class StatsPoller:
                 if not again:
                     continue
                 self._end(self.requests[pid])
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock = self.make_socket()
+            except OSError:  # out of descriptors: next round
+                continue
             sock.setblocking(False)
             try:
                 sock.connect(w.stats)  # a Unix socket connects at once or fails (EAGAIN: full)

@@ -34,7 +34,8 @@ def settings_from(config: Config, stats_path: str | None) -> Settings:
                     max_udp_sessions=r.max_udp_sessions, max_pipe_memory=r.max_pipe_memory,
                     max_connections_per_client=r.max_connections_per_client,
                     max_udp_sessions_per_client=r.max_udp_sessions_per_client,
-                    upstreams=tuple(config.upstreams), routes=tuple(config.routes))
+                    upstreams=tuple(config.upstreams), routes=tuple(config.routes),
+                    access_log=config.log.access)
 
 
 def die_with_parent() -> None:

@@ -66,9 +66,10 @@ def upstream_error(err: int, upstream: str, during: str) -> HandshakeError:
 
 
 class Connection:
-    __slots__ = ("attempt_started", "client", "client_addr", "deadline", "down", "dst", "error",
-                 "first_fin", "handshake", "hs_out", "last_active", "masks", "pool", "route",
-                 "server", "state", "timer_at", "tried", "up", "upstream", "use_splice")
+    __slots__ = ("attempt_started", "client", "client_addr", "connected_at", "deadline", "down",
+                 "dst", "error", "first_fin", "handshake", "hs_out", "last_active", "masks", "pool",
+                 "route", "server", "started", "state", "timer_at", "tried", "up", "upstream",
+                 "use_splice")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
@@ -91,6 +92,18 @@ class Connection:
         self.hs_out = b""  # handshake bytes the upstream's socket did not take yet
         self.attempt_started = 0.0
         self.error = ""  # the last upstream's failure (reply code, status line) for the log
+        # for the access log: when accepted, and when the server's handshake was done
+        self.started, self.connected_at = now, None
+
+    @property
+    def route_name(self) -> str:
+        """The access log's and `tproxy top`'s `route`: the matching route's name, or "direct"."""
+        return self.route.name if self.route is not None else "direct"
+
+    @property
+    def via(self) -> str:
+        """The upstream tried last (carrying it, once the handshake is done), or "direct"."""
+        return self.upstream or "direct"
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""

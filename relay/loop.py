@@ -24,12 +24,13 @@ from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Health, 
 from tproxyd.state.routes import RouteTable
 from tproxyd.state.upstreams import REJECT, RouteRule, Upstream
 
-from . import unixsock
+from . import accesslog, unixsock
 from .connection import CLIENT, OPENING, READ, SERVER, WRITE, Connection, State
 from .ends import RESOURCE_ERRORS, End
 from .flow import SPLICE, Pool
 from .handshake import Handshake, HandshakeError
 from .listeners import open_listeners
+from .listing import Snapshots, wants_listing
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
     SO_MARK,
@@ -72,6 +73,7 @@ class Settings:
     max_udp_sessions_per_client: int = 1024
     upstreams: tuple[Upstream, ...] = ()  # [[upstream]]
     routes: tuple[RouteRule, ...] = ()  # [[route]], in file order
+    access_log: str = accesslog.OFF  # "off", "stderr" or a file's path
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Counters:
     udp_bytes_down: int = 0
     udp_drops: int = 0  # datagrams we dropped: full buffers, unreadable, no session
     udp_kernel_drops: int = 0  # datagrams the kernel dropped on our full receive queues
+    access_log_dropped: int = 0  # access-log lines lost to a write error (full disk, full pipe)
     started: float = field(default_factory=time.time)
     # how TCP connections and UDP sessions ended, one count per End
     tcp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
@@ -187,6 +190,7 @@ class Relay:
         self._waker_w.setblocking(False)
         self.selector.register(self._waker_r, READ, (WAKER, None))
         self.stats_listener: socket.socket | None = None
+        self.listing = Snapshots()  # `tproxy top`: byte counts of the last listing
         self.udp = UdpRelay(self)
         # routes and upstreams: compiled and resolved once per config (a worker's life)
         self.routes = RouteTable(settings.routes) if settings.routes else None
@@ -198,6 +202,7 @@ class Relay:
         self.upstream_counts = {u.name: UpstreamCounters() for u in settings.upstreams}
         self.checks: set[Check] = set()
         self._check_timer: float | None = None
+        self.access = accesslog.open_log(settings.access_log, self._access_log_dropped)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -327,6 +332,8 @@ class Relay:
         self.udp.close()
         for check in list(self.checks):
             self._end_check(check)
+        if self.access is not None:  # after the last connection's line
+            self.access.close()
         for s in self.listeners:
             self.unregister(s)
             s.close()  # the daemon's copy, if any, keeps the socket open for the next worker
@@ -484,9 +491,12 @@ class Relay:
         for s in self.listeners:
             self.selector.register(s, READ, (LISTENER, s))
 
-    def _refuse(self, client: socket.socket, end: End) -> None:
+    def _refuse(self, client: socket.socket, end: End, route: str = "direct",
+                via: str = "direct") -> None:
         """Reset a connection that never became a Connection, counted under end."""
         self.counters.tcp_ends[end] += 1
+        if self.access is not None:  # access-log hook
+            self._access_log_refused(client, end, route, via)
         with contextlib.suppress(OSError):
             set_reset_on_close(client)
         client.close()
@@ -524,11 +534,11 @@ class Relay:
             decision = decide(route, self.health, self.now)
             if decision.action == REJECT:
                 self.note("reject", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
-                self._refuse(client, End.REJECTED)
+                self._refuse(client, End.REJECTED, route.name, "reject")
                 return
             if decision.action == NO_UPSTREAM:
                 self.note("no-upstream", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
-                self._refuse(client, End.UPSTREAM_ERROR)
+                self._refuse(client, End.UPSTREAM_ERROR, route.name, route.via[0])
                 return
             upstream = decision.upstream  # None: direct
         try:
@@ -545,8 +555,8 @@ class Relay:
         self.connections.add(conn)
         self.counters.active += 1
         self.per_client[client_addr[0]] = self.per_client.get(client_addr[0], 0) + 1
+        conn.route = route  # None: no route matched
         if upstream is not None:
-            conn.route = route
             self._try_upstream(conn, server, upstream)
             return
         try:
@@ -562,6 +572,8 @@ class Relay:
             self.warn("register", f"cannot watch a connection: {exc}; resetting it")
             self._end(conn, End.OVER_LIMIT)
             return
+        if conn.state is not State.CONNECTING:
+            conn.connected_at = self.now  # access log: connected inside connect()
         if conn.state is State.CONNECTING:
             conn.deadline = self.now + self.settings.connect_timeout
             self._schedule(conn, conn.deadline)
@@ -637,6 +649,7 @@ class Relay:
         """conn's upstream completed its handshake: the flows run from here as a direct one's."""
         name = conn.upstream
         assert name is not None
+        conn.connected_at = self.now  # access log: the upstream's handshake is done
         self.health.report(name, self.now, OK, started=conn.attempt_started)
         counts = self.upstream_counts[name]
         counts.connections += 1
@@ -764,6 +777,8 @@ class Relay:
                 log.debug("connection %s -> %s ended: %s", conn.client_addr, conn.dst, exc)
             self._end(conn, conn.failure_end(exc))
             return
+        if connecting:
+            conn.connected_at = self.now  # access log: the server's handshake is done
         if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
             # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
@@ -824,7 +839,28 @@ class Relay:
         if end is End.UPSTREAM_ERROR and conn.error:
             log.debug("connection %s -> %s: upstream_error: %s", conn.client_addr, conn.dst,
                       conn.error)
+        if self.access is not None:  # access-log hook
+            self.access.write(accesslog.tcp_line(conn, end.value, self.now, time.time()))
         conn.close(reset=end not in (End.CLIENT_FIN, End.SERVER_FIN))
+
+    def access_log_udp(self, session: Session, end: End) -> None:
+        if self.access is not None:
+            self.access.write(accesslog.udp_line(session, end.value, self.now, time.time()))
+
+    def _access_log_refused(self, client: socket.socket, end: End, route: str, via: str) -> None:
+        """A connection refused before it became a Connection (over a limit, a loop). Its
+        addresses are asked for again here, only while the log is on; one already gone has
+        none to log."""
+        assert self.access is not None
+        try:
+            client_addr, dst = client.getpeername()[:2], self.original_dst(client)
+        except (OSError, ValueError):
+            return
+        self.access.write(accesslog.line(time.time(), "tcp", client_addr, dst, route, via,
+                                         0, 0, 0.0, None, end.value))
+
+    def _access_log_dropped(self) -> None:
+        self.counters.access_log_dropped += 1
 
     def unregister(self, sock: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -852,10 +888,18 @@ class Relay:
                 out[f"upstream_{conn.upstream}_received"] += conn.down.bytes
         return out
 
+    def connection_list(self) -> dict:
+        """`tproxy top`'s view of this worker (relay/listing.py), with what it cost."""
+        started = time.perf_counter()
+        out = self.listing.listing(self.connections, self.now)
+        out.update(pid=os.getpid(), udp_sessions=len(self.udp.sessions),
+                   cost_ms=round((time.perf_counter() - started) * 1000, 3))
+        return out
+
     def _serve_stats(self, listener: socket.socket) -> None:
         """Answer one stats reader; short of descriptors, the spare one serves it."""
         try:
-            peer, _ = listener.accept()
+            peer, addr = listener.accept()
         except BlockingIOError:
             return
         except OSError as exc:
@@ -863,11 +907,11 @@ class Relay:
                 self._short_of_descriptors(f"stats: {exc.strerror}")
                 return
             try:
-                peer, _ = listener.accept()
+                peer, addr = listener.accept()
             except OSError:
                 self._short_of_descriptors(f"stats: {exc.strerror}")
                 return
-        unixsock.reply(peer, self.stats())
+        unixsock.reply(peer, self.connection_list() if wants_listing(addr) else self.stats())
         if not self._take_reserve():
             self._short_of_descriptors("cannot keep a spare descriptor")
 

@@ -50,7 +50,8 @@ UDP_IN, UDP_SESSION, UDP_CONTROL = "udp-in", "udp-session", "udp-control"
 
 
 class Session:
-    __slots__ = ("assoc", "client", "dst", "last_active", "reply", "sock", "timer_at")
+    __slots__ = ("assoc", "bytes_down", "bytes_up", "client", "dst", "last_active", "reply", "sock",
+                 "started", "timer_at")
 
     def __init__(self, client: Address, dst: Address, sock: socket.socket | None,
                  reply: socket.socket, now: float, assoc: Association | None = None):
@@ -58,6 +59,17 @@ class Session:
         self.assoc = assoc  # through a SOCKS5 upstream: sock is its UDP socket, when open
         self.last_active = now
         self.timer_at = 0.0
+        self.started, self.bytes_up, self.bytes_down = now, 0, 0  # for the access log
+
+    @property
+    def route_name(self) -> str:
+        """The access log's `route`: a session through an upstream keeps its route."""
+        return self.assoc.route.name if self.assoc is not None else "direct"
+
+    @property
+    def via(self) -> str:
+        upstream = self.assoc.upstream if self.assoc is not None else None
+        return upstream.name if upstream is not None else "direct"
 
 
 class UdpRelay:
@@ -180,6 +192,7 @@ class UdpRelay:
             return
         c.udp_datagrams_up += 1
         c.udp_bytes_up += len(data)
+        session.bytes_up += len(data)
 
     def _open_session(self, client: Address, dst: Address) -> Session | None:
         c = self.counters
@@ -435,6 +448,7 @@ class UdpRelay:
                 continue
             c.udp_datagrams_down += 1
             c.udp_bytes_down += len(data)
+            session.bytes_down += len(data)
         session.last_active = self.relay.now
         self.sessions.move_to_end((session.client, session.dst))
 
@@ -466,6 +480,7 @@ class UdpRelay:
     def _close(self, session: Session, end: End) -> None:
         """Release a session already removed from the table, counted under end. Never raises."""
         self.counters.udp_ends[end] += 1
+        self.relay.access_log_udp(session, end)  # access-log hook
         ip = session.client[0]
         if self.per_client[ip] > 1:
             self.per_client[ip] -= 1

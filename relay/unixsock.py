@@ -46,11 +46,14 @@ def reply(peer: socket.socket, document: dict, timeout: float = 0.0) -> None:
             peer.sendall(json.dumps(document).encode() + b"\n")
 
 
-def ask(path: str, timeout: float = 2.0) -> dict:
-    """The document the listener at path answers with."""
+def ask(path: str, timeout: float = 2.0, request: bytes = b"") -> dict:
+    """The document the listener at path answers with (after reading request, if any: the
+    daemon's status socket takes a request line)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
+        if request:
+            s.sendall(request)
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)

@@ -120,6 +120,13 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Log:
+    """[log]: access = "off", "stderr" or an absolute path (one JSON line per ended connection)."""
+
+    access: str = "off"
+
+
+@dataclass(frozen=True)
 class Intercept:
     name: str
     interfaces: Tuple[str, ...]
@@ -141,6 +148,7 @@ class Config:
     nftables: Nftables = field(default_factory=Nftables)
     daemon: Daemon = field(default_factory=Daemon)
     metrics: Metrics = field(default_factory=Metrics)
+    log: Log = field(default_factory=Log)
     intercepts: Tuple[Intercept, ...] = ()
     upstreams: Tuple[Upstream, ...] = ()  # [[upstream]], by name in routes' `via`
     routes: Tuple[RouteRule, ...] = ()  # [[route]] in file order: the first match decides

@@ -18,6 +18,7 @@ from .config import (
     Config,
     Daemon,
     Intercept,
+    Log,
     Marks,
     Metrics,
     Nftables,
@@ -300,8 +301,8 @@ def _intercept(raw: Any, index: int, out: _Collector, mode: str) -> Intercept | 
                      destinations=dests or (), ports=ports or (), exclude=exclude or ())
 
 
-TOP_KEYS = ("relay", "marks", "routing", "nftables", "daemon", "metrics", "intercept", "upstream",
-            "route")
+TOP_KEYS = ("relay", "marks", "routing", "nftables", "daemon", "metrics", "log", "intercept",
+            "upstream", "route")
 
 
 def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
@@ -358,6 +359,9 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
     }, Daemon()))
 
     metrics = _metrics(_section(doc, "metrics", out), out, relay.port)
+    log = Log(**_fields(_section(doc, "log", out), "log", out, {
+        "access": lambda v, p: _access(v, p, out),
+    }, Log()))
 
     intercepts: List[Intercept] = []
     raw_list = doc.get("intercept", [])
@@ -382,7 +386,7 @@ def parse_document(doc: Dict[str, Any], source: str = "<config>") -> Config:
     if out.problems:
         raise ConfigError(source, out.problems)
     return Config(relay=relay, marks=marks, routing=routing, nftables=nft, daemon=daemon,
-                  metrics=metrics, intercepts=tuple(intercepts), upstreams=tuple(upstreams.values()),
+                  metrics=metrics, log=log, intercepts=tuple(intercepts), upstreams=tuple(upstreams.values()),
                   routes=tuple(routes), source=source)
 
 
@@ -808,6 +812,17 @@ def _abs_path(value: Any, path: str, out: _Collector) -> str | None:
     text = _str(value, path, out)
     if text is not None and not text.startswith("/"):
         out.add(path, f"'{text}' must be an absolute path")
+        return None
+    return text
+
+
+def _access(value: Any, path: str, out: _Collector) -> str | None:
+    """"off", "stderr" or an absolute path of a file (not a directory)."""
+    text = _str(value, path, out)
+    if text is None or text in ("off", "stderr"):
+        return text
+    if not text.startswith("/") or text.endswith("/"):
+        out.add(path, f"'{text}' must be \"off\", \"stderr\" or the absolute path of a file")
         return None
     return text
 

@@ -82,7 +82,8 @@ def test_installs_the_commands_the_unit_and_a_conffile(package):
                  "etc/tproxyd/tproxy.toml", "usr/lib/python3/dist-packages/tproxyd/relay/loop.py"):
         assert (root / path).is_file(), path
     assert (root / "usr/bin/tproxy").read_text().startswith("#!/usr/bin/python3\n")
-    assert (root / "DEBIAN/conffiles").read_text().split() == ["/etc/tproxyd/tproxy.toml"]
+    assert sorted((root / "DEBIAN/conffiles").read_text().split()) == [
+        "/etc/logrotate.d/tproxyd", "/etc/tproxyd/tproxy.toml"]  # and the access log's rotation
 
 
 def test_ships_tproxyd_and_nothing_of_the_lab(package):

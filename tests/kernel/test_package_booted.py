@@ -87,7 +87,9 @@ def test_apt_installs_it_from_debian_alone_enabling_and_starting_nothing(box):
     assert "tproxyd" in out.stdout
     assert active(box) == "inactive"
     assert box.run("systemctl", "is-enabled", "tproxyd", check=False).stdout.strip() == "disabled"
-    assert box.run("dpkg-query", "-W", "-f=${Conffiles}", "tproxyd").stdout.split()[0] == CONF
+    # path and md5 pairs: the config and the access log's logrotate snippet
+    conffiles = box.run("dpkg-query", "-W", "-f=${Conffiles}", "tproxyd").stdout.split()[0::2]
+    assert sorted(conffiles) == ["/etc/logrotate.d/tproxyd", CONF]
     assert box.run("test", "!", "-e", "/usr/bin/pkill").returncode == 0  # minbase: no procps
     check = box.run("tproxy", "check", "--config-only", "-c", CONF)
     assert ": valid" in check.stdout

@@ -66,11 +66,12 @@ def need(program: str) -> None:
         pytest.skip(f"{program} is not installed (sh .ci/setup installs it)")
 
 
-def start_relay(lab: Lab, upstreams: str, routes: str, protocols: str = '["tcp"]') -> str:
+def start_relay(lab: Lab, upstreams: str, routes: str, protocols: str = '["tcp"]',
+                extra: str = "") -> str:
     """Apply a config capturing TCP (and what protocols says) to the server network, with
     these [[upstream]] and [[route]] tables, and start the relay; returns its stats socket."""
     config = lab.write_config(lab.config(
-        extra="[relay]\nspoof_source = true\n",
+        extra=extra + "[relay]\nspoof_source = true\n",
         destinations='["198.18.2.0/24", "2001:db8:2::/64"]', protocols=protocols)
         + upstreams + routes)
     Tproxy(lab, config)("apply", check=True)
@@ -282,6 +283,41 @@ def test_a_reject_route_resets_and_the_rest_goes_direct(net: Net):
     counters = read_stats(stats)
     assert counters["end_tcp_rejected"] == 2 and counters["route_blocked_connections"] == 2
     assert peers_seen(net) == []
+
+
+def test_the_access_log_names_the_route_and_the_upstream(net: Net):
+    """Issue 14 with issue 12: each line says which route matched and which upstream carried
+    it (or was tried last), and why an upstream failed."""
+    lab = net.lab
+    dante(lab, net.proxy_ns)
+    log_path = os.path.join(lab.tmp, "access.log")
+    start_relay(lab, upstream("dante", "socks5", f"{P4}:1080", check_interval=0)
+                + upstream("dead", "socks5", f"{P4}:1099", check_interval=0),
+                route("proxied", ["dante"], ports=[8080]) + route("blocked", ["reject"], ports=[8082])
+                + route("broken", ["dead"], ports=[8083]),
+                extra=f'[log]\naccess = "{log_path}"\n')
+    assert_ok(get(lab, 4, 8080))
+    assert_ok(get(lab, 4, 8081))
+    assert_reset(get(lab, 4, 8082))
+    assert_reset(get(lab, 4, 8083))
+
+    def lines() -> dict:
+        if not os.path.exists(log_path):
+            return {}
+        with open(log_path) as f:
+            return {int(r["dst"].rsplit(":", 1)[1]): r for r in map(json.loads, f)}
+
+    deadline = time.monotonic() + 15
+    while len(lines()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    got = lines()
+    assert (got[8080]["route"], got[8080]["via"]) == ("proxied", "dante")
+    assert got[8080]["end"] in ("client_fin", "server_fin") and got[8080]["bytes_down"] > 0
+    assert got[8080]["connect_ms"] is not None
+    assert (got[8081]["route"], got[8081]["via"]) == ("direct", "direct")
+    assert (got[8082]["route"], got[8082]["via"], got[8082]["end"]) == ("blocked", "reject", "rejected")
+    assert (got[8083]["route"], got[8083]["via"], got[8083]["end"]) == ("broken", "dead", "upstream_error")
+    assert "dead" in got[8083]["error"]
 
 
 HOSTILE = """

@@ -47,7 +47,7 @@ def test_worker_counters_reach_their_series():
                 "bytes_up": 100, "bytes_down": 1000, "udp_bytes_up": 7, "udp_bytes_down": 70,
                 "udp_datagrams_up": 8, "udp_datagrams_down": 9, "udp_drops": 10,
                 "udp_kernel_drops": 11, "udp_failed": 12, "log_suppressed": 13,
-                "accepted": 99, "started": 1}  # not in the table: not shown
+                "access_log_dropped": 14, "accepted": 99, "started": 1}  # not in the table: not shown
     got = samples(Snapshot(counters, DaemonCounts()))
     assert got[conn("tcp", "client_fin")] == 3
     assert got[conn("tcp", "server_reset")] == 1
@@ -62,7 +62,8 @@ def test_worker_counters_reach_their_series():
     assert got[("tproxyd_udp_datagrams_total", (("direction", "down"),))] == 9
     drops = {dict(labels)["reason"]: v for (name, labels), v in got.items()
              if name == "tproxyd_drops_total"}
-    assert drops == {"udp_relay": 10, "udp_receive_queue": 11, "udp_no_socket": 12, "log_line": 13}
+    assert drops == {"udp_relay": 10, "udp_receive_queue": 11, "udp_no_socket": 12, "log_line": 13,
+                     "access_log_line": 14}
     assert not any("accepted" in name or "started" in name for name, _ in got)
 
 

@@ -119,3 +119,41 @@ def test_a_final_report_arrives_through_the_exit_pipe(tmp_path: Path):
             stats.close()
             w.proc.kill()
             w.proc.wait()
+
+
+def test_a_top_request_is_answered_with_the_top_document_and_status_stays_the_default(
+        tmp_path: Path):
+    from tproxyd.reconciler.status_server import Kind
+
+    sel, clock = selectors.DefaultSelector(), Clock()
+    asked = []
+    server = StatusServer(str(tmp_path / "status.sock"), sel, clock, lambda: {"status": 1},
+                          refresh=lambda: None, fresh=lambda: True,
+                          top=Kind(lambda: {"top": 1}, refresh=lambda: asked.append(1),
+                                   fresh=lambda: bool(asked)))
+    server.open()
+    readers = {}
+    try:
+        for request in (b"top\n", b"status\n", b"", b"bogus\n"):
+            r = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            r.connect(server.path)
+            if request:
+                r.sendall(request)
+            readers[request] = r
+        run(sel, lambda: len(server.readers) == 4 and sum(
+            x.kind is not None for x in server.readers) == 3)
+        server.tick()  # top and status are fresh: answered now; the silent one waits
+        assert asked == [1]
+        for request in (b"top\n", b"status\n", b"bogus\n"):
+            readers[request].settimeout(5)
+            want = {"top": 1} if request == b"top\n" else {"status": 1}
+            assert json.loads(readers[request].recv(65536)) == want, request
+        assert len(server.readers) == 1
+        clock.now += FRESH_WAIT
+        server.tick()
+        readers[b""].settimeout(5)
+        assert json.loads(readers[b""].recv(65536)) == {"status": 1}
+    finally:
+        for r in readers.values():
+            r.close()
+        server.close()

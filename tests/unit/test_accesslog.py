@@ -1,0 +1,219 @@
+"""The access log: the pure line formatter, the writer (one write a line, reopen after rotation,
+drops counted, never raises), [log] validation, and lines written by a loopback relay."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+
+import pytest
+
+from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, running, wait_for
+from tproxyd.relay import accesslog
+from tproxyd.relay.accesslog import AccessLog, line, rfc3339
+from tproxyd.state.errors import ConfigError
+from tproxyd.state.loader import loads
+
+T = 1764683754.1239  # 2025-12-02T13:55:54.123Z
+
+
+def test_a_line_is_one_json_object_with_the_issues_fields_in_order():
+    text = line(T, "tcp", ("10.0.0.1", 40000), ("198.18.2.1", 443), "direct", "direct", 12, 3456,
+                1.2345, 0.0031, "client_fin")
+    assert text.endswith(b"\n") and text.count(b"\n") == 1
+    doc = json.loads(text)
+    assert list(doc) == ["ts", "proto", "client", "dst", "route", "via", "bytes_up",
+                         "bytes_down", "duration_ms", "connect_ms", "end"]
+    assert doc == {"ts": "2025-12-02T13:55:54.123Z", "proto": "tcp", "client": "10.0.0.1:40000",
+                   "dst": "198.18.2.1:443", "route": "direct", "via": "direct", "bytes_up": 12,
+                   "bytes_down": 3456, "duration_ms": 1234, "connect_ms": 3, "end": "client_fin"}
+
+
+def test_ipv6_in_brackets_domain_and_error_when_known_and_escaped():
+    doc = json.loads(line(T, "tcp", ("2001:db8:1::2", 5), ("2001:db8:2::1", 80), 'r"1', "up\\x",
+                          0, 0, 0.0, None, "upstream_error", domain="example.com",
+                          error='HTTP/1.1 403 "no"'))
+    assert doc["client"] == "[2001:db8:1::2]:5" and doc["dst"] == "[2001:db8:2::1]:80"
+    assert doc["domain"] == "example.com" and list(doc)[4] == "domain"
+    assert doc["route"] == 'r"1' and doc["via"] == "up\\x"
+    assert doc["connect_ms"] is None
+    assert doc["error"] == 'HTTP/1.1 403 "no"' and list(doc)[-1] == "error"
+
+
+def test_no_domain_or_error_keys_when_unknown():
+    doc = json.loads(line(T, "udp", ("10.0.0.1", 1), ("10.0.0.2", 53), "direct", "direct", 1, 2,
+                          0.5, None, "udp_expired"))
+    assert "domain" not in doc and "error" not in doc
+
+
+@pytest.mark.parametrize("t, text", [
+    (0.0, "1970-01-01T00:00:00.000Z"),
+    (T, "2025-12-02T13:55:54.123Z"),
+    (T + 1, "2025-12-02T13:55:55.123Z"),  # the cached second moves on
+    (T + 0.8769, "2025-12-02T13:55:55.000Z"),
+])
+def test_rfc3339_milliseconds_utc(t, text):
+    assert rfc3339(t) == text
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Drops:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> None:
+        self.n += 1
+
+
+def test_a_file_gets_whole_lines_appended_mode_0640(tmp_path):
+    path = str(tmp_path / "access.log")
+    drops = Drops()
+    log = AccessLog(path, drops)
+    log.write(b'{"a":1}\n')
+    log.write(b'{"a":2}\n')
+    log.close()
+    log.close()  # runs once
+    assert read(path) == b'{"a":1}\n{"a":2}\n'
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert drops.n == 0
+
+
+def test_a_rotated_file_is_reopened_checked_at_most_once_a_second(tmp_path):
+    path = str(tmp_path / "access.log")
+    now = [100.0]
+    log = AccessLog(path, Drops(), clock=lambda: now[0])
+    log.write(b"1\n")
+    os.rename(path, path + ".1")  # logrotate without copytruncate
+    now[0] += 0.5
+    log.write(b"2\n")  # within the second: still the old file
+    now[0] += 0.6
+    log.write(b"3\n")
+    log.close()
+    assert read(path + ".1") == b"1\n2\n"
+    assert read(path) == b"3\n"
+
+
+def test_a_full_disk_drops_and_counts_lines_never_raises():
+    drops = Drops()
+    log = AccessLog("/dev/full", drops)
+    for _ in range(3):
+        log.write(b"x\n")
+    log.close()
+    assert drops.n == 3
+
+
+def test_an_unopenable_file_drops_lines_and_is_tried_again(tmp_path, caplog):
+    path = str(tmp_path / "later" / "access.log")
+    now = [0.0]
+    drops = Drops()
+    log = AccessLog(path, drops, clock=lambda: now[0])
+    log.write(b"1\n")
+    now[0] += 1.5
+    log.write(b"1\n")  # tried again, failed again: logged once
+    assert sum("lines are dropped" in r.message for r in caplog.records) == 1
+    os.mkdir(tmp_path / "later")
+    now[0] += 1.5
+    log.write(b"2\n")
+    log.close()
+    assert drops.n == 2 and read(path) == b"2\n"
+
+
+def test_a_full_stderr_pipe_drops_lines_without_blocking(monkeypatch):
+    r, w = os.pipe()
+    saved = os.dup(2)
+    os.dup2(w, 2)
+    try:
+        drops = Drops()
+        log = AccessLog("stderr", drops)
+        assert os.get_blocking(2)  # fd 2 itself is left blocking: it is shared
+        chunk = b"y" * 4095 + b"\n"
+        for _ in range(64):  # 256 KiB into a 64 KiB pipe nobody reads
+            log.write(chunk)
+        log.close()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+        os.close(r)
+    assert 0 < drops.n < 64
+
+
+def test_stderr_as_a_socket_is_written_without_waiting():
+    a, b = socket.socketpair()
+    saved = os.dup(2)
+    os.dup2(a.fileno(), 2)
+    try:
+        log = AccessLog("stderr", Drops())
+        log.write(b"hello\n")
+        log.close()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        a.close()
+    assert b.recv(100) == b"hello\n"
+    b.close()
+
+
+@pytest.mark.parametrize("value", ["off", "stderr", "/var/log/tproxyd/access.log"])
+def test_log_access_accepts_off_stderr_and_absolute_paths(value):
+    assert loads(f'[log]\naccess = "{value}"\n').log.access == value
+
+
+def test_log_access_is_off_by_default():
+    assert loads("[relay]\n").log.access == "off"
+    assert accesslog.open_log("off", Drops()) is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ('access = "access.log"', "log.access"),
+    ('access = "/var/log/"', "log.access"),
+    ("access = 1", "log.access"),
+    ('acess = "off"', "log.acess"),
+])
+def test_log_access_errors_name_the_key(text, message):
+    with pytest.raises(ConfigError) as err:
+        loads(f"[log]\n{text}\n")
+    assert message in str(err.value)
+
+
+def test_the_relay_writes_one_line_per_connection_with_exact_bytes(tmp_path):
+    path = tmp_path / "access.log"
+    up = Upstream(echo)
+    with running(up.addr, access_log=str(path)) as (relay, addr):
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(b"x" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += c.recv(65536)
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(10) == b""
+        wait_for(lambda: relay.counters.closed == 1, "the connection to end")
+    (doc,) = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert doc["end"] == "client_fin" and doc["proto"] == "tcp"
+    assert doc["bytes_up"] == doc["bytes_down"] == 1000
+    assert doc["dst"] == f"{up.addr[0]}:{up.addr[1]}"
+    assert doc["route"] == doc["via"] == "direct"
+    assert isinstance(doc["connect_ms"], int) and doc["duration_ms"] >= doc["connect_ms"]
+    assert relay.counters.access_log_dropped == 0
+
+
+def test_a_connection_refused_over_the_limit_gets_its_line(tmp_path):
+    path = tmp_path / "access.log"
+    up = Upstream(echo)
+    with running(up.addr, access_log=str(path), max_connections=1) as (relay, addr), \
+            socket.create_connection(addr, timeout=DEADLINE) as held:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        with contextlib.suppress(ConnectionResetError), \
+                socket.create_connection(addr, timeout=DEADLINE) as refused:
+            assert refused.recv(1) == b""  # or reset, even before connect() returned
+        wait_for(lambda: relay.counters.refused == 1, "the refusal")
+    docs = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert docs[0]["end"] == "over_limit" and docs[0]["bytes_up"] == docs[0]["bytes_down"] == 0
+    assert docs[0]["connect_ms"] is None and docs[1]["end"] == "drained"  # the held one, at stop
