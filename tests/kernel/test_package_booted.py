@@ -113,11 +113,16 @@ def test_the_shipped_config_changes_nothing_on_the_host(box):
 def test_the_unit_starts_as_notify_and_intercepts_a_connection_on_a_veth(box):
     box.sh(LAB)
     box.sh(f"cat >> {CONF} <<'EOF'\n{INTERCEPT}\nEOF")  # the admin's edit of the conffile
+    box.sh(f"sed -i 's|^# access = \"/var/log|access = \"/var/log|' {CONF}")  # and the access log
     box.run("systemctl", "enable", "--now", "tproxyd", timeout=120)
     assert active(box) == "active", box.journal()
     assert box.run("systemctl", "show", "-P", "Type", "tproxyd").stdout.strip() == "notify"
     assert box.sh(FETCH, timeout=60).stdout.strip() == "198.18.1.2", box.journal()
     assert "table inet tproxyd" in box.run("nft", "list", "tables").stdout
+    # ProtectSystem=strict: the log is writable only through LogsDirectory=tproxyd
+    log = box.sh("for i in $(seq 50); do [ -s /var/log/tproxyd/access.log ] && break; sleep 0.2; "
+                 "done; cat /var/log/tproxyd/access.log", timeout=60).stdout
+    assert '"client":"198.18.1.2:' in log and '"dst":"198.18.2.2:8080"' in log, box.journal()
 
 
 def test_reload_applies_a_good_file_and_refuses_a_broken_one_visibly(box):
@@ -206,6 +211,7 @@ def test_removal_stops_it_and_purge_leaves_nothing(box):
     assert "tproxyd" not in box.run("nft", "list", "tables").stdout
     assert "proto 201" not in box.run("ip", "rule", "show").stdout
     box.run("apt-get", "purge", "-y", "tproxyd", timeout=300)
-    for path in ("/etc/tproxyd", "/run/tproxyd", "/lib/systemd/system/tproxyd.service"):
+    for path in ("/etc/tproxyd", "/run/tproxyd", "/var/log/tproxyd",
+                 "/lib/systemd/system/tproxyd.service"):
         assert box.run("test", "-e", path, check=False).returncode == 1, path
     assert box.run("ip", "route", "show", "table", "100", check=False).stdout.strip() == ""
