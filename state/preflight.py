@@ -82,6 +82,13 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
     if not config.intercepts:
         out.append(Finding(WARNING, "no [[intercept]] entry: nothing is captured",
                            "add an [[intercept]] with the LAN interfaces to tproxy.toml"))
+    named = [r.name for r in config.routes if r.domains]
+    if named:  # issue 13: parsed and matched in the pure core, not yet read by the relay
+        out.append(Finding(WARNING, f"route(s) {', '.join(named)} use `domains`: the relay does "
+                                    "not read names from connections yet, so these routes match "
+                                    "nothing and their connections take the next route",
+                           "route by destinations until name routing lands (README: Routes "
+                           "by name)"))
     for version in config.families():
         key = FORWARDING_SYSCTL[version]
         value = facts.sysctls.get(key)

@@ -100,3 +100,10 @@ def test_loop_guard_warns_for_an_upstream_captured_where_it_is_reached():
     (finding,) = check(config, paths("lan0"))
     assert finding.level == WARNING and "upstream 'corp'" in finding.message
     assert "exclude" in finding.fix
+
+
+def test_domains_routes_are_said_to_match_nothing_yet():
+    config = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
+                   '[[route]]\nname = "gh"\ndomains = ["github.com"]\nvia = "reject"\n')
+    (finding,) = check(config, GOOD)
+    assert finding.level == WARNING and "gh use `domains`" in finding.message
