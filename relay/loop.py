@@ -585,12 +585,26 @@ class Relay:
     def _upstream_socket(self, name: str) -> socket.socket:
         """A socket towards upstream `name` (the spare descriptor covers a full table)."""
         address = self.addresses[name] or ("0.0.0.0", 0)  # unresolved: the attempt fails at once
+        return self.with_reserve(lambda: outbound(address, self.settings.mark))
+
+    def with_reserve(self, make: Callable[[], socket.socket]) -> socket.socket:
+        """make() a socket; when the descriptor table is full, once more after giving up the
+        spare descriptor, which is kept for exactly this."""
         try:
-            return outbound(address, self.settings.mark)
+            return make()
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._release_reserve():
                 raise
-            return outbound(address, self.settings.mark)
+            return make()
+
+    def upstream_failed(self, name: str, exc: HandshakeError, started: float) -> None:
+        """An attempt through upstream `name` (TCP or UDP) failed: tell Health and count it."""
+        self.health.report(name, self.now, exc.outcome, exc.reason, started=started)
+        counts = self.upstream_counts[name]
+        if exc.outcome == DECLINED:
+            counts.declined += 1
+        else:
+            counts.failures += 1
 
     def _try_upstream(self, conn: Connection, server: socket.socket, name: str) -> None:
         """Start conn's attempt through upstream `name` on server (a new socket), with the
@@ -618,12 +632,7 @@ class Relay:
         reset the client when none is left. The last error is kept for the access log."""
         name = conn.upstream
         assert name is not None and conn.route is not None
-        self.health.report(name, self.now, exc.outcome, exc.reason, started=conn.attempt_started)
-        counts = self.upstream_counts[name]
-        if exc.outcome == DECLINED:
-            counts.declined += 1
-        else:
-            counts.failures += 1
+        self.upstream_failed(name, exc, conn.attempt_started)
         conn.error = str(exc)
         conn.tried.add(name)
         if conn.masks[SERVER]:
@@ -736,12 +745,7 @@ class Relay:
     def _outbound(self, family: int, client_addr: Address) -> socket.socket:
         """A socket for the server side, made and bound; Connection.connect() connects it."""
         kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-        try:
-            server = socket.socket(family, kind)
-        except OSError as exc:  # the table is full: the spare descriptor is for this
-            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._release_reserve():
-                raise
-            server = socket.socket(family, kind)
+        server = self.with_reserve(lambda: socket.socket(family, kind))
         try:
             if self.settings.mark:
                 server.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.mark)

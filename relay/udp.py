@@ -21,7 +21,7 @@ import socket
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from tproxyd.state.health import DECLINED, FAILED, OK, decide
+from tproxyd.state.health import FAILED, OK, decide
 from tproxyd.state.upstreams import DIRECT, REJECT, RouteRule
 
 from . import socks5
@@ -377,12 +377,7 @@ class UdpRelay:
         relay, assoc = self.relay, session.assoc
         assert assoc is not None and assoc.upstream is not None
         name = assoc.upstream.name
-        relay.health.report(name, relay.now, exc.outcome, exc.reason, started=assoc.attempt_started)
-        counts = relay.upstream_counts[name]
-        if exc.outcome == DECLINED:
-            counts.declined += 1
-        else:
-            counts.failures += 1
+        relay.upstream_failed(name, exc, assoc.attempt_started)
         assoc.tried.add(name)
         self._unwatch(session)
         assoc.release()
