@@ -98,6 +98,9 @@ class Daemon:
     # --- start and stop ------------------------------------------------------------------------
 
     def run(self) -> int:
+        # watch first, read second: an edit saved while the first converge runs is seen, not
+        # left for the next resync
+        self.watcher.start()
         try:
             settled = self._wait_until_settled()
             self.config = from_bytes(settled.raw, self.path)
@@ -107,9 +110,11 @@ class Daemon:
             self._keep_for_workers(settled.raw, self.config)
         except ConfigError as exc:
             log.error("%s", exc)
+            self.watcher.stop()
             return 1
         except OSError as exc:
             log.error("cannot keep a copy of the config for the workers: %s", exc)
+            self.watcher.stop()
             return 1
         self.signals.install((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD),
                              self._wake_w.fileno())
@@ -120,7 +125,6 @@ class Daemon:
             log.error("cannot open the relay's listeners on port %s: %s", self.config.relay.port, exc)
             self._exit_cleanup()
             return 1
-        self.watcher.start()
         for sock in drift.subscribe():
             self._on_read(sock, lambda s=sock: (drift.drain(s), self._schedule_reconcile()))
         self.status_server = StatusServer(
