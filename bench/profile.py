@@ -1,0 +1,133 @@
+"""Where the relay's time goes per connection: CPU (user and system apart), syscalls, and Python
+functions, during a connection-rate run (100 bytes each way, the server answers and closes).
+
+    python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace]
+
+Three runs in one lab (client -> gateway -> server), each with a fresh relay:
+  plain    the relay as it runs: connections, utime and stime per connection (/proc)
+  cprofile the relay under cProfile: Python calls per connection and the functions with the most
+           own time, per connection. cProfile's overhead inflates the figures (compare `plain`);
+           read it for shares and call counts, not absolutes. On veth a socket.send() also runs
+           the receiver's TCP processing (softirq in the sender's syscall), so `send` and `close`
+           carry kernel time that is not the relay's own work.
+  strace   the relay under `strace -c -f`: syscalls per connection by name (strace slows it a lot;
+           only the counts matter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import re
+import shutil
+import signal
+import sys
+
+from bench.__main__ import ONE_CLIENT, TPROXY, loadgen
+from lab import WAN, Lab, wait_for_port
+from tproxyd.relay.loop import read_stats
+
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def relay_pid(lab: Lab, wrapper_pid: int) -> int:
+    """The python process under `ip netns exec` (and strace, when it wraps it)."""
+    pid = wrapper_pid
+    for _ in range(4):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if any(b"tproxyd.relay" in a for a in argv) and os.path.basename(argv[0]).startswith(b"python"):
+            return pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+        if not children:
+            break
+        pid = int(children[0])
+    return pid
+
+
+def one_run(lab: Lab, config: str, gen: str, seconds: int, conc: int,
+            wrap: tuple[str, ...] = (), profile: bool = False) -> dict:
+    python = [sys.executable, *(["-m", "cProfile", "-o", f"{lab.tmp}/prof"] if profile else [])]
+    proc = lab.spawn(lab.gw, *wrap, *python, "-m", "tproxyd.relay", "-c", config)
+    wait_for_port(lab, lab.gw, 12345, timeout=30)
+    pid = relay_pid(lab, proc.pid)
+    try:
+        u0, s0 = proc_cpu(pid)
+        out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds), "100",
+                      timeout=seconds + 120)
+        u1, s1 = proc_cpu(pid)
+        stats = read_stats(f"{lab.tmp}/state/relay.sock", timeout=30)
+    finally:  # the relay itself: a killed strace would only detach it, and it would live on
+        os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    row = json.loads(out.stdout)
+    return {"generator": row, "connections": stats["accepted"], "user": u1 - u0,
+            "system": s1 - s0, "log": lab.log_of(proc)}
+
+
+def per_conn(seconds: float, n: int) -> str:
+    return f"{seconds / max(n, 1) * 1e6:.1f} us"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile")
+    p.add_argument("--seconds", type=int, default=5)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-strace", action="store_true")
+    args = p.parse_args(argv)
+    with Lab() as lab:
+        config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations='["198.18.2.0/24"]'),
+                                  "bench.toml")
+        lab.run(lab.gw, *TPROXY, "apply", "-c", config)
+        gen = loadgen(lab)
+
+        plain = one_run(lab, config, gen, args.seconds, args.concurrency)
+        n = plain["connections"]
+        print(f"plain: {n} connections, {plain['generator']['conn_per_s']:.0f} conn/s; per "
+              f"connection user {per_conn(plain['user'], n)}, system {per_conn(plain['system'], n)}")
+
+        prof = one_run(lab, config, gen, args.seconds, args.concurrency, profile=True)
+        n = prof["connections"]
+        st = pstats.Stats(f"{lab.tmp}/prof")
+        calls = sum(v[1] for v in st.stats.values())  # primitive and recursive calls
+        print(f"\ncprofile: {n} connections, {prof['generator']['conn_per_s']:.0f} conn/s; "
+              f"{calls / max(n, 1):.0f} Python calls per connection; user "
+              f"{per_conn(prof['user'], n)}, system {per_conn(prof['system'], n)} (inflated)")
+        rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]
+        print(f"{'own time/conn':>14} {'calls/conn':>10}  function")
+        for (path, line, name), (_, ncalls, tottime, _, _) in rows:
+            where = f"{os.path.basename(path)}:{line}" if path != "~" else "builtin"
+            print(f"{tottime / max(n, 1) * 1e6:11.2f} us {ncalls / max(n, 1):10.2f}  {name} ({where})")
+
+        if args.no_strace or not shutil.which("strace"):
+            return 0
+        out = f"{lab.tmp}/strace.txt"
+        traced = one_run(lab, config, gen, 2, args.concurrency,
+                         ("strace", "-c", "-f", "-o", out))
+        n = traced["connections"]
+        print(f"\nstrace: {n} connections; syscalls per connection")
+        total = 0.0
+        with open(out) as f:
+            for line in f:
+                m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
+                if m and m.group(2) != "total":
+                    per = int(m.group(1)) / max(n, 1)
+                    total += per
+                    if per >= 0.05:
+                        print(f"{per:8.2f}  {m.group(2)}")
+        print(f"{total:8.2f}  in all")
+        lab.run(lab.gw, *TPROXY, "down", "-c", config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
