@@ -2,6 +2,11 @@
 functions, during a connection-rate run (100 bytes each way, the server answers and closes).
 
     python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace]
+    python -m bench.profile --compare A/.venv/bin/python B/.venv/bin/python [--repeat K]
+
+--compare weighs a change to the relay: two checkouts (each venv runs its own tree's relay), run
+interleaved (A B A B ...) K times; medians of conn/s and of user and system CPU per connection.
+CPU per connection moves less with a noisy neighbour than conn/s does.
 
 Three runs in one lab (client -> gateway -> server), each with a fresh relay:
   plain    the relay as it runs: connections, utime and stime per connection (/proc)
@@ -23,6 +28,7 @@ import pstats
 import re
 import shutil
 import signal
+import statistics
 import sys
 
 from bench.__main__ import ONE_CLIENT, TPROXY, loadgen
@@ -54,9 +60,10 @@ def relay_pid(lab: Lab, wrapper_pid: int) -> int:
 
 
 def one_run(lab: Lab, config: str, gen: str, seconds: int, conc: int,
-            wrap: tuple[str, ...] = (), profile: bool = False) -> dict:
-    python = [sys.executable, *(["-m", "cProfile", "-o", f"{lab.tmp}/prof"] if profile else [])]
-    proc = lab.spawn(lab.gw, *wrap, *python, "-m", "tproxyd.relay", "-c", config)
+            wrap: tuple[str, ...] = (), profile: bool = False, python: str = sys.executable
+            ) -> dict:
+    cmd = [python, *(["-m", "cProfile", "-o", f"{lab.tmp}/prof"] if profile else [])]
+    proc = lab.spawn(lab.gw, *wrap, *cmd, "-m", "tproxyd.relay", "-c", config)
     wait_for_port(lab, lab.gw, 12345, timeout=30)
     pid = relay_pid(lab, proc.pid)
     try:
@@ -77,18 +84,40 @@ def per_conn(seconds: float, n: int) -> str:
     return f"{seconds / max(n, 1) * 1e6:.1f} us"
 
 
+def compare(lab: Lab, config: str, gen: str, args: argparse.Namespace) -> None:
+    rows: dict[str, list[tuple[float, float, float]]] = {p: [] for p in args.compare}
+    for _ in range(args.repeat):
+        for python in args.compare:
+            r = one_run(lab, config, gen, args.seconds, args.concurrency, python=python)
+            n = max(r["connections"], 1)
+            rows[python].append((r["generator"]["conn_per_s"], r["user"] / n * 1e6,
+                                 r["system"] / n * 1e6))
+    base = None
+    print(f"{'conn/s':>8} {'user us':>8} {'sys us':>8}  (medians of {args.repeat}) relay")
+    for python, runs in rows.items():
+        med = [statistics.median(col) for col in zip(*runs)]
+        base = base or med
+        print(f"{med[0]:8.0f} {med[1]:8.1f} {med[2]:8.1f}  {python}  conn/s x{med[0] / base[0]:.3f}, "
+              f"user x{med[1] / base[1]:.3f}; user runs {sorted(round(u, 1) for _, u, _ in runs)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile")
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-strace", action="store_true")
+    p.add_argument("--compare", nargs=2, metavar="PYTHON")
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
     with Lab() as lab:
         config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations='["198.18.2.0/24"]'),
                                   "bench.toml")
         lab.run(lab.gw, *TPROXY, "apply", "-c", config)
         gen = loadgen(lab)
+        if args.compare:
+            compare(lab, config, gen, args)
+            return 0
 
         plain = one_run(lab, config, gen, args.seconds, args.concurrency)
         n = plain["connections"]
