@@ -910,6 +910,8 @@ class Relay:
             for f in fields(counts):
                 out[f"upstream_{name}_{f.name}"] = getattr(counts, f.name)
             out[f"upstream_{name}_up"] = int(self.health[name].state == UP)
+        if self.upstreams:  # not a count: the daemon merges the workers' (upstream_health.py)
+            out["health"] = self.health.status(self.now)
         for conn in self.connections:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
