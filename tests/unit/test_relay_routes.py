@@ -161,8 +161,9 @@ def test_ends_and_bytes_are_counted_by_route_and_via():
         with socket.create_connection(addr, timeout=DEADLINE) as c:  # no route: direct, open
             c.sendall(b"12345")
             assert recv_exactly(c, 5) == b"12345"
-            s = stats(relay)
-            assert s["bytes|up|direct"] == 5 and s["bytes|down|direct"] == 5
+            # counted by the relay's thread just after the bytes went: wait for it
+            wait_for(lambda: stats(relay).get("bytes|down|direct") == 5, "the open bytes")
+            assert stats(relay)["bytes|up|direct"] == 5
         wait_for(lambda: relay.counters.active == 0, "the connections to end")
         s = stats(relay)
     paths = {k: v for k, v in s.items() if k.startswith("connections|")}
