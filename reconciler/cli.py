@@ -165,17 +165,50 @@ def _daemon_view(config: Config) -> dict | None:
         return None
 
 
-def _upstream_lines(config: Config, view: dict) -> list[str]:
-    """Each upstream's health and counts and each route's matches, from the workers' counters
-    as the daemon sums them (upstream_<name>_up: how many workers have it up)."""
+def _clock(t: float, now: float) -> str:
+    """Local time of day; with the date when that is not obvious."""
+    return time.strftime("%H:%M:%S" if now - t < 12 * 3600 else "%Y-%m-%d %H:%M:%S",
+                         time.localtime(t))
+
+
+def _health_text(h: dict, now: float, checked: bool = True) -> str:
+    """One upstream's state and last check, from the daemon's merged view (upstream_health.py):
+    "up" or "DOWN since 15:02:07 (refused)", then "last check 3s ago ok (4.1 ms)". checked:
+    whether it has active checks (check_interval > 0)."""
+    if h.get("state") == "down":
+        text = f"DOWN since {_clock(h['since'], now)} ({h.get('reason') or 'failed'})"
+        if h.get("down_in", 0) < h.get("workers", 0):
+            text += f" in {h['down_in']} of {h['workers']} workers"
+        if h.get("retry_in") is not None:
+            text += f", next try in {h['retry_in']:.0f}s"
+    else:
+        text = "up"
+    if h.get("last_check") is None:
+        return text + ("; not checked yet" if checked else "; no active checks")
+    latency = h.get("last_check_seconds")
+    result = ("ok" + (f" ({latency * 1000:.1f} ms)" if latency is not None else "")
+              if h.get("last_check_ok") else "failed")
+    return text + f"; last check {max(0.0, now - h['last_check']):.0f}s ago {result}"
+
+
+def _upstream_lines(config: Config, view: dict, now: float | None = None) -> list[str]:
+    """Each upstream's health and counts and each route's matches: health from the workers'
+    views as the daemon merges them (view["upstreams"]), counts from the workers' counters as
+    it sums them (an older daemon has only upstream_<name>_up: how many workers have it up)."""
     c, lines = view.get("counters") or {}, []
+    health = view.get("upstreams") or {}
+    now = time.time() if now is None else now
     workers = len(view.get("workers", []))
     for u in config.upstreams:
         k = f"upstream_{u.name}_"
-        if f"{k}up" not in c:
+        if u.name in health:
+            state = _health_text(health[u.name], now, u.check_interval > 0)
+        elif f"{k}up" in c:
+            up = int(c[f"{k}up"])
+            state = ("up" if up == workers else "DOWN" if up == 0
+                     else f"up in {up} of {workers} workers")
+        else:
             continue
-        up = int(c[f"{k}up"])
-        state = "up" if up == workers else "DOWN" if up == 0 else f"up in {up} of {workers} workers"
         lines.append(f"upstream {u.name} ({u.type} {u.address}): {state}; "
                      f"{c.get(k + 'active', 0):.0f} active, {c.get(k + 'connections', 0):.0f} "
                      f"connections, {c.get(k + 'failures', 0):.0f} failures, "
