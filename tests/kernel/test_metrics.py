@@ -295,7 +295,7 @@ def test_connections_and_bytes_carry_their_route_and_via_across_a_reload(lab: La
     labels = {v for (name, ls), _ in first.items() for k, v in ls if k in ("route", "via")}
     assert labels <= {"corp", "ads", "direct", "socks", "reject"}  # never an address
     # socks has check_interval = 1: the latest check's duration, a few ms on loopback
-    checked = eventually(lambda: (g := samples(scrape(lab)[0], ("gauge",))).get(
+    checked = eventually(lambda: samples(scrape(lab)[0], ("gauge",)).get(
         ("tproxyd_upstream_check_seconds", (("upstream", "socks"),))), "a check's duration")
     assert 0 < checked < 1
     promtool_clean(lab, scrape(lab)[0])
