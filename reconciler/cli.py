@@ -301,16 +301,18 @@ def _size(n: float | None, rate: bool = False) -> str:
 
 
 def _top_lines(doc: dict, rows: int) -> list[str]:
-    """The screen: totals, then the busiest connections (the daemon sorted them by rate)."""
+    """The screen: totals, then the busiest connections and UDP sessions (the daemon sorted
+    them by rate)."""
     head = (f"tproxyd top: {doc['open']} connections open ({doc['workers']} workers), "
             f"{doc['udp_sessions']} UDP sessions; {_size(doc['bytes_up'])} up, "
             f"{_size(doc['bytes_down'])} down; now {_size(doc['rate'], rate=True)}"
             f"   {time.strftime('%H:%M:%S', time.localtime(doc['time']))}")
-    lines = [head, "", f"{'CLIENT':24} {'DESTINATION':40} {'ROUTE':10} {'VIA':10} {'AGE':>7} "
-                       f"{'UP':>8} {'DOWN':>8} {'RATE UP':>10} {'RATE DOWN':>10}"]
+    lines = [head, "", f"{'PROTO':5} {'CLIENT':24} {'DESTINATION':40} {'ROUTE':10} {'VIA':10} "
+                       f"{'AGE':>7} {'UP':>8} {'DOWN':>8} {'RATE UP':>10} {'RATE DOWN':>10}"]
     for c in doc["connections"][:rows]:
         dst = c["dst"] + (f" ({c['domain']})" if c.get("domain") else "")
-        lines.append(f"{c['client']:24} {dst:40} {c['route']:10} {c['via']:10} {c['age']:6.0f}s "
+        lines.append(f"{c.get('proto', 'tcp'):5} {c['client']:24} {dst:40} {c['route']:10} "
+                     f"{c['via']:10} {c['age']:6.0f}s "
                      f"{_size(c['bytes_up']):>8} {_size(c['bytes_down']):>8} "
                      f"{_size(c['rate_up'], True):>10} {_size(c['rate_down'], True):>10}")
     return lines

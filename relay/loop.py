@@ -926,7 +926,8 @@ class Relay:
     def connection_list(self) -> dict:
         """`tproxy top`'s view of this worker (relay/listing.py), with what it cost."""
         started = time.perf_counter()
-        out = self.listing.listing(self.connections, self.now)
+        out = self.listing.listing(self.connections, self.now,
+                                   sessions=self.udp.sessions.values())
         out.update(pid=os.getpid(), udp_sessions=len(self.udp.sessions),
                    cost_ms=round((time.perf_counter() - started) * 1000, 3))
         return out
