@@ -916,11 +916,11 @@ class Relay:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
             _add_via_bytes(out, conn.via, conn.up.bytes, conn.down.bytes)
-        for session in self.udp.sessions.values():
-            _add_via_bytes(out, session.via, session.bytes_up, session.bytes_down)
             if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
                 out[f"upstream_{conn.upstream}_sent"] += conn.up.bytes
                 out[f"upstream_{conn.upstream}_received"] += conn.down.bytes
+        for session in self.udp.sessions.values():
+            _add_via_bytes(out, session.via, session.bytes_up, session.bytes_down)
         return out
 
     def connection_list(self) -> dict:

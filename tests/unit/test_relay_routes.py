@@ -154,7 +154,13 @@ def test_ends_and_bytes_are_counted_by_route_and_via():
 
     with running(DST, upstreams=(proxy.config("a"),), routes=routes) as (relay, addr):
         relay.original_dst = original_dst
-        roundtrip(addr, b"ping", b"banner ping")  # corp via a
+        with socket.create_connection(addr, timeout=DEADLINE) as c:  # corp via a, open
+            c.sendall(b"ping")
+            assert recv_exactly(c, 11) == b"banner ping"
+            wait_for(lambda: stats(relay).get("bytes|down|a") == 11, "the open bytes via a")
+            s = stats(relay)
+            assert s["bytes|up|a"] == 4 and s["upstream_a_sent"] == 4
+            assert s["upstream_a_received"] == 11
         dst["port"] = 10
         expect_reset(addr)  # ads: reject
         dst["port"] = direct.addr[1]
@@ -331,3 +337,19 @@ def test_udp_ends_and_bytes_count_by_route_and_via_like_tcp():
     assert (out["bytes|up|a"], out["bytes|down|a"], out["bytes|up|direct"]) == (100, 300, 5)
     assert out["end_udp_udp_expired"] == out["end_udp_rejected"] == out["end_tcp_client_fin"] == 1
     assert c.udp_expired == 1  # the derived totals still read the flat counts
+
+
+def test_stats_count_the_bytes_of_open_udp_sessions_by_via():
+    from tproxyd.relay.loop import Settings
+    from tproxyd.relay.udp import Session
+
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False))
+    try:
+        session = Session(("198.18.1.2", 5000), ("198.18.2.2", 53), None, None, relay.now)
+        session.bytes_up, session.bytes_down = 30, 300
+        relay.udp.sessions[(session.client, session.dst)] = session
+        s = relay.stats()
+        relay.udp.sessions.clear()
+    finally:
+        relay.close()
+    assert (s["bytes|up|direct"], s["bytes|down|direct"]) == (30, 300)
