@@ -915,7 +915,8 @@ class Relay:
         for conn in self.connections:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
-            _add_via_bytes(out, conn.via, conn.up.bytes, conn.down.bytes)
+            if conn.state not in OPENING:  # its via is final only once open (failover)
+                _add_via_bytes(out, conn.via, conn.up.bytes, conn.down.bytes)
             if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
                 out[f"upstream_{conn.upstream}_sent"] += conn.up.bytes
                 out[f"upstream_{conn.upstream}_received"] += conn.down.bytes
