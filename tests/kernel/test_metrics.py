@@ -264,7 +264,7 @@ def promtool_clean(lab: Lab, text: str) -> None:
 def test_connections_and_bytes_carry_their_route_and_via_across_a_reload(lab: Lab, web):
     """A route through a SOCKS5 upstream (microsocks in the gateway), a reject route and
     unrouted traffic: each counted under its route and via, bytes under their via; a SIGHUP
-    (new workers) takes nothing back; promtool finds nothing to say about the labels."""
+    (new workers) and a kill -9 take nothing back; promtool finds nothing to say."""
     if not shutil.which("microsocks"):
         pytest.skip("microsocks is not installed (sh .ci/setup installs it)")
     lab.spawn(lab.gw, "microsocks", "-i", "127.0.0.1", "-p", "1080")
@@ -314,6 +314,10 @@ def test_connections_and_bytes_carry_their_route_and_via_across_a_reload(lab: La
     assert total(third, "tproxyd_connections_total", route="corp", via="socks") == 2
     assert total(third, "tproxyd_bytes_total", direction="down", via="socks") > total(
         first, "tproxyd_bytes_total", direction="down", via="socks")
+    (pid,) = worker_pids(d)  # started by the daemon we started
+    os.kill(pid, signal.SIGKILL)
+    eventually(lambda: (p := worker_pids(d)) and pid not in p, "a restarted worker", timeout=10)
+    assert_no_decrease(third, counters(lab), "after kill -9 of the worker")
     promtool_clean(lab, scrape(lab)[0])
 
 
