@@ -165,17 +165,50 @@ def _daemon_view(config: Config) -> dict | None:
         return None
 
 
-def _upstream_lines(config: Config, view: dict) -> list[str]:
-    """Each upstream's health and counts and each route's matches, from the workers' counters
-    as the daemon sums them (upstream_<name>_up: how many workers have it up)."""
+def _clock(t: float, now: float) -> str:
+    """Local time of day; with the date when that is not obvious."""
+    return time.strftime("%H:%M:%S" if now - t < 12 * 3600 else "%Y-%m-%d %H:%M:%S",
+                         time.localtime(t))
+
+
+def _health_text(h: dict, now: float, checked: bool = True) -> str:
+    """One upstream's state and last check, from the daemon's merged view (upstream_health.py):
+    "up" or "DOWN since 15:02:07 (refused)", then "last check 3s ago ok (4.1 ms)". checked:
+    whether it has active checks (check_interval > 0)."""
+    if h.get("state") == "down":
+        text = f"DOWN since {_clock(h['since'], now)} ({h.get('reason') or 'failed'})"
+        if h.get("down_in", 0) < h.get("workers", 0):
+            text += f" in {h['down_in']} of {h['workers']} workers"
+        if h.get("retry_in") is not None:
+            text += f", next try in {h['retry_in']:.0f}s"
+    else:
+        text = "up"
+    if h.get("last_check") is None:
+        return text + ("; not checked yet" if checked else "; no active checks")
+    latency = h.get("last_check_seconds")
+    result = ("ok" + (f" ({latency * 1000:.1f} ms)" if latency is not None else "")
+              if h.get("last_check_ok") else "failed")
+    return text + f"; last check {max(0.0, now - h['last_check']):.0f}s ago {result}"
+
+
+def _upstream_lines(config: Config, view: dict, now: float | None = None) -> list[str]:
+    """Each upstream's health and counts and each route's matches: health from the workers'
+    views as the daemon merges them (view["upstreams"]), counts from the workers' counters as
+    it sums them (an older daemon has only upstream_<name>_up: how many workers have it up)."""
     c, lines = view.get("counters") or {}, []
+    health = view.get("upstreams") or {}
+    now = time.time() if now is None else now
     workers = len(view.get("workers", []))
     for u in config.upstreams:
         k = f"upstream_{u.name}_"
-        if f"{k}up" not in c:
+        if u.name in health:
+            state = _health_text(health[u.name], now, u.check_interval > 0)
+        elif f"{k}up" in c:
+            up = int(c[f"{k}up"])
+            state = ("up" if up == workers else "DOWN" if up == 0
+                     else f"up in {up} of {workers} workers")
+        else:
             continue
-        up = int(c[f"{k}up"])
-        state = "up" if up == workers else "DOWN" if up == 0 else f"up in {up} of {workers} workers"
         lines.append(f"upstream {u.name} ({u.type} {u.address}): {state}; "
                      f"{c.get(k + 'active', 0):.0f} active, {c.get(k + 'connections', 0):.0f} "
                      f"connections, {c.get(k + 'failures', 0):.0f} failures, "
@@ -268,16 +301,18 @@ def _size(n: float | None, rate: bool = False) -> str:
 
 
 def _top_lines(doc: dict, rows: int) -> list[str]:
-    """The screen: totals, then the busiest connections (the daemon sorted them by rate)."""
+    """The screen: totals, then the busiest connections and UDP sessions (the daemon sorted
+    them by rate)."""
     head = (f"tproxyd top: {doc['open']} connections open ({doc['workers']} workers), "
             f"{doc['udp_sessions']} UDP sessions; {_size(doc['bytes_up'])} up, "
             f"{_size(doc['bytes_down'])} down; now {_size(doc['rate'], rate=True)}"
             f"   {time.strftime('%H:%M:%S', time.localtime(doc['time']))}")
-    lines = [head, "", f"{'CLIENT':24} {'DESTINATION':40} {'ROUTE':10} {'VIA':10} {'AGE':>7} "
-                       f"{'UP':>8} {'DOWN':>8} {'RATE UP':>10} {'RATE DOWN':>10}"]
+    lines = [head, "", f"{'PROTO':5} {'CLIENT':24} {'DESTINATION':40} {'ROUTE':10} {'VIA':10} "
+                       f"{'AGE':>7} {'UP':>8} {'DOWN':>8} {'RATE UP':>10} {'RATE DOWN':>10}"]
     for c in doc["connections"][:rows]:
         dst = c["dst"] + (f" ({c['domain']})" if c.get("domain") else "")
-        lines.append(f"{c['client']:24} {dst:40} {c['route']:10} {c['via']:10} {c['age']:6.0f}s "
+        lines.append(f"{c.get('proto', 'tcp'):5} {c['client']:24} {dst:40} {c['route']:10} "
+                     f"{c['via']:10} {c['age']:6.0f}s "
                      f"{_size(c['bytes_up']):>8} {_size(c['bytes_down']):>8} "
                      f"{_size(c['rate_up'], True):>10} {_size(c['rate_down'], True):>10}")
     return lines

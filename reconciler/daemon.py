@@ -33,7 +33,7 @@ from tproxyd.state.desired import owner_of
 from tproxyd.state.errors import ConfigError, Problem
 from tproxyd.state.loader import from_bytes
 
-from . import drift, metrics
+from . import drift, metrics, upstream_health
 from .config_file import ConfigFile, Settled, Unreadable, Unsettled
 from .errors import KernelError, PreflightError
 from .metrics_server import MetricsServer
@@ -448,6 +448,7 @@ class Daemon:
         return metrics.Snapshot(
             counters=counters, daemon=self.counts, upstreams=upstreams,
             upstream_up=up, upstream_failures=failures,
+            upstream_check_seconds=upstream_health.check_seconds(self.upstream_health()),
             config_valid=self.config_error is None, config_last_good=self.config_loaded_at,
             worker_restarts=sum(s.restarts for s in self.supervisor.slots))
 
@@ -464,9 +465,19 @@ class Daemon:
                 "reconciles": self.reconciles, "in_sync": self.last.get("result") == "ok",
                 "pending": self.reconcile_due is not None or self.settle_at is not None,
                 **self.supervisor.info(now), "counters": self.supervisor.counters(),
+                "upstreams": self.upstream_health(),
                 "metrics": {"listen": self.config.metrics.listen if self.config.metrics.enabled
                             else None, "error": self.metrics_error}}
 
+
+    def upstream_health(self) -> dict[str, dict]:
+        """Each upstream's state, last check and its latency, merged over the serving workers'
+        last reports (a draining worker's view is of a config on its way out)."""
+        assert self.config is not None
+        return upstream_health.merge(
+            [u.name for u in self.config.upstreams],
+            [(w.last, w.last_at) for w in self.supervisor.workers
+             if not w.draining and w.last_at is not None], time.time(), time.monotonic())
 
     def _on_listing(self, w: Worker, report: dict, when: float) -> None:
         self.listings[w.proc.pid] = report

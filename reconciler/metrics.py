@@ -6,8 +6,12 @@ to metric families: no I/O, no waiting, nothing shared with another thread.
 
 Worker counters reach metrics through WORKER_COUNTERS, a table from the name a worker reports
 to a metric and its labels. A name a worker does not report (an older relay) counts 0, so every
-series in the table exists from the first scrape. Label values come from this table and from the
-config (upstream names), never from traffic: the number of series is bounded.
+series in the table exists from the first scrape. Connections by path and bytes by via come from
+the relay's labelled counters (`connections|proto|route|via|end`, `bytes|direction|via`,
+relay/loop.py), parsed by labelled(). Label values come from these tables and from the config
+(route and upstream names, "direct", "reject"), never from traffic: the number of series is
+bounded. A route or upstream renamed by a reload keeps its series (the totals of the workers
+that counted under the old name stay in the daemon, and a counter may not vanish mid-life).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from tproxyd.state.plan import (
 # How a TCP connection or UDP session ended: the access log's `end` values (issue 14), and the
 # suffixes of the relay's end_tcp_<end> / end_udp_<end> counters.
 ENDS = tuple(end.value for end in End)
-DIRECT = "direct"  # route and via labels: per-route series are open work (issue 14)
+DIRECT = "direct"  # route and via labels of traffic no route matched
 
 Labels = Tuple[Tuple[str, str], ...]
 
@@ -63,14 +67,7 @@ FAMILIES: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
 
 def _worker_counters() -> Dict[str, Tuple[str, Labels]]:
     table: Dict[str, Tuple[str, Labels]] = {}
-    for proto in ("tcp", "udp"):
-        for end in ENDS:
-            table[f"end_{proto}_{end}"] = ("connections", (
-                ("proto", proto), ("route", DIRECT), ("via", DIRECT), ("end", end)))
     for direction in ("up", "down"):
-        # TCP's and UDP's payload bytes go to the same series: bytes_total has no proto label
-        table[f"bytes_{direction}"] = ("bytes", (("direction", direction), ("via", DIRECT)))
-        table[f"udp_bytes_{direction}"] = ("bytes", (("direction", direction), ("via", DIRECT)))
         table[f"udp_datagrams_{direction}"] = ("udp_datagrams", (("direction", direction),))
     table.update({
         "active": ("active_connections", (("proto", "tcp"),)),
@@ -86,6 +83,28 @@ def _worker_counters() -> Dict[str, Tuple[str, Labels]]:
 
 # worker counter name -> (family, labels); several names may feed one series (they are summed)
 WORKER_COUNTERS = _worker_counters()
+PROTOS, DIRECTIONS = ("tcp", "udp"), ("up", "down")
+# series shown from the first scrape, before any traffic: every end of direct traffic
+ALWAYS = tuple(
+    [("connections", (("proto", p), ("route", DIRECT), ("via", DIRECT), ("end", e)))
+     for p in PROTOS for e in ENDS]
+    + [("bytes", (("direction", d), ("via", DIRECT))) for d in DIRECTIONS])
+
+
+def labelled(key: str) -> Tuple[str, Labels] | None:
+    """The series of a relay's labelled counter (relay/loop.py PATH_KEY, VIA_BYTES_KEY), None
+    for any other key or one whose values are not what the relay writes. TCP's and UDP's
+    payload bytes go to the same series: bytes_total has no proto label."""
+    parts = key.split("|")
+    if parts[0] == "connections" and len(parts) == 5:
+        _, proto, route, via, end = parts
+        if proto in PROTOS and end in ENDS and route and via:
+            return "connections", (("proto", proto), ("route", route), ("via", via), ("end", end))
+    elif parts[0] == "bytes" and len(parts) == 3:
+        _, direction, via = parts
+        if direction in DIRECTIONS and via:
+            return "bytes", (("direction", direction), ("via", via))
+    return None
 
 RECONCILE_RESULTS = ("ok", "error")
 DRIFT_KINDS = ("rule", "route", "nft_table", "nft_set", "sysctl")
@@ -200,8 +219,13 @@ def families(snap: Snapshot, info: Tuple[str, str] | None = None) -> List[Metric
     for name, (kind, doc, labels) in FAMILIES.items():
         cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
         out[name] = cls(f"tproxyd_{name}", doc, labels=labels)
+    for series in ALWAYS:
+        values[series] = 0
     for key, series in WORKER_COUNTERS.items():
         values[series] = values.get(series, 0) + snap.counters.get(key, 0)
+    for key, n in snap.counters.items():
+        if "|" in key and (series := labelled(key)) is not None:
+            values[series] = values.get(series, 0) + n
     for (name, labels), value in values.items():
         out[name].add_metric([v for _, v in labels], value)
     result = list(out.values())

@@ -50,6 +50,9 @@ ACCEPTS_PER_EVENT = 64
 ACCEPT_PAUSE = 0.25  # seconds without accepting when short of descriptors: no 100% CPU spin
 FDS_PER_CONNECTION = 6  # two sockets, two pipes of two ends each
 LISTENER, WAKER, STATS, CHECK = "listener", "waker", "stats", "check"
+# stats keys of the labelled counters (reconciler/metrics.py reads them back)
+PATH_KEY = "connections|{}|{}|{}|{}"  # proto, route, via, end
+VIA_BYTES_KEY = "bytes|{}|{}"  # direction, via
 
 
 @dataclass
@@ -102,6 +105,23 @@ class Counters:
     # how TCP connections and UDP sessions ended, one count per End
     tcp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
     udp_ends: dict[End, int] = field(default_factory=lambda: dict.fromkeys(End, 0))
+    # the same ends by path, (proto, route, via, end) -> count, and the payload bytes of ended
+    # connections and sessions by (direction, via): the metrics' labels. Route and via are
+    # names from the config, "direct" or "reject", never addresses: the keys are bounded.
+    paths: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    via_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def ended(self, proto: str, end: End, route: str = "direct", via: str = "direct") -> None:
+        """A TCP connection (proto "tcp") or UDP session ("udp") ended: count it."""
+        (self.tcp_ends if proto == "tcp" else self.udp_ends)[end] += 1
+        key = (proto, route, via, end.value)
+        self.paths[key] = self.paths.get(key, 0) + 1
+
+    def moved(self, via: str, up: int, down: int) -> None:
+        """Payload bytes of an ended connection or session through via (both protocols)."""
+        b = self.via_bytes
+        b["up", via] = b.get(("up", via), 0) + up
+        b["down", via] = b.get(("down", via), 0) + down
 
     # The totals older readers (tproxy status, tests) use, derived from the ends.
     @property
@@ -148,12 +168,16 @@ class Counters:
 
     def to_json(self) -> dict:
         """Flat name -> number: end_tcp_<end> and end_udp_<end> per End, the derived totals,
-        every other counter, and the pid."""
+        every other counter, the pid, and the labelled ones as PATH_KEY and VIA_BYTES_KEY
+        (names are [a-z0-9_-]: "|" cannot be part of one). Flat, so the daemon sums them and
+        keeps the totals of ended workers like any other counter."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("tcp_ends", "udp_ends")}
+               if f.name not in ("tcp_ends", "udp_ends", "paths", "via_bytes")}
         out.update({name: getattr(self, name) for name in self.DERIVED})
         out.update({f"end_tcp_{end.value}": n for end, n in self.tcp_ends.items()})
         out.update({f"end_udp_{end.value}": n for end, n in self.udp_ends.items()})
+        out.update({PATH_KEY.format(*key): n for key, n in self.paths.items()})
+        out.update({VIA_BYTES_KEY.format(*key): n for key, n in self.via_bytes.items()})
         out["pid"] = os.getpid()
         return out
 
@@ -494,7 +518,7 @@ class Relay:
     def _refuse(self, client: socket.socket, end: End, route: str = "direct",
                 via: str = "direct") -> None:
         """Reset a connection that never became a Connection, counted under end."""
-        self.counters.tcp_ends[end] += 1
+        self.counters.ended("tcp", end, route, via)
         if self.access is not None:  # access-log hook
             self._access_log_refused(client, end, route, via)
         with contextlib.suppress(OSError):
@@ -830,11 +854,13 @@ class Relay:
         else:
             del self.per_client[ip]
         # counted before the close: whoever sees the close then finds it counted
-        self.counters.tcp_ends[end] += 1
-        self.counters.active -= 1
-        self.counters.closed += 1
-        self.counters.bytes_up += conn.up.bytes  # counted once, not per event
-        self.counters.bytes_down += conn.down.bytes
+        c, via = self.counters, conn.via
+        c.ended("tcp", end, conn.route_name, via)
+        c.active -= 1
+        c.closed += 1
+        c.bytes_up += conn.up.bytes  # counted once, not per event
+        c.bytes_down += conn.down.bytes
+        c.moved(via, conn.up.bytes, conn.down.bytes)
         if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
             counts = self.upstream_counts[conn.upstream]
             counts.active -= 1
@@ -884,18 +910,25 @@ class Relay:
             for f in fields(counts):
                 out[f"upstream_{name}_{f.name}"] = getattr(counts, f.name)
             out[f"upstream_{name}_up"] = int(self.health[name].state == UP)
+        if self.upstreams:  # not a count: the daemon merges the workers' (upstream_health.py)
+            out["health"] = self.health.status(self.now)
         for conn in self.connections:
             out["bytes_up"] += conn.up.bytes
             out["bytes_down"] += conn.down.bytes
+            if conn.state not in OPENING:  # its via is final only once open (failover)
+                _add_via_bytes(out, conn.via, conn.up.bytes, conn.down.bytes)
             if conn.upstream is not None and conn.handshake is not None and conn.handshake.done:
                 out[f"upstream_{conn.upstream}_sent"] += conn.up.bytes
                 out[f"upstream_{conn.upstream}_received"] += conn.down.bytes
+        for session in self.udp.sessions.values():
+            _add_via_bytes(out, session.via, session.bytes_up, session.bytes_down)
         return out
 
     def connection_list(self) -> dict:
         """`tproxy top`'s view of this worker (relay/listing.py), with what it cost."""
         started = time.perf_counter()
-        out = self.listing.listing(self.connections, self.now)
+        out = self.listing.listing(self.connections, self.now,
+                                   sessions=self.udp.sessions.values())
         out.update(pid=os.getpid(), udp_sessions=len(self.udp.sessions),
                    cost_ms=round((time.perf_counter() - started) * 1000, 3))
         return out
@@ -939,6 +972,13 @@ class Relay:
         if left_out:
             message += f" ({left_out} more like it in the last {self.now - last:.0f}s not logged)"
         log.log(level, message)
+
+
+def _add_via_bytes(out: dict, via: str, up: int, down: int) -> None:
+    """An open connection's or session's bytes into a stats reply's bytes|<direction>|<via>."""
+    for direction, n in (("up", up), ("down", down)):
+        key = VIA_BYTES_KEY.format(direction, via)
+        out[key] = out.get(key, 0) + n
 
 
 def read_stats(path: str, timeout: float = 2.0) -> dict:

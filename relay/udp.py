@@ -72,6 +72,12 @@ class Session:
         return upstream.name if upstream is not None else "direct"
 
 
+def _path(route: RouteRule | None) -> tuple[str, str]:
+    """The (route, via) labels of a datagram dropped before its session opened: via is the
+    route's first choice (no upstream was tried)."""
+    return ("direct", DIRECT) if route is None else (route.name, route.via[0])
+
+
 class UdpRelay:
     def __init__(self, relay: Relay):
         self.relay = relay
@@ -201,7 +207,7 @@ class UdpRelay:
         except OSError:
             loop = False
         if loop:
-            c.udp_ends[End.LOOP] += 1
+            c.ended("udp", End.LOOP)
             self.relay.warn("udp-loop", f"dropped a loop: {client[0]} port {client[1]} sent "
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
@@ -217,12 +223,12 @@ class UdpRelay:
             # No session is kept for a datagram a route drops: each one is counted.
             relay.route_counts[route.name] += 1
             if route.action == REJECT:
-                c.udp_ends[End.REJECTED] += 1
+                c.ended("udp", End.REJECTED, route.name, REJECT)
                 relay.note("udp-reject", f"udp from {client[0]} port {client[1]} to {dst[0]} "
                                          f"port {dst[1]}: route {route.name}: reject: dropped")
                 return None
         if self.per_client.get(client[0], 0) >= self.settings.max_udp_sessions_per_client:
-            c.udp_ends[End.OVER_LIMIT] += 1
+            c.ended("udp", End.OVER_LIMIT, *_path(route))
             self.relay.warn("udp-per-client", f"{client[0]} has max_udp_sessions_per_client "
                                               f"({self.settings.max_udp_sessions_per_client}): "
                                               "dropping datagrams for new sessions")
@@ -279,7 +285,7 @@ class UdpRelay:
         c, relay = self.counters, self.relay
         decision = decide(route, relay.health, relay.now)
         if decision.upstream is None:
-            c.udp_ends[End.UPSTREAM_ERROR] += 1
+            c.ended("udp", End.UPSTREAM_ERROR, route.name, route.via[0])
             relay.note("udp-upstream", f"udp from {client[0]} port {client[1]} to {dst[0]} port "
                                        f"{dst[1]}: {decision}: dropped")
             return None
@@ -412,8 +418,10 @@ class UdpRelay:
         except OSError as exc:
             self._icmp_error(session, exc)
             return
+        payload = len(wrapped) - len(socks5.udp_header(*session.dst))
         c.udp_datagrams_up += 1
-        c.udp_bytes_up += len(wrapped) - len(socks5.udp_header(*session.dst))
+        c.udp_bytes_up += payload
+        session.bytes_up += payload
 
     # --- server -> client ------------------------------------------------------------------------
 
@@ -474,7 +482,9 @@ class UdpRelay:
 
     def _close(self, session: Session, end: End) -> None:
         """Release a session already removed from the table, counted under end. Never raises."""
-        self.counters.udp_ends[end] += 1
+        via = session.via
+        self.counters.ended("udp", end, session.route_name, via)
+        self.counters.moved(via, session.bytes_up, session.bytes_down)
         self.relay.access_log_udp(session, end)  # access-log hook
         ip = session.client[0]
         if self.per_client[ip] > 1:

@@ -5,6 +5,7 @@ worker's kill -9; promtool finds nothing to say; the endpoint is only where the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -221,6 +222,103 @@ def test_promtool_finds_nothing_and_openmetrics_on_request(lab: Lab, web):
     names = {f.name for f in parse_om(text)}
     assert {"tproxyd_connections", "tproxyd_reconcile_duration_seconds",
             "tproxyd_build_info"} <= names
+
+
+ROUTES = """
+[[upstream]]
+name = "socks"
+type = "socks5"
+address = "127.0.0.1:1080"
+check_interval = 1
+[[route]]
+name = "corp"
+ports = [8080]
+via = ["socks"]
+[[route]]
+name = "ads"
+ports = [8081]
+via = "reject"
+"""
+
+
+def path(proto: str, route: str, via: str, end: str) -> tuple[str, tuple]:
+    return ("tproxyd_connections_total",
+            (("end", end), ("proto", proto), ("route", route), ("via", via)))
+
+
+def get(lab: Lab, port: int) -> int:
+    """curl's exit status for one request to the server's port (0: answered; 56: reset)."""
+    return lab.run(lab.client, "curl", "-sS", "--max-time", "5", "-o", "/dev/null",
+                   f"http://{WAN.peer4}:{port}/who", check=False).returncode
+
+
+def promtool_clean(lab: Lab, text: str) -> None:
+    if not os.access(PROMTOOL, os.X_OK):
+        if os.environ.get("CI"):
+            pytest.fail(f"{PROMTOOL} missing: .ci/setup installs it")
+        pytest.skip(f"{PROMTOOL} missing: sh .ci/setup installs it")
+    check = lab.run(lab.gw, PROMTOOL, "check", "metrics", input=text, check=False)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check
+
+
+def test_connections_and_bytes_carry_their_route_and_via_across_a_reload(lab: Lab, web):
+    """A route through a SOCKS5 upstream (microsocks in the gateway), a reject route and
+    unrouted traffic: each counted under its route and via, bytes under their via; a SIGHUP
+    (new workers) and a kill -9 take nothing back; promtool finds nothing to say."""
+    if not shutil.which("microsocks"):
+        pytest.skip("microsocks is not installed (sh .ci/setup installs it)")
+    lab.spawn(lab.gw, "microsocks", "-i", "127.0.0.1", "-p", "1080")
+    wait_for_port(lab, lab.gw, 1080)
+    lab.spawn(lab.server, sys.executable, "-m", "http.server", "--bind", "::",
+              "--directory", lab.tmp, "8082")
+    wait_for_port(lab, lab.server, 8082)
+    d = Tproxyd(lab, metrics_config(lab) + ROUTES)
+    assert get(lab, 8080) == 0  # corp, through socks
+    assert get(lab, 8081) != 0  # ads: reset at accept
+    assert get(lab, 8082) == 0  # no route: direct
+
+    def counted() -> Samples | None:
+        got = counters(lab)
+        return got if total(got, "tproxyd_connections_total") == 3 else None
+
+    first = eventually(counted, "three connections in the metrics", timeout=10)
+    corp = [k for k, v in first.items() if v and k[0] == "tproxyd_connections_total"
+            and dict(k[1])["route"] == "corp"]
+    assert len(corp) == 1 and dict(corp[0][1])["via"] == "socks", corp
+    assert dict(corp[0][1])["end"] in ("client_fin", "server_fin")
+    assert first[path("tcp", "ads", "reject", "rejected")] == 1
+    assert total(first, "tproxyd_connections_total", route="direct", via="direct") == 1
+    for via in ("socks", "direct"):  # the same small page each way
+        assert total(first, "tproxyd_bytes_total", direction="down", via=via) > 16
+        assert total(first, "tproxyd_bytes_total", direction="up", via=via) > 0
+    assert total(first, "tproxyd_bytes_total", via="reject") == 0
+    labels = {v for (name, ls), _ in first.items() for k, v in ls if k in ("route", "via")}
+    assert labels <= {"corp", "ads", "direct", "socks", "reject"}  # never an address
+    # socks has check_interval = 1: the latest check's duration, a few ms on loopback
+    checked = eventually(lambda: samples(scrape(lab)[0], ("gauge",)).get(
+        ("tproxyd_upstream_check_seconds", (("upstream", "socks"),))), "a check's duration")
+    assert 0 < checked < 1
+    promtool_clean(lab, scrape(lab)[0])
+
+    (old,) = worker_pids(d)
+    os.kill(d.proc.pid, signal.SIGHUP)
+    eventually(lambda: (p := worker_pids(d)) and old not in p, "a new worker", timeout=10)
+    second = counters(lab)
+    assert_no_decrease(first, second, "after SIGHUP")
+    assert get(lab, 8080) == 0  # the new worker counts on top of the old one's totals
+    assert get(lab, 8081) != 0
+    third = eventually(lambda: (c := counters(lab)) and total(
+        c, "tproxyd_connections_total") == 5 and c, "two more connections", timeout=10)
+    assert_no_decrease(second, third, "after the new worker's connections")
+    assert third[path("tcp", "ads", "reject", "rejected")] == 2
+    assert total(third, "tproxyd_connections_total", route="corp", via="socks") == 2
+    assert total(third, "tproxyd_bytes_total", direction="down", via="socks") > total(
+        first, "tproxyd_bytes_total", direction="down", via="socks")
+    (pid,) = worker_pids(d)  # started by the daemon we started
+    os.kill(pid, signal.SIGKILL)
+    eventually(lambda: (p := worker_pids(d)) and pid not in p, "a restarted worker", timeout=10)
+    assert_no_decrease(third, counters(lab), "after kill -9 of the worker")
+    promtool_clean(lab, scrape(lab)[0])
 
 
 def refused(lab: Lab, ns: str, url: str) -> bool:

@@ -214,6 +214,8 @@ def test_a_connection_refused_over_the_limit_gets_its_line(tmp_path):
                 socket.create_connection(addr, timeout=DEADLINE) as refused:
             assert refused.recv(1) == b""  # or reset, even before connect() returned
         wait_for(lambda: relay.counters.refused == 1, "the refusal")
+        relay.stop()  # while held is open: closed first, it could end by client_fin instead
+        wait_for(lambda: len(path.read_bytes().splitlines()) == 2, "the held one's line")
     docs = [json.loads(x) for x in path.read_bytes().splitlines()]
     assert docs[0]["end"] == "over_limit" and docs[0]["bytes_up"] == docs[0]["bytes_down"] == 0
     assert docs[0]["connect_ms"] is None and docs[1]["end"] == "drained"  # the held one, at stop

@@ -104,6 +104,41 @@ def test_check_prints_the_upstreams_and_routes(tmp_path, capsys):
     assert "route ads: tcp/udp to 1 destinations -> reject" in out
 
 
+def test_status_shows_each_upstreams_state_since_when_and_why_and_its_last_check():
+    import time as clock
+
+    from tproxyd.reconciler.cli import _upstream_lines
+    from tproxyd.state.loader import from_bytes
+
+    config = from_bytes(UPSTREAMS.encode(), "t.toml")
+    now = clock.mktime((2026, 12, 2, 15, 30, 0, 0, 0, -1))
+    view = {"workers": [{}, {}], "counters": {
+        "upstream_corp_up": 2, "upstream_corp_connections": 5, "upstream_corp_checks": 4,
+        "upstream_web_up": 1, "upstream_web_failures": 3, "route_office_connections": 6},
+        "upstreams": {
+            "corp": {"state": "up", "since": now - 60, "reason": "", "retry_in": None,
+                     "workers": 2, "down_in": 0, "last_check": now - 2.2, "last_check_ok": True,
+                     "last_check_seconds": 0.0041, "failures": {}},
+            "web": {"state": "down", "since": now - 125, "reason": "refused", "retry_in": 3.6,
+                    "workers": 2, "down_in": 1, "last_check": None, "last_check_ok": None,
+                    "last_check_seconds": None, "failures": {"refused": 3}}}}
+    lines = _upstream_lines(config, view, now=now)
+    assert lines[0] == ("upstream corp (socks5 198.18.3.2:1080): up; last check 2s ago ok "
+                        "(4.1 ms); 0 active, 5 connections, 0 failures, 0 declined, 0 of 4 "
+                        "checks failed")
+    assert lines[1].startswith("upstream web (http [2001:db8:3::2]:3128): DOWN since 15:27:55 "
+                               "(refused) in 1 of 2 workers, next try in 4s; no active checks; ")
+    assert lines[2] == "route office: 6 connections -> corp, web"
+    view["upstreams"]["corp"].update(state="down", since=now - 2 * 86400, reason="check: connect",
+                                     down_in=2, last_check_ok=False, last_check_seconds=None)
+    text = _upstream_lines(config, view, now=now)[0]
+    assert ": DOWN since 2026-11-30 15:30:00 (check: connect), next try in" not in text
+    assert ": DOWN since 2026-11-30 15:30:00 (check: connect); last check 2s ago failed;" in text
+    view["upstreams"]["corp"]["last_check"] = None
+    assert "): DOWN since 2026-11-30 15:30:00 (check: connect); not checked yet; " in \
+        _upstream_lines(config, view, now=now)[0]
+
+
 def test_status_shows_upstream_health_from_the_workers_counters(tmp_path):
     from tproxyd.reconciler.cli import _upstream_lines
     from tproxyd.state.loader import from_bytes

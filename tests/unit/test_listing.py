@@ -124,3 +124,37 @@ def test_the_daemon_merges_its_workers_lists_busiest_first_and_forgets_ended_wor
     assert (doc["workers"], doc["open"], doc["udp_sessions"], doc["rate"]) == (2, 3, 1, 14)
     assert (doc["bytes_up"], doc["bytes_down"], doc["cost_ms"]) == (6, 8, 1.5)
     assert 9 not in fake.listings
+
+
+class Sess:
+    """What the listing reads of a relay UDP Session (relay/udp.py)."""
+
+    def __init__(self, i: int, up: int, down: int, started: float, assoc=None):
+        self.bytes_up, self.bytes_down, self.started, self.assoc = up, down, started, assoc
+        self.client, self.dst = (f"10.0.9.{i}", 5000 + i), ("198.18.2.53", 53)
+        self.route_name, self.via = "dns", "corp"
+
+
+def test_udp_sessions_are_listed_with_connections_by_the_same_rule():
+    from tproxyd.relay.association import AssocState
+
+    tcp = [conn(1, up=10, down=100), conn(2, up=1, down=1)]
+    udp = [Sess(1, up=60, down=600, started=1.0),
+           Sess(2, up=0, down=0, started=2.0,
+                assoc=SimpleNamespace(state=AssocState.HANDSHAKING))]
+    snaps = Snapshots()
+    doc = snaps.listing(tcp, now=5.0, sessions=udp)
+    assert doc["open"] == 2 and doc["shown"] == 4
+    assert (doc["bytes_up"], doc["bytes_down"]) == (71, 701)
+    first, second = doc["connections"][:2]
+    assert first["proto"] == "udp" and first["client"] == "10.0.9.1:5001"
+    assert first["dst"] == "198.18.2.53:53" and first["state"] == "relaying"
+    assert (first["route"], first["via"], first["age"]) == ("dns", "corp", 4.0)
+    assert (first["bytes_up"], first["bytes_down"]) == (60, 600)
+    assert second["proto"] == "tcp" and second["bytes_down"] == 100
+    waiting = [r for r in doc["connections"] if r["client"] == "10.0.9.2:5002"]
+    assert waiting[0]["state"] == "udp associate handshake"
+    udp[0].bytes_down += 3000  # a second later: the session is the busiest by rate
+    doc = snaps.listing(tcp, now=6.0, sessions=udp)
+    assert doc["connections"][0]["proto"] == "udp" and doc["connections"][0]["rate_down"] == 3000
+    assert doc["rate"] == 3000

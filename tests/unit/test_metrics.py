@@ -42,12 +42,15 @@ def test_every_end_of_tcp_and_udp_is_a_series_from_the_first_scrape():
 
 
 def test_worker_counters_reach_their_series():
-    counters = {"end_tcp_client_fin": 3, "end_tcp_server_reset": 1, "end_udp_udp_expired": 4,
-                "end_tcp_over_limit": 2, "active": 5, "udp_sessions": 6,
-                "bytes_up": 100, "bytes_down": 1000, "udp_bytes_up": 7, "udp_bytes_down": 70,
+    counters = {"connections|tcp|direct|direct|client_fin": 3,
+                "connections|tcp|direct|direct|server_reset": 1,
+                "connections|udp|direct|direct|udp_expired": 4,
+                "connections|tcp|direct|direct|over_limit": 2, "active": 5, "udp_sessions": 6,
+                "bytes|up|direct": 107, "bytes|down|direct": 1070,
                 "udp_datagrams_up": 8, "udp_datagrams_down": 9, "udp_drops": 10,
                 "udp_kernel_drops": 11, "udp_failed": 12, "log_suppressed": 13,
-                "access_log_dropped": 14, "accepted": 99, "started": 1}  # not in the table: not shown
+                "access_log_dropped": 14, "accepted": 99, "started": 1,  # not in the table
+                "end_tcp_client_fin": 3, "bytes_up": 107}  # flat totals: not shown twice
     got = samples(Snapshot(counters, DaemonCounts()))
     assert got[conn("tcp", "client_fin")] == 3
     assert got[conn("tcp", "server_reset")] == 1
@@ -55,7 +58,6 @@ def test_worker_counters_reach_their_series():
     assert got[conn("udp", "udp_expired")] == 4
     assert got[("tproxyd_active_connections", (("proto", "tcp"),))] == 5
     assert got[("tproxyd_active_connections", (("proto", "udp"),))] == 6
-    # TCP's and UDP's payload bytes add up in one series per direction
     assert got[("tproxyd_bytes_total", (("direction", "up"), ("via", "direct")))] == 107
     assert got[("tproxyd_bytes_total", (("direction", "down"), ("via", "direct")))] == 1070
     assert got[("tproxyd_udp_datagrams_total", (("direction", "up"),))] == 8
@@ -65,6 +67,35 @@ def test_worker_counters_reach_their_series():
     assert drops == {"udp_relay": 10, "udp_receive_queue": 11, "udp_no_socket": 12, "log_line": 13,
                      "access_log_line": 14}
     assert not any("accepted" in name or "started" in name for name, _ in got)
+
+
+def test_connections_and_bytes_by_route_and_via():
+    counters = {"connections|tcp|corp|a|client_fin": 2, "connections|tcp|corp|b|client_fin": 1,
+                "connections|udp|corp|a|udp_expired": 5, "connections|tcp|ads|reject|rejected": 7,
+                "bytes|up|a": 40, "bytes|down|a": 400, "bytes|up|b": 1, "bytes|down|b": 2,
+                # not what a relay writes: left out rather than shown as a new label value
+                "connections|tcp|corp|a|exploded": 1, "connections|sctp|x|y|client_fin": 1,
+                "connections|tcp||direct|client_fin": 1, "bytes|sideways|a": 1, "bytes|up": 3}
+    got = samples(Snapshot(counters, DaemonCounts()))
+
+    def path(proto: str, route: str, via: str, end: str) -> float:
+        return got[("tproxyd_connections_total",
+                    (("end", end), ("proto", proto), ("route", route), ("via", via)))]
+
+    assert path("tcp", "corp", "a", "client_fin") == 2
+    assert path("tcp", "corp", "b", "client_fin") == 1
+    assert path("udp", "corp", "a", "udp_expired") == 5
+    assert path("tcp", "ads", "reject", "rejected") == 7
+    assert path("tcp", "direct", "direct", "client_fin") == 0  # always there
+    assert got[("tproxyd_bytes_total", (("direction", "up"), ("via", "a")))] == 40
+    assert got[("tproxyd_bytes_total", (("direction", "down"), ("via", "b")))] == 2
+    conns = [dict(labels) for name, labels in got if name == "tproxyd_connections_total"]
+    assert len(conns) == 2 * len(ENDS) + 4
+    assert {c["end"] for c in conns} == set(ENDS) and {c["proto"] for c in conns} == {"tcp", "udp"}
+    assert {c["route"] for c in conns} == {"direct", "corp", "ads"}
+    assert {c["via"] for c in conns} == {"direct", "a", "b", "reject"}
+    vias = {dict(labels)["via"] for name, labels in got if name == "tproxyd_bytes_total"}
+    assert vias == {"direct", "a", "b"}
 
 
 def test_the_table_names_what_a_worker_reports():
@@ -143,7 +174,8 @@ def test_a_histogram_bound_is_inclusive():
 
 
 def test_openmetrics_when_asked_for_and_it_parses():
-    reg = registry(lambda: Snapshot({"end_tcp_client_fin": 2}, DaemonCounts()))
+    reg = registry(lambda: Snapshot({"connections|tcp|direct|direct|client_fin": 2},
+                                    DaemonCounts()))
     encoder, content_type = choose_encoder("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     text = encoder(reg).decode()

@@ -141,6 +141,62 @@ def test_every_upstream_dead_resets_the_client_as_upstream_error():
         assert relay.counters.active == 0
 
 
+def test_ends_and_bytes_are_counted_by_route_and_via():
+    """The metrics' labels: each end under its (proto, route, via), bytes under their via; a
+    connection still open counts its bytes already."""
+    proxy, direct = FakeSocks5(early=b"banner "), Upstream(echo)
+    routes = (RouteRule("corp", ("a",), ports=((9, 9),)), RouteRule("ads", ("reject",),
+                                                                      ports=((10, 10),)))
+    dst = {"port": 9}
+
+    def original_dst(_: socket.socket) -> tuple:
+        return DST if dst["port"] == 9 else ("127.0.0.1", dst["port"])
+
+    with running(DST, upstreams=(proxy.config("a"),), routes=routes) as (relay, addr):
+        relay.original_dst = original_dst
+        with socket.create_connection(addr, timeout=DEADLINE) as c:  # corp via a, open
+            c.sendall(b"ping")
+            assert recv_exactly(c, 11) == b"banner ping"
+            wait_for(lambda: stats(relay).get("bytes|down|a") == 11, "the open bytes via a")
+            s = stats(relay)
+            assert s["bytes|up|a"] == 4 and s["upstream_a_sent"] == 4
+            assert s["upstream_a_received"] == 11
+        dst["port"] = 10
+        expect_reset(addr)  # ads: reject
+        dst["port"] = direct.addr[1]
+        with socket.create_connection(addr, timeout=DEADLINE) as c:  # no route: direct, open
+            c.sendall(b"12345")
+            assert recv_exactly(c, 5) == b"12345"
+            # counted by the relay's thread just after the bytes went: wait for it
+            wait_for(lambda: stats(relay).get("bytes|down|direct") == 5, "the open bytes")
+            assert stats(relay)["bytes|up|direct"] == 5
+        wait_for(lambda: relay.counters.active == 0, "the connections to end")
+        s = stats(relay)
+    paths = {k: v for k, v in s.items() if k.startswith("connections|")}
+    assert paths == {"connections|tcp|corp|a|client_fin": 1,
+                     "connections|tcp|ads|reject|rejected": 1,
+                     "connections|tcp|direct|direct|client_fin": 1}
+    assert (s["bytes|up|a"], s["bytes|down|a"]) == (4, 11)
+    assert (s["bytes|up|direct"], s["bytes|down|direct"]) == (5, 5)
+    assert "bytes|up|reject" not in s  # a connection reset at accept moved nothing
+    # the flat counters the rest reads are unchanged
+    assert s["end_tcp_client_fin"] == 2 and s["end_tcp_rejected"] == 1
+    assert s["bytes_up"] == 9 and s["upstream_a_sent"] == 4
+
+
+def test_a_connection_no_upstream_could_carry_counts_under_the_last_it_tried():
+    routes = (RouteRule("corp", ("a", "b")),)
+    ups = (upstream_at("a", closed_port()), upstream_at("b", closed_port()))
+    with running(DST, upstreams=ups, routes=routes) as (relay, addr):
+        expect_reset(addr)  # a refused, then b refused
+        wait_for(lambda: relay.counters.tcp_ends[End.UPSTREAM_ERROR] == 1, "the count")
+        expect_reset(addr)  # both down: reset at accept, under the route's first choice
+        wait_for(lambda: relay.counters.tcp_ends[End.UPSTREAM_ERROR] == 2, "the count")
+        s = stats(relay)
+    assert s["connections|tcp|corp|b|upstream_error"] == 1
+    assert s["connections|tcp|corp|a|upstream_error"] == 1
+
+
 def hostile(behaviour: str):
     def handle(conn: socket.socket) -> None:
         conn.recv(16)
@@ -262,3 +318,38 @@ def test_active_checks_bring_a_recovered_upstream_back_after_two_passes():
             assert relay.health["a"].last_check_ok
         finally:
             back.close()
+
+
+def test_udp_ends_and_bytes_count_by_route_and_via_like_tcp():
+    """UdpRelay counts through the same Counters calls (the kernel test carries real UDP)."""
+    from tproxyd.relay.loop import Counters
+
+    c = Counters()
+    c.ended("udp", End.UDP_EXPIRED, "corp", "a")
+    c.moved("a", 100, 300)
+    c.ended("udp", End.REJECTED, "ads", "reject")
+    c.ended("tcp", End.CLIENT_FIN)
+    c.moved("direct", 5, 0)
+    out = c.to_json()
+    assert out["connections|udp|corp|a|udp_expired"] == 1
+    assert out["connections|udp|ads|reject|rejected"] == 1
+    assert out["connections|tcp|direct|direct|client_fin"] == 1
+    assert (out["bytes|up|a"], out["bytes|down|a"], out["bytes|up|direct"]) == (100, 300, 5)
+    assert out["end_udp_udp_expired"] == out["end_udp_rejected"] == out["end_tcp_client_fin"] == 1
+    assert c.udp_expired == 1  # the derived totals still read the flat counts
+
+
+def test_stats_count_the_bytes_of_open_udp_sessions_by_via():
+    from tproxyd.relay.loop import Settings
+    from tproxyd.relay.udp import Session
+
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False))
+    try:
+        session = Session(("198.18.1.2", 5000), ("198.18.2.2", 53), None, None, relay.now)
+        session.bytes_up, session.bytes_down = 30, 300
+        relay.udp.sessions[(session.client, session.dst)] = session
+        s = relay.stats()
+        relay.udp.sessions.clear()
+    finally:
+        relay.close()
+    assert (s["bytes|up|direct"], s["bytes|down|direct"]) == (30, 300)

@@ -65,13 +65,16 @@ def test_upstream_gauges_are_not_kept_after_a_worker_ends(tmp_path: Path):
     sup = supervisor(tmp_path)
     w = stand_in(sup, tmp_path)
     w.last = {"upstream_corp_up": 1, "upstream_corp_active": 3, "upstream_corp_failures": 2,
-              "upstream_corp_connections": 9, "route_r_connections": 9}
+              "upstream_corp_connections": 9, "route_r_connections": 9,
+              # labelled totals, even through an upstream whose name ends like a gauge
+              "connections|tcp|r|x_up|client_fin": 4, "bytes|down|x_active": 50}
     w.proc.kill()
     w.proc.wait()
     sup.tick(time.monotonic())
     assert sup.counters() == {"upstream_corp_up": 0, "upstream_corp_active": 0,
                               "upstream_corp_failures": 2, "upstream_corp_connections": 9,
-                              "route_r_connections": 9}
+                              "route_r_connections": 9, "connections|tcp|r|x_up|client_fin": 4,
+                              "bytes|down|x_active": 50}
     sup.stop(timeout=5)
 
 
