@@ -11,12 +11,13 @@
         +---- refused, timeout, bad reply: HandshakeError; the relay tries the route's next
               upstream on a new server socket (UPSTREAM_CONNECTING again) or resets the client
 
-CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once.
-Through an upstream, the client is watched while the tunnel opens, so that one which gives up
+CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once;
+UPSTREAM_CONNECTING likewise, inside via_upstream(), when the greeting could. Through an
+upstream, the client is watched while the tunnel opens, so that one which gives up
 (a reset, or a FIN before any byte) ends at once instead of holding its upstream socket and its
 slot until the tunnel opens or the deadline passes. What it sends meanwhile is kept (up to
-EARLY_LIMIT; past that it waits in the kernel) and goes to the server right after the upstream's
-own bytes after its reply (step.rest) went to the client.
+EARLY_LIMIT; past that it waits in the kernel) and goes to the server as the tunnel opens
+(send_early()); the upstream's own bytes after its reply (step.rest) go to the client.
 Reaching CLOSED by FINs, the last FIN is still to send: close() sends it.
 """
 
@@ -163,7 +164,7 @@ class Connection:
             self.up = Flow(self.client, server, self.use_splice, self.pool)
             self.up.leftover, self.up.pending, self.up.eof = early.leftover, early.pending, early.eof
             self.down = Flow(server, self.client, self.use_splice, self.pool)
-        self.upstream, self.handshake, self.hs_out = upstream, handshake, b""
+        self.upstream, self.handshake, self.hs_out = upstream, handshake, handshake.start()
         self.attempt_started = now
         self.state = State.UPSTREAM_CONNECTING
         if address is None:
@@ -172,6 +173,15 @@ class Connection:
         err = server.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             raise upstream_error(err, upstream, "connect")
+        # Over a local link the connect is usually done when connect() returns: greet at once
+        # (a socket still connecting says "would block"; its writability then says when).
+        try:
+            self.hs_out = self.hs_out[server.send(self.hs_out):]
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise upstream_error(exc.errno or 0, upstream, "connect") from None
+        self.state = State.HANDSHAKING
 
     def _upstream_event(self, mask: int) -> None:
         """UPSTREAM_CONNECTING or HANDSHAKING: one step of the way to an open tunnel. Raises
@@ -182,8 +192,7 @@ class Connection:
             err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise upstream_error(err, name, "connect")
-            self.state = State.HANDSHAKING
-            self.hs_out = hs.start()
+            self.state = State.HANDSHAKING  # hs_out holds the first bytes, from hs.start()
             mask = WRITE
         try:
             if mask & WRITE and self.hs_out:
@@ -228,6 +237,15 @@ class Connection:
             return
         kept = bytes(up.leftover) + data if up.leftover is not None else data
         up.leftover, up.pending = memoryview(kept), len(kept)
+
+    def send_early(self) -> None:
+        """The tunnel just opened: send what the client sent during the handshake at once
+        (no wait for writability: the socket is fresh), then its FIN if it came too."""
+        up = self.up
+        if up.pending:
+            up.flush()
+        if up.eof:
+            self._pass_fins()
 
     def connected(self) -> None:
         """The server socket became writable while CONNECTING: did the connect succeed? With

@@ -665,6 +665,10 @@ class Relay:
         counts.active += 1
         if self.settings.idle_timeout:
             self._schedule(conn, self.now + self.settings.idle_timeout)
+        try:
+            conn.send_early()
+        except OSError as exc:
+            self._end(conn, conn.failure_end(exc))
 
     # --- active checks -------------------------------------------------------------------------
 
