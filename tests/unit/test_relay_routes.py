@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import socket
 import struct
 import threading
@@ -25,6 +26,7 @@ from tests.unit.test_relay_loop import (
     running,
     wait_for,
 )
+from tproxyd.relay.connection import EARLY_LIMIT
 from tproxyd.relay.ends import End
 from tproxyd.relay.loop import Relay
 from tproxyd.state.upstreams import HTTP, SOCKS5, RouteRule
@@ -331,4 +333,36 @@ def test_early_bytes_and_a_half_close_wait_for_a_slow_handshake_without_spinning
         wait_for(lambda: relay.counters.active == 0, "the connection to end")
         assert relay.counters.tcp_ends[End.CLIENT_FIN] == 1
         assert stats(relay)["upstream_slow_sent"] == len(payload)
+    assert not proxy.errors
+
+
+def test_more_early_bytes_than_the_relay_keeps_wait_in_the_kernel_and_arrive_whole():
+    """Past EARLY_LIMIT the client is no longer read (nor watched: no spin) until the tunnel
+    is open; then every byte arrives, in order."""
+    go = threading.Event()
+
+    def slow(conn: socket.socket) -> None:
+        recv_exactly(conn, 3)
+        go.wait(DEADLINE)
+        conn.sendall(b"\x05\x00")
+        recv_exactly(conn, 10)
+        conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
+        digest_until_eof(conn)
+
+    proxy = Upstream(slow)
+    payload = os.urandom(EARLY_LIMIT * 4 + 123)
+    ups = (upstream_at("slow", proxy.addr),)
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("slow",)),)) as (relay, addr):
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(payload)  # the kernel's buffers hold what the relay does not take
+            c.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            (conn,) = relay.connections
+            assert conn.up.pending == EARLY_LIMIT
+            turns = relay.iterations
+            time.sleep(0.5)
+            assert relay.iterations - turns < 20, "the loop spins on a client it cannot serve"
+            go.set()
+            answer = recv_all(c)
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
     assert not proxy.errors
