@@ -11,9 +11,13 @@
         +---- refused, timeout, bad reply: HandshakeError; the relay tries the route's next
               upstream on a new server socket (UPSTREAM_CONNECTING again) or resets the client
 
-CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once.
-Through an upstream, nothing is read from the client until the tunnel is open: its bytes wait
-in the kernel, and the upstream's bytes after its reply (step.rest) reach the client first.
+CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once;
+UPSTREAM_CONNECTING likewise, inside via_upstream(), when the greeting could. Through an
+upstream, the client is watched while the tunnel opens, so that one which gives up
+(a reset, or a FIN before any byte) ends at once instead of holding its upstream socket and its
+slot until the tunnel opens or the deadline passes. What it sends meanwhile is kept (up to
+EARLY_LIMIT; past that it waits in the kernel) and goes to the server as the tunnel opens
+(send_early()); the upstream's own bytes after its reply (step.rest) go to the client.
 Reaching CLOSED by FINs, the last FIN is still to send: close() sends it.
 """
 
@@ -53,6 +57,9 @@ class ConnectFailed(OSError):
 
 
 OPENING = (State.CONNECTING, State.UPSTREAM_CONNECTING, State.HANDSHAKING)  # connect deadline
+# Client bytes kept while an upstream's tunnel opens: a request or a TLS ClientHello fits; past
+# this the client is no longer read (nor watched: a readable socket left unread would spin).
+EARLY_LIMIT = 1 << 16
 # a failed connect's errno -> the short reason an upstream's failure is counted under
 _UPSTREAM_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                      errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable",
@@ -108,10 +115,14 @@ class Connection:
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""
         state = self.state
-        if state is State.CONNECTING or state is State.UPSTREAM_CONNECTING:
+        if state is State.CONNECTING:
             return 0, WRITE
-        if state is State.HANDSHAKING:
-            return 0, READ | (WRITE if self.hs_out else 0)
+        if state is State.UPSTREAM_CONNECTING or state is State.HANDSHAKING:
+            up = self.up  # the client: read for its early bytes, its FIN or its reset
+            client = 0 if up.eof or up.pending >= EARLY_LIMIT else READ
+            if state is State.UPSTREAM_CONNECTING:
+                return client, WRITE
+            return client, READ | (WRITE if self.hs_out else 0)
         if state is State.CLOSED:
             return 0, 0
         # read a flow's src while it is open and nothing waits for dst; write dst while
@@ -149,9 +160,11 @@ class Connection:
         if server is not self.server:
             self.server.close()
             self.server = server
+            early = self.up  # the client's early bytes and FIN stay the client's
             self.up = Flow(self.client, server, self.use_splice, self.pool)
+            self.up.leftover, self.up.pending, self.up.eof = early.leftover, early.pending, early.eof
             self.down = Flow(server, self.client, self.use_splice, self.pool)
-        self.upstream, self.handshake, self.hs_out = upstream, handshake, b""
+        self.upstream, self.handshake, self.hs_out = upstream, handshake, handshake.start()
         self.attempt_started = now
         self.state = State.UPSTREAM_CONNECTING
         if address is None:
@@ -160,6 +173,15 @@ class Connection:
         err = server.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             raise upstream_error(err, upstream, "connect")
+        # Over a local link the connect is usually done when connect() returns: greet at once
+        # (a socket still connecting says "would block"; its writability then says when).
+        try:
+            self.hs_out = self.hs_out[server.send(self.hs_out):]
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise upstream_error(exc.errno or 0, upstream, "connect") from None
+        self.state = State.HANDSHAKING
 
     def _upstream_event(self, mask: int) -> None:
         """UPSTREAM_CONNECTING or HANDSHAKING: one step of the way to an open tunnel. Raises
@@ -170,8 +192,7 @@ class Connection:
             err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise upstream_error(err, name, "connect")
-            self.state = State.HANDSHAKING
-            self.hs_out = hs.start()
+            self.state = State.HANDSHAKING  # hs_out holds the first bytes, from hs.start()
             mask = WRITE
         try:
             if mask & WRITE and self.hs_out:
@@ -196,6 +217,36 @@ class Connection:
                 self.down.leftover = memoryview(step.rest)
                 self.down.pending = len(step.rest)
 
+    def _client_early(self) -> None:
+        """The client is readable while the tunnel opens: keep its bytes (at most EARLY_LIMIT)
+        for the server. A FIN after bytes is a half-close, passed on after them; a FIN before
+        any byte means the client gave up: CLOSED (ended as client_fin). Its reset raises."""
+        up = self.up
+        try:
+            data = self.client.recv(EARLY_LIMIT - up.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            up.failed = SRC  # failure_end(): client_reset
+            raise
+        if not data:
+            up.eof = True
+            if not up.pending:
+                self.first_fin = CLIENT
+                self.state = State.CLOSED
+            return
+        kept = bytes(up.leftover) + data if up.leftover is not None else data
+        up.leftover, up.pending = memoryview(kept), len(kept)
+
+    def send_early(self) -> None:
+        """The tunnel just opened: send what the client sent during the handshake at once
+        (no wait for writability: the socket is fresh), then its FIN if it came too."""
+        up = self.up
+        if up.pending:
+            up.flush()
+        if up.eof:
+            self._pass_fins()
+
     def connected(self) -> None:
         """The server socket became writable while CONNECTING: did the connect succeed? With
         bytes to send, the send answers that (and sends them); else SO_ERROR does."""
@@ -217,7 +268,10 @@ class Connection:
         """Move the bytes this readiness allows, then pass on FINs and advance the state.
         Raises OSError when a socket fails; the caller resets the connection."""
         if self.state is State.UPSTREAM_CONNECTING or self.state is State.HANDSHAKING:
-            self._upstream_event(mask)
+            if side == CLIENT:
+                self._client_early()
+            else:
+                self._upstream_event(mask)
             self.last_active = now
             return
         up, down = self.up, self.down

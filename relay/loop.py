@@ -689,6 +689,10 @@ class Relay:
         counts.active += 1
         if self.settings.idle_timeout:
             self._schedule(conn, self.now + self.settings.idle_timeout)
+        try:
+            conn.send_early()
+        except OSError as exc:
+            self._end(conn, conn.failure_end(exc))
 
     # --- active checks -------------------------------------------------------------------------
 
@@ -810,7 +814,7 @@ class Relay:
         if connecting and 0 < self.settings.idle_timeout < self.settings.connect_timeout:
             # else the connect deadline's timer, when it fires, moves on to the idle deadline
             self._schedule(conn, self.now + self.settings.idle_timeout)
-        elif upstream_step and conn.state not in OPENING:
+        elif upstream_step and conn.state is State.RELAYING:  # not CLOSED: a client gone
             self._tunnel_open(conn)
         if conn.state is State.CLOSED:
             self._end(conn, conn.fin_end())

@@ -40,3 +40,21 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
                               capture_output=True, text=True)
     assert compared.returncode == 0 and "1.00" in compared.stdout
     assert left == []
+
+
+def test_quick_upstreams_bench_runs_every_variant_and_cleans_up(lab, tmp_path):
+    """bench/upstreams.py: through microsocks, tproxyd and redsocks each carry their runs (the
+    harness checks their counters), the 100,000-CIDR relay too; a table comes out."""
+    out = tmp_path / "upstreams.jsonl"
+    result, left = run_own_lab([sys.executable, "-m", "bench.upstreams", "--quick", "--out",
+                                str(out)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = "\n".join(ln for ln in result.stderr.splitlines() if " failed: " in ln)[-3000:]
+    seen = {(r["figure"], r["variant"]) for r in rows}
+    for figure in ("throughput", "rate", "latency"):
+        assert {(figure, v) for v in ("kernel", "tproxyd", "redsocks")} <= seen, failed
+    assert {("routes", "tproxyd-direct"), ("routes", "tproxyd-100k")} <= seen, failed
+    assert all(r["carried_connections"] >= r["connections"] for r in rows if r["variant"] != "kernel")
+    assert "tproxyd / redsocks" in result.stdout and "100k / none" in result.stdout
+    assert left == []

@@ -440,3 +440,52 @@ def test_udp_fails_over_to_the_second_upstream(net: Net):
     assert dig(lab, 53).stdout.strip() == "198.18.2.50"
     counters = read_stats(stats)
     assert counters["upstream_gone_failures"] == 1 and counters["upstream_dante_connections"] == 1
+
+
+SILENT = """
+import socket, sys, time
+s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)  # reads nothing, answers nothing: a handshake that never ends
+"""
+
+RESET_AFTER = """
+import socket, struct, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print("connected", flush=True)
+time.sleep(float(sys.argv[3]))
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()
+print("reset", flush=True)
+"""
+
+
+def test_a_client_reset_during_the_upstream_handshake_frees_its_slot_at_once(net: Net):
+    """The upstream takes the connection and never answers the greeting; the client gives up
+    with a reset. The relay lets go of it then, not when connect_timeout (60 s) passes."""
+    lab = net.lab
+    lab.spawn(net.proxy_ns, sys.executable, "-c", SILENT, "1096")
+    wait_for_port(lab, net.proxy_ns, 1096)
+    log_path = os.path.join(lab.tmp, "access.log")
+    stats = start_relay(lab, upstream("mute", "socks5", f"{P4}:1096", check_interval=0,
+                                      connect_timeout=60),
+                        route("r", ["mute"], ports=[8080]),
+                        extra=f'[log]\naccess = "{log_path}"\n')
+    client = lab.spawn(lab.client, sys.executable, "-c", RESET_AFTER, WAN.peer4, "8080", "2")
+    wait_stats(stats, lambda c: c["active"] == 1, "the connection in the handshake")
+    assert client.wait(20) == 0, lab.log_of(client)
+    reset_at = time.monotonic()
+    counters = wait_stats(stats, lambda c: c["active"] == 0, "the relay to let go", timeout=15)
+    assert time.monotonic() - reset_at < 15  # well before the upstream's connect_timeout
+    assert counters["end_tcp_client_reset"] == 1 and counters["end_tcp_connect_timeout"] == 0
+    assert counters["upstream_mute_failures"] == 0  # the client left: not the upstream's fault
+    deadline = time.monotonic() + 10
+    while not (os.path.exists(log_path) and os.path.getsize(log_path)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with open(log_path) as f:
+        (line,) = map(json.loads, f)
+    assert (line["route"], line["via"], line["end"]) == ("r", "mute", "client_reset")
+    assert peers_seen(net) == []

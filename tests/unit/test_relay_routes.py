@@ -5,19 +5,28 @@ behaviours run against real proxies (microsocks, dante, tinyproxy) in tests/kern
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import socket
 import struct
 import threading
+import time
+
+import pytest
 
 from tests.unit.test_relay_loop import (
     DEADLINE,
     Upstream,
     closed_port,
+    digest_until_eof,
     echo,
     expect_reset,
+    recv_all,
+    reset,
     running,
     wait_for,
 )
+from tproxyd.relay.connection import EARLY_LIMIT
 from tproxyd.relay.ends import End
 from tproxyd.relay.loop import Relay
 from tproxyd.state.upstreams import HTTP, SOCKS5, RouteRule
@@ -353,3 +362,98 @@ def test_stats_count_the_bytes_of_open_udp_sessions_by_via():
     finally:
         relay.close()
     assert (s["bytes|up|direct"], s["bytes|down|direct"]) == (30, 300)
+
+
+@pytest.mark.parametrize(("how", "end"), [("reset", End.CLIENT_RESET), ("close", End.CLIENT_FIN)])
+def test_a_client_gone_during_the_handshake_ends_at_once_and_frees_the_upstream(how, end):
+    """A client that resets or closes while its upstream has not answered yet is noticed at
+    once: its slot and its upstream connection go, long before connect_timeout."""
+    upstream_closed = threading.Event()
+
+    def silent(conn: socket.socket) -> None:
+        conn.recv(16)  # the greeting; never answered
+        with contextlib.suppress(ConnectionResetError):  # closed with a FIN or a reset
+            conn.recv(16)
+        upstream_closed.set()
+
+    proxy = Upstream(silent)
+    ups = (upstream_at("slow", proxy.addr, connect_timeout=60),)
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("slow",)),)) as (relay, addr):
+        c = socket.create_connection(addr, timeout=DEADLINE)
+        wait_for(lambda: relay.counters.active == 1, "the connection to be relayed")
+        if how == "reset":
+            reset(c)
+        c.close()
+        wait_for(lambda: relay.counters.active == 0, "the connection to end", timeout=5)
+        assert relay.counters.tcp_ends[end] == 1
+        assert upstream_closed.wait(5), "the upstream's connection was kept"
+        s = stats(relay)
+        assert s["upstream_slow_up"] == 1 and s["upstream_slow_failures"] == 0  # not its fault
+        assert s["upstream_slow_active"] == 0
+    assert not proxy.errors
+
+
+def test_early_bytes_and_a_half_close_wait_for_a_slow_handshake_without_spinning():
+    """A client that sends its request and its FIN before the upstream answers: the bytes and
+    the FIN reach the server after the handshake, the answer comes back, and the loop sleeps
+    meanwhile (the client is not watched once its FIN is in)."""
+    go = threading.Event()
+
+    def slow(conn: socket.socket) -> None:
+        recv_exactly(conn, 3)  # no-auth greeting
+        go.wait(DEADLINE)
+        conn.sendall(b"\x05\x00")
+        recv_exactly(conn, 10)  # CONNECT to an IPv4 address
+        conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
+        digest_until_eof(conn)
+
+    proxy = Upstream(slow)
+    payload = b"GET / HTTP/1.0\r\n\r\n" * 100
+    ups = (upstream_at("slow", proxy.addr),)
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("slow",)),)) as (relay, addr):
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)  # the relay has read the bytes and the FIN by now
+            turns = relay.iterations
+            time.sleep(0.5)
+            assert relay.iterations - turns < 20, "the loop spins on a client it cannot serve"
+            go.set()
+            answer = recv_all(c)
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+        wait_for(lambda: relay.counters.active == 0, "the connection to end")
+        assert relay.counters.tcp_ends[End.CLIENT_FIN] == 1
+        assert stats(relay)["upstream_slow_sent"] == len(payload)
+    assert not proxy.errors
+
+
+def test_more_early_bytes_than_the_relay_keeps_wait_in_the_kernel_and_arrive_whole():
+    """Past EARLY_LIMIT the client is no longer read (nor watched: no spin) until the tunnel
+    is open; then every byte arrives, in order."""
+    go = threading.Event()
+
+    def slow(conn: socket.socket) -> None:
+        recv_exactly(conn, 3)
+        go.wait(DEADLINE)
+        conn.sendall(b"\x05\x00")
+        recv_exactly(conn, 10)
+        conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
+        digest_until_eof(conn)
+
+    proxy = Upstream(slow)
+    payload = os.urandom(EARLY_LIMIT * 4 + 123)
+    ups = (upstream_at("slow", proxy.addr),)
+    with running(DST, upstreams=ups, routes=(RouteRule("r", ("slow",)),)) as (relay, addr):
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.sendall(payload)  # the kernel's buffers hold what the relay does not take
+            c.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            (conn,) = relay.connections
+            assert conn.up.pending == EARLY_LIMIT
+            turns = relay.iterations
+            time.sleep(0.5)
+            assert relay.iterations - turns < 20, "the loop spins on a client it cannot serve"
+            go.set()
+            answer = recv_all(c)
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert not proxy.errors
