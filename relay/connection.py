@@ -11,7 +11,13 @@
         +---- refused, timeout, bad reply: HandshakeError; the relay tries the route's next
               upstream on a new server socket (UPSTREAM_CONNECTING again) or resets the client
 
+    when a route could depend on the name the client asks for (issue 13), first:
+    SNIFFING --name, no name, EOF or sniff_timeout--> the states above, as the route says
+                                                       (or CLOSED: a reject route's reset)
+
 CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once.
+SNIFFING reads the client's first bytes (relay/sniffing.py); they are kept in `first` and sent
+on unchanged: with the connect (direct) or as soon as the tunnel is open (upstream).
 Through an upstream, nothing is read from the client until the tunnel is open: its bytes wait
 in the kernel, and the upstream's bytes after its reply (step.rest) reach the client first.
 Reaching CLOSED by FINs, the last FIN is still to send: close() sends it.
@@ -27,11 +33,12 @@ import selectors
 import socket
 
 from tproxyd.state.health import FAILED
-from tproxyd.state.upstreams import RouteRule
+from tproxyd.state.upstreams import REJECT, RouteRule
 
 from .ends import End, connect_end
 from .flow import DST, SRC, Flow, Pool
 from .handshake import Handshake, HandshakeError
+from .sniff import StreamSniff
 from .sockopts import Address, set_reset_on_close
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -39,6 +46,7 @@ CLIENT, SERVER = 0, 1
 
 
 class State(enum.Enum):
+    SNIFFING = "reading the client's first bytes for a name"
     CONNECTING = "connecting"
     UPSTREAM_CONNECTING = "connecting to an upstream proxy"
     HANDSHAKING = "handshaking with an upstream proxy"
@@ -66,10 +74,10 @@ def upstream_error(err: int, upstream: str, during: str) -> HandshakeError:
 
 
 class Connection:
-    __slots__ = ("attempt_started", "client", "client_addr", "connected_at", "deadline", "down",
-                 "dst", "error", "first_fin", "handshake", "hs_out", "last_active", "masks", "pool",
-                 "route", "server", "started", "state", "timer_at", "tried", "up", "upstream",
-                 "use_splice")
+    __slots__ = ("attempt_started", "candidates", "client", "client_addr", "connected_at",
+                 "deadline", "domain", "down", "dst", "error", "first", "first_fin", "handshake",
+                 "hs_out", "last_active", "masks", "pool", "route", "server", "sniff", "started",
+                 "state", "timer_at", "tried", "up", "upstream", "use_splice")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
@@ -94,6 +102,12 @@ class Connection:
         self.error = ""  # the last upstream's failure (reply code, status line) for the log
         # for the access log: when accepted, and when the server's handshake was done
         self.started, self.connected_at = now, None
+        # issue 13: the routes it could take (RouteTable.candidates), the sniff while SNIFFING,
+        # the bytes it read (to send on first) and the name found (log, `top`, the upstream)
+        self.candidates = 0
+        self.sniff: StreamSniff | None = None
+        self.first = b""
+        self.domain: str | None = None
 
     @property
     def route_name(self) -> str:
@@ -102,12 +116,23 @@ class Connection:
 
     @property
     def via(self) -> str:
-        """The upstream tried last (carrying it, once the handshake is done), or "direct"."""
-        return self.upstream or "direct"
+        """The upstream tried last (carrying it, once the handshake is done), "reject" when a
+        reject route took it after sniffing, or "direct"."""
+        if self.upstream:
+            return self.upstream
+        return REJECT if self.route is not None and self.route.action == REJECT else "direct"
+
+    @property
+    def target(self) -> str:
+        """The destination for a log line: the sniffed name and the address, or the address."""
+        where = f"{self.dst[0]} port {self.dst[1]}"
+        return f"{self.domain} ({where})" if self.domain else where
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""
         state = self.state
+        if state is State.SNIFFING:
+            return READ, 0
         if state is State.CONNECTING or state is State.UPSTREAM_CONNECTING:
             return 0, WRITE
         if state is State.HANDSHAKING:
@@ -127,7 +152,12 @@ class Connection:
         there. Over a local link the handshake is over when connect() returns: the bytes go
         at once, and a send that succeeds proves the connection up (a socket still
         connecting says "would block"), so no wait for writability. Raises OSError."""
-        first = self.up.read_ahead()  # in the pool's buffer until send_ahead()
+        if self.first:  # sniffed (at most MAX_SNIFF bytes: they fit the buffer)
+            first = len(self.first)
+            self.pool.buffer[:first] = self.first
+            self.first = b""
+        else:
+            first = self.up.read_ahead()  # in the pool's buffer until send_ahead()
         if first:
             self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
         err = self.server.connect_ex(self.dst)
@@ -195,6 +225,10 @@ class Connection:
             if step.rest:  # the server spoke right after the reply: to the client first
                 self.down.leftover = memoryview(step.rest)
                 self.down.pending = len(step.rest)
+            if self.first:  # sniffed: into the tunnel before anything else the client sends
+                self.up.leftover = memoryview(self.first)
+                self.up.pending = len(self.first)
+                self.first = b""
 
     def connected(self) -> None:
         """The server socket became writable while CONNECTING: did the connect succeed? With

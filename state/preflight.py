@@ -82,13 +82,13 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
     if not config.intercepts:
         out.append(Finding(WARNING, "no [[intercept]] entry: nothing is captured",
                            "add an [[intercept]] with the LAN interfaces to tproxy.toml"))
-    named = [r.name for r in config.routes if r.domains]
-    if named:  # issue 13: parsed and matched in the pure core, not yet read by the relay
-        out.append(Finding(WARNING, f"route(s) {', '.join(named)} use `domains`: the relay does "
-                                    "not read names from connections yet, so these routes match "
-                                    "nothing and their connections take the next route",
-                           "route by destinations until name routing lands (README: Routes "
-                           "by name)"))
+    named_udp = [r.name for r in config.routes if r.domains and "udp" in r.protocols]
+    if named_udp:  # issue 13: the relay reads names from TCP (TLS, HTTP); QUIC is still to come
+        out.append(Finding(WARNING, f"route(s) {', '.join(named_udp)} use `domains` for UDP: the "
+                                    "relay does not read names from QUIC yet, so UDP datagrams "
+                                    "never match them and take the next route",
+                           "set protocols = [\"tcp\"] on these routes, or route UDP by "
+                           "destinations"))
     for version in config.families():
         key = FORWARDING_SYSCTL[version]
         value = facts.sysctls.get(key)

@@ -102,8 +102,12 @@ def test_loop_guard_warns_for_an_upstream_captured_where_it_is_reached():
     assert "exclude" in finding.fix
 
 
-def test_domains_routes_are_said_to_match_nothing_yet():
+def test_tcp_domains_routes_need_no_warning_and_udp_ones_are_said_to_take_no_quic_names_yet():
+    config = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
+                   '[[route]]\nname = "gh"\ndomains = ["github.com"]\nvia = "reject"\n'
+                   'protocols = ["tcp"]\n')
+    assert check(config, GOOD) == []
     config = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
                    '[[route]]\nname = "gh"\ndomains = ["github.com"]\nvia = "reject"\n')
     (finding,) = check(config, GOOD)
-    assert finding.level == WARNING and "gh use `domains`" in finding.message
+    assert finding.level == WARNING and "gh use `domains` for UDP" in finding.message
