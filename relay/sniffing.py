@@ -21,10 +21,15 @@ from typing import TYPE_CHECKING
 from .connection import Connection, State
 from .ends import End
 from .flow import SRC
-from .sniff import MAX_SNIFF, NEED_MORE, Result, StreamSniff
+from .sniff import MAX_SNIFF, NEED_MORE, DatagramSniff, Result, StreamSniff
+from .sockopts import Address
 
 if TYPE_CHECKING:
     from .loop import Relay
+
+# New UDP sessions held for a name at once, per worker: each holds at most MAX_SNIFF bytes of
+# datagrams, so 16 MiB in all; past it a new session routes without a name.
+MAX_HELD = 1024
 
 
 def read(conn: Connection) -> Result:
@@ -106,3 +111,48 @@ class Sniffer:
         conn.first = bytes(sniff.data)
         conn.domain = sniff.name
         self.relay.route_sniffed(conn)
+
+
+class DatagramSniffer:
+    """The same step for UDP (QUIC): the first datagrams of a (client, destination) that a
+    `domains` route could take are held, each decrypted once as it comes (DatagramSniff), until
+    the Initial packets give the name or prove there is none, or sniff_timeout passes; then the
+    session opens on its route (UdpRelay.open_sniffed) and they all go on, unchanged, in order.
+    A datagram that is no QUIC version 1 Initial (DNS, a QUIC flow seen mid-way) settles it at
+    once: no name, no wait. Without python3-cryptography every answer is no name."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pending: dict[tuple[Address, Address], DatagramSniff] = {}
+
+    def hold(self, client: Address, dst: Address, data: bytes) -> bool:
+        """For a datagram of a (client, dst) without a session: True when it is held (sent
+        later with the others); False: open the session now, as without `domains`."""
+        key = (client, dst)
+        sniff = self.pending.get(key)
+        relay = self.relay
+        if sniff is None:
+            routes = relay.routes
+            if routes is None or client[0] in relay.upstream_ips:
+                return False  # an upstream's own datagrams caught on their way go direct
+            candidates = routes.candidates_text(dst[0], dst[1], client[0], "udp")
+            if not candidates or not routes.wants_name(candidates) or len(self.pending) >= MAX_HELD:
+                return False
+            sniff = DatagramSniff(relay.now + relay.settings.sniff_timeout)
+            if sniff.add(data) is not NEED_MORE:
+                relay.udp.open_sniffed(client, dst, sniff)
+                return True
+            self.pending[key] = sniff
+            relay.at(sniff.deadline, self._deadline, (key, sniff))
+            return True
+        if sniff.add(data) is not NEED_MORE:
+            del self.pending[key]
+            relay.udp.open_sniffed(client, dst, sniff)
+        return True
+
+    def _deadline(self, arg: object, when: float) -> None:
+        key, sniff = arg  # type: ignore[misc]
+        if self.pending.get(key) is sniff:
+            del self.pending[key]
+            sniff.give_up()
+            self.relay.udp.open_sniffed(key[0], key[1], sniff)

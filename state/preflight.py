@@ -11,6 +11,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
 from .config import Config
 from .desired import DEFAULT_DST, FORWARDING_SYSCTL
+from .domains import sniff_notes
 from .routing import Route, Rule
 from .upstreams import UpstreamPath, captured_paths
 
@@ -45,6 +46,7 @@ class HostFacts:
     foreign_mark_users: Tuple[str, ...] = ()  # other nft tables' rules that read or set our marks
     # each upstream address (names resolved) with the interface the kernel routes it out of
     upstream_paths: Tuple[UpstreamPath, ...] = ()
+    quic_sniffing: bool = True  # python3-cryptography is there: the relay reads QUIC names
 
 
 def rp_filter_keys(config: Config) -> List[str]:
@@ -82,13 +84,8 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
     if not config.intercepts:
         out.append(Finding(WARNING, "no [[intercept]] entry: nothing is captured",
                            "add an [[intercept]] with the LAN interfaces to tproxy.toml"))
-    named_udp = [r.name for r in config.routes if r.domains and "udp" in r.protocols]
-    if named_udp:  # issue 13: the relay reads names from TCP (TLS, HTTP); QUIC is still to come
-        out.append(Finding(WARNING, f"route(s) {', '.join(named_udp)} use `domains` for UDP: the "
-                                    "relay does not read names from QUIC yet, so UDP datagrams "
-                                    "never match them and take the next route",
-                           "set protocols = [\"tcp\"] on these routes, or route UDP by "
-                           "destinations"))
+    for note in sniff_notes(config.routes, facts.quic_sniffing):  # QUIC names need AES
+        out.append(Finding(WARNING, note, "apt install python3-cryptography"))
     for version in config.families():
         key = FORWARDING_SYSCTL[version]
         value = facts.sysctls.get(key)

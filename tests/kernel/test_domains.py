@@ -29,7 +29,7 @@ from tproxyd.relay.loop import read_stats
 pytestmark = pytest.mark.kernel
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tls"
-NAMES = ("www.corp.example", "other.example", "ads.example", "big.example.net")
+NAMES = ("www.corp.example", "other.example", "ads.example", "big.example.net", "quic.example.com")
 NOWHERE = "198.18.2.99"  # captured (the server's network), but no host has it
 SERVER_LOG = "peer "  # what the HTTPS server prints per request: "peer ADDR NAME"
 
@@ -278,3 +278,78 @@ def test_a_clienthello_in_50_byte_segments_is_routed_by_name(net: Net, hosts):
     assert answer.strip() == f"{len(data)} {hashlib.sha256(data).hexdigest()}"  # unchanged
     assert f"peer {P4} " in lab.log_of(digest) or f"peer ::ffff:{P4} " in lab.log_of(digest)
     assert f"{WAN.peer4}.4443" in lab.log_of(named.dante)
+
+
+# --- QUIC (UDP 443) -------------------------------------------------------------------------------
+
+UDP_SERVER = textwrap.dedent("""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 443))
+    while True:
+        data, peer = s.recvfrom(65536)
+        print("udp", peer[0], len(data), flush=True)
+        s.sendto(b"ok " + peer[0].encode(), peer)
+""")
+
+QUIC_CLIENT = textwrap.dedent("""
+    import os, socket, sys, time
+    for case in sys.argv[1:]:  # ADDRESS=PATH
+        address, path = case.split("=")
+        datagrams = [bytes.fromhex(line) for line in open(path).read().split()]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a session each
+            s.settimeout(2)
+            s.connect((address, 443))
+            for datagram in datagrams:
+                s.send(datagram)
+                time.sleep(0.01)
+            try:
+                answer = s.recv(100).decode()
+            except socket.timeout:
+                answer = "none"
+            print(os.path.basename(path), answer, flush=True)
+""")
+
+
+def quic_datagrams(lab: Lab) -> dict[str, str]:
+    """Files of hex datagrams, one a line, for the client to send, by what they are."""
+    from tests.unit.test_relay_sniffing import two_initials
+    from tests.unit.tlsgen import rfc9001_initial
+
+    recorded = [line for line in (DATA.parent / "quic" / "aioquic-h3.hex").read_text().split()
+                if not line.startswith("#") and len(line) > 100]  # quic.example.com
+    cases = {"corp": recorded, "late": [d.hex() for d in two_initials(b"late.example.com")],
+             "example": [rfc9001_initial().hex()], "notquic": [b"a datagram, not QUIC".hex()]}
+    paths = {}
+    for case, lines in cases.items():
+        paths[case] = lab.write_config("\n".join(lines) + "\n", f"{case}.hex")
+    return paths
+
+
+@pytest.mark.skipif(not __import__("tproxyd.relay.sniff_quic", fromlist=["x"]).AVAILABLE,
+                    reason="python3-cryptography is not installed: QUIC routes without a name")
+def test_quic_initials_are_routed_by_name(net: Net, hosts):
+    from tests.kernel.test_routes import dante
+
+    lab = net.lab
+    server = lab.spawn(lab.server, sys.executable, lab.write_config(UDP_SERVER, "udp443.py"))
+    wait_for_port(lab, lab.server, 443, "udp")
+    dante(lab, net.proxy_ns)
+    stats = start_relay(lab, upstream("dante", "socks5", f"{P4}:1080", udp=True, check_interval=0),
+                        route("corp", ["dante"], domains=["quic.example.com"])
+                        + route("ads", ["reject"], domains=["late.example.com"]),
+                        protocols='["tcp", "udp"]')
+    paths = quic_datagrams(lab)
+    client = lab.write_config(QUIC_CLIENT, "quic_client.py")
+    # corp's to NOWHERE: dante, given the name in the datagrams' header, finds the server
+    out = lab.run(lab.client, sys.executable, client, f"{NOWHERE}={paths['corp']}",
+                  *(f"{WAN.peer4}={paths[c]}" for c in ("late", "example", "notquic"))).stdout
+    assert out.splitlines() == [
+        f"corp.hex ok {P4}",  # through dante (UDP ASSOCIATE): its address
+        "late.hex none",  # the name is in the second datagram: held for it, then rejected
+        f"example.hex ok {LAN.peer4}",  # a name no route has: direct
+        f"notquic.hex ok {LAN.peer4}"], out  # no name: direct at once
+    assert "udp " + LAN.peer4 in lab.log_of(server)
+    counters = read_stats(stats)
+    assert counters["route_corp_connections"] == 1 and counters["route_ads_connections"] == 1
+    assert counters["end_udp_rejected"] == 1

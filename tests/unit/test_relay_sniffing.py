@@ -275,3 +275,83 @@ def test_an_upstream_that_is_down_fails_over_with_the_sniffed_bytes_kept():
     with running(("127.0.0.1", 9), upstreams=(dead, proxy.config("p")), routes=routes) as (_, addr):
         assert exchange(addr, [HELLO], len(HELLO)) == HELLO
     assert proxy.targets == [(3, "www.example.com", 9)]
+
+
+# --- UDP (QUIC): DatagramSniffer with a stand-in for the relay (UDP needs TPROXY: the real path
+# is in tests/kernel/test_domains.py) -------------------------------------------------------------
+
+
+class HeldFor:
+    """What DatagramSniffer needs of the relay: routes, the clock, timers, open_sniffed."""
+
+    def __init__(self, routes: tuple) -> None:
+        from tproxyd.relay.loop import Settings
+        from tproxyd.state.routes import RouteTable
+
+        self.routes = RouteTable(routes)
+        self.settings = Settings(sniff_timeout=0.3)
+        self.now = 100.0
+        self.timers: list = []
+        self.opened: list = []
+        self.udp = self
+        self.upstream_ips: set = set()
+
+    def at(self, when, fn, arg) -> None:
+        self.timers.append((when, fn, arg))
+
+    def open_sniffed(self, client, dst, sniff) -> None:
+        self.opened.append((client, dst, sniff.name, list(sniff.datagrams)))
+
+    def fire(self) -> None:
+        timers, self.timers = self.timers, []
+        for when, fn, arg in timers:
+            self.now = when
+            fn(arg, when)
+
+
+def two_initials(name: bytes) -> tuple[bytes, bytes]:
+    from tests.unit.tlsgen import client_hello, crypto_frame, initial, post_quantum, sni
+
+    hello = client_hello([post_quantum(), sni(name)])
+    return (initial(b"\x88" * 8, 0, crypto_frame(0, hello[:1100]), pad_to=1200),
+            initial(b"\x88" * 8, 1, crypto_frame(1100, hello[1100:]), pad_to=1200))
+
+
+QUIC_ROUTES = (named("ads", ("reject",), "example.com", ports=((443, 443),)),)
+CLIENT, SERVER = ("198.18.1.2", 5000), ("198.18.2.2", 443)
+
+
+def test_a_quic_hello_over_two_datagrams_is_held_until_the_name_then_sent_in_order():
+    from tproxyd.relay.sniffing import DatagramSniffer
+
+    relay = HeldFor(QUIC_ROUTES)
+    sniffer = DatagramSniffer(relay)
+    a, b = two_initials(b"late.example.com")
+    assert sniffer.hold(CLIENT, SERVER, a) and relay.opened == []  # the name is in b
+    assert sniffer.hold(CLIENT, SERVER, b)
+    assert relay.opened == [(CLIENT, SERVER, "late.example.com", [a, b])]
+    assert sniffer.pending == {}
+    relay.fire()  # the deadline of a settled sniff does nothing
+    assert len(relay.opened) == 1
+
+
+def test_udp_that_is_not_quic_opens_at_once_and_other_ports_are_not_held():
+    from tproxyd.relay.sniffing import DatagramSniffer
+
+    relay = HeldFor(QUIC_ROUTES)
+    sniffer = DatagramSniffer(relay)
+    assert sniffer.hold(CLIENT, SERVER, b"\x12\x34 a DNS query, say")
+    assert relay.opened == [(CLIENT, SERVER, None, [b"\x12\x34 a DNS query, say"])]
+    assert not sniffer.hold(CLIENT, ("198.18.2.2", 53), b"x")  # no domains route there
+    assert not DatagramSniffer(HeldFor((RouteRule("all", ("direct",)),))).hold(CLIENT, SERVER, b"x")
+
+
+def test_a_quic_hello_cut_short_opens_without_a_name_at_the_sniff_timeout():
+    from tproxyd.relay.sniffing import DatagramSniffer
+
+    relay = HeldFor(QUIC_ROUTES)
+    sniffer = DatagramSniffer(relay)
+    a, _ = two_initials(b"late.example.com")
+    assert sniffer.hold(CLIENT, SERVER, a)
+    relay.fire()
+    assert relay.opened == [(CLIENT, SERVER, None, [a])] and relay.now == 100.3
