@@ -123,6 +123,11 @@ class Connection:
         return REJECT if self.route is not None and self.route.action == REJECT else "direct"
 
     @property
+    def who(self) -> str:
+        """The client, for a log line."""
+        return f"connection from {self.client_addr[0]} port {self.client_addr[1]}"
+
+    @property
     def target(self) -> str:
         """The destination for a log line: the sniffed name and the address, or the address."""
         where = f"{self.dst[0]} port {self.dst[1]}"

@@ -22,7 +22,7 @@ from typing import Callable
 from tproxyd.state.config import REDIRECT, TPROXY
 from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Decision, Health, decide
 from tproxyd.state.routes import RouteTable
-from tproxyd.state.upstreams import REJECT, RouteRule, Upstream
+from tproxyd.state.upstreams import DIRECT, REJECT, RouteRule, Upstream
 
 from . import accesslog, unixsock
 from .connection import CLIENT, OPENING, READ, SERVER, WRITE, Connection, State
@@ -544,11 +544,13 @@ class Relay:
             if candidates and not sniffing:
                 route = self.routes.choose(candidates)
         if route is not None:
-            decision = self._decide(route, f"{who} to {dst[0]} port {dst[1]}")
+            decision = self._decide(route)
             if decision.action == REJECT:
+                self.note("reject", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
                 self._refuse(client, End.REJECTED, route.name, "reject")
                 return
             if decision.action == NO_UPSTREAM:
+                self.note("no-upstream", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
                 self._refuse(client, End.UPSTREAM_ERROR, route.name, route.via[0])
                 return
             upstream = decision.upstream  # None: direct
@@ -572,17 +574,12 @@ class Relay:
         elif upstream is not None:
             self._try_upstream(conn, server, upstream)
         else:
-            self._connect_direct(conn, who)
+            self._connect_direct(conn)
 
-    def _decide(self, route: RouteRule, what: str) -> Decision:
-        """Count a connection for its route and decide what carries it; a reset is logged."""
+    def _decide(self, route: RouteRule) -> Decision:
+        """Count a connection for its route and decide what carries it."""
         self.route_counts[route.name] += 1
-        decision = decide(route, self.health, self.now)
-        if decision.action == REJECT:
-            self.note("reject", f"{what}: {decision}: reset")
-        elif decision.action == NO_UPSTREAM:
-            self.note("no-upstream", f"{what}: {decision}: reset")
-        return decision
+        return decide(route, self.health, self.now)
 
     def route_sniffed(self, conn: Connection) -> None:
         """conn's sniff settled (relay/sniffing.py): its route, chosen with the name it asked
@@ -590,36 +587,41 @@ class Relay:
         assert self.routes is not None
         conn.state = State.CONNECTING
         route = conn.route = self.routes.choose(conn.candidates, conn.domain)
-        who = f"connection from {conn.client_addr[0]} port {conn.client_addr[1]}"
         if route is None:
-            self._connect_direct(conn, who)
+            self._connect_direct(conn)
             return
-        decision = self._decide(route, f"{who} to {conn.target}")
+        if route.via[0] == DIRECT:  # the usual answer, without a Decision made for it
+            self.route_counts[route.name] += 1
+            self._connect_direct(conn)
+            return
+        decision = self._decide(route)
         if decision.action == REJECT:
+            self.note("reject", f"{conn.who} to {conn.target}: {decision}: reset")
             self._end(conn, End.REJECTED)
             return
         if decision.action == NO_UPSTREAM:
+            self.note("no-upstream", f"{conn.who} to {conn.target}: {decision}: reset")
             conn.upstream = route.via[0]  # the access log's via, as for a reset at accept
             self._end(conn, End.UPSTREAM_ERROR)
             return
         if decision.upstream is None:
-            self._connect_direct(conn, who)
+            self._connect_direct(conn)
             return
         conn.server.close()  # the direct socket made at accept: its descriptor is the upstream's
         try:
             server = self._upstream_socket(decision.upstream)
         except OSError as exc:
-            self.note("start", f"{who}: {exc}")
+            self.note("start", f"{conn.who}: {exc}")
             self._end(conn, End.OVER_LIMIT if exc.errno in RESOURCE_ERRORS else End.UPSTREAM_ERROR)
             return
         self._try_upstream(conn, server, decision.upstream)
 
-    def _connect_direct(self, conn: Connection, who: str) -> None:
+    def _connect_direct(self, conn: Connection) -> None:
         """Connect conn to its original destination, its first bytes with the connect."""
         try:
             conn.connect()
         except OSError as exc:
-            self.note("start", f"{who}: {exc}")
+            self.note("start", f"{conn.who}: {exc}")
             self._end(conn, conn.failure_end(exc))
             return
         try:

@@ -35,6 +35,12 @@ class _Short(Exception):
 def handshake_bytes(data: bytes) -> Tuple[bytes, bool]:
     """The handshake-layer bytes carried by the records at the start of data (the last record
     may be partial), and whether the first handshake message is all there."""
+    if len(data) >= 9 and data[0] == HANDSHAKE and data[1] == 3:
+        # the common case, one record holding the whole message: one slice, no joining
+        length = data[3] << 8 | data[4]
+        if 4 <= length <= MAX_RECORD and len(data) >= 5 + length \
+                and length >= 4 + int.from_bytes(data[6:9], "big"):
+            return bytes(data[5:5 + length]), True
     out = bytearray()
     pos = 0
     while len(data) - pos >= 5:

@@ -38,17 +38,18 @@ def read(conn: Connection) -> Result:
     OSError when the client's socket failed (a reset: conn.up.failed says whose)."""
     sniff = conn.sniff
     assert sniff is not None
+    buffer = conn.pool.buffer  # the relay's shared buffer (CHUNK > MAX_SNIFF): no 16 KiB malloc
     while True:
         try:
-            chunk = conn.client.recv(MAX_SNIFF - len(sniff.data))
+            n = conn.client.recv_into(buffer, MAX_SNIFF - len(sniff.data))
         except BlockingIOError:
             return NEED_MORE
         except OSError:
             conn.up.failed = SRC
             raise
-        if not chunk:
+        if not n:
             return sniff.give_up()  # the FIN stays readable: the flow passes it on later
-        result = sniff.feed(chunk)
+        result = sniff.feed(bytes(buffer[:n]))
         if result is not NEED_MORE:
             return result
         if len(sniff.data) >= MAX_SNIFF:

@@ -234,6 +234,18 @@ def test_a_client_that_sends_and_closes_while_sniffing_is_routed_and_its_fin_pas
     assert got == [HELLO[:100]]
 
 
+def test_a_client_that_closes_without_a_byte_is_routed_without_a_name_and_ends_by_fin():
+    server = Upstream(echo)
+    routes = (named("corp", ("reject",), "example.com"),)
+    with running(server.addr, routes=routes, sniff_timeout=5) as (relay, addr):
+        with socket.create_connection(addr, timeout=DEADLINE) as c:
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(10) == b""  # the server saw the FIN and closed: no reset, no wait
+        wait_for(lambda: relay.counters.active == 0, "the connection to end")
+        assert relay.counters.tcp_ends[End.CLIENT_FIN] == 1
+        assert stats(relay)["route_corp_connections"] == 0
+
+
 def test_the_sniffed_name_shows_in_the_connection_list():
     proxy = NamedSocks5()
     routes = (named("corp", ("p",), "example.com"),)
