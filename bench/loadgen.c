@@ -1,7 +1,9 @@
 /* A load generator that is not the bottleneck: one epoll thread, no allocation per request.
  *
  *   loadgen server PORT                       answer each SIZE-byte request with SIZE bytes
- *   loadgen rate HOST PORT CONC SECONDS SIZE  new connection per request, CONC at once
+ *   loadgen rate HOST PORT CONC SECONDS SIZE [FILE]  new connection per request, CONC at once;
+ *                                             with FILE, the request is its bytes (a recorded
+ *                                             ClientHello, say) and SIZE is ignored
  *   loadgen pingpong HOST PORT COUNT SIZE     COUNT round trips on one connection
  *   loadgen udpserver PORT                    echo every datagram
  *   loadgen udp HOST PORT COUNT SIZE WINDOW   COUNT datagrams, WINDOW in flight, each echoed
@@ -110,11 +112,17 @@ static int server(int port) {
 /* --- rate: CONC connections in flight, each connect + request + answer + close ------------ */
 struct slot { int fd; int got; double start; };
 
-static int rate(const char *host, int port, int conc, double seconds, int size) {
+static int rate(const char *host, int port, int conc, double seconds, int size, const char *file) {
     struct sockaddr_storage ss; socklen_t len;
     int fam = addr(host, port, &ss, &len), ep = epoll_create1(0), one = 1;
     static char req[MAXSIZE], buf[MAXSIZE];
     memset(req, 'r', sizeof req);
+    if (file) {
+        FILE *f = fopen(file, "rb");
+        if (!f) { perror(file); return 2; }
+        size = (int)fread(req, 1, sizeof req, f);
+        fclose(f);
+    }
     struct slot *slots = calloc(conc, sizeof *slots);
     long cap = 1 << 22, done = 0, failed = 0;
     double *lat = malloc(cap * sizeof *lat);
@@ -255,14 +263,15 @@ static int udp(const char *host, int port, long count, int size, int window) {
 int main(int argc, char **argv) {
     raise_nofile();
     if (argc == 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
-    if (argc == 7 && !strcmp(argv[1], "rate"))
-        return rate(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]));
+    if ((argc == 7 || argc == 8) && !strcmp(argv[1], "rate"))
+        return rate(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]),
+                    argc == 8 ? argv[7] : NULL);
     if (argc == 3 && !strcmp(argv[1], "udpserver")) return udpserver(atoi(argv[2]));
     if (argc == 7 && !strcmp(argv[1], "udp"))
         return udp(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
     if (argc == 6 && !strcmp(argv[1], "pingpong"))
         return pingpong(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
-    fprintf(stderr, "usage: loadgen server PORT | rate HOST PORT CONC SECONDS SIZE | "
+    fprintf(stderr, "usage: loadgen server PORT | rate HOST PORT CONC SECONDS SIZE [FILE] | "
                     "pingpong HOST PORT COUNT SIZE\n");
     return 2;
 }
