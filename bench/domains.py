@@ -11,14 +11,14 @@ The baseline is the same call sequence against a table with no domains routes, w
 wants_name() is false and the name is never read. Prints medians of K runs.
 
 A run on the project's 2-core machine (Python 3.11, 2026-12-02, --repeat 5): no domains routes
-0.93 us a connection, 1,000 names 3.33 us, 100,000 names in 10 routes 4.43 us (built in 0.43 s
+0.77 us a connection, 1,000 names 2.24 us, 100,000 names in 10 routes 2.86 us (built in 0.34 s
 once per config). The cost is per label of the asked name (sniffed() checks it, mask() does one
-dict lookup per suffix), not per entry: 100x more entries cost about 1 us more (cache misses in a
-bigger dict). Against the relay's ~92 us of CPU per connection (README) that is under 4%, before
-the parse of the ClientHello itself, which the same run times on the recorded test data:
-4.3 us for curl's 517-byte ClientHello, 4.5 us for a 1811-byte one, 5.7 us for openssl's 1568
-bytes in four records, 2.0 us for curl's HTTP request, 44 us for RFC 9001's QUIC Initial (key
-derivation and AES-GCM through python3-cryptography, once per new QUIC flow).
+dict lookup per suffix), not per entry: 100x more entries cost well under 1 us more (cache misses
+in a bigger dict). The same run times the parse of the ClientHello itself on the recorded test
+data: 1.8 us for curl's 517-byte ClientHello, 1.8 us for a 1811-byte one, 4.1 us for openssl's
+1568 bytes in four records, 1.8 us for curl's HTTP request, 65 us for RFC 9001's QUIC Initial
+(key derivation and AES-GCM through python3-cryptography, once per new QUIC flow). What the
+whole sniff costs the relay per connection: python -m bench.sniffing (README).
 """
 
 from __future__ import annotations

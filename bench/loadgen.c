@@ -1,9 +1,11 @@
 /* A load generator that is not the bottleneck: epoll, no allocation per request.
  *
  *   loadgen server PORT                       answer each SIZE-byte request with SIZE bytes
- *   loadgen rate HOST PORT CONC SECONDS SIZE [THREADS]
+ *   loadgen rate HOST PORT CONC SECONDS SIZE [THREADS [FILE]]
  *                                             new connection per request, CONC at once,
- *                                             over THREADS epoll threads (default 1)
+ *                                             over THREADS epoll threads (default 1); with
+ *                                             FILE, the request is its bytes (a recorded
+ *                                             ClientHello, say) and SIZE is ignored
  *   loadgen pingpong HOST PORT COUNT SIZE     COUNT round trips on one connection
  *   loadgen udpserver PORT                    echo every datagram
  *   loadgen udp HOST PORT COUNT SIZE WINDOW   COUNT datagrams, WINDOW in flight, each echoed
@@ -180,13 +182,20 @@ static void *rate_thread(void *arg) {
     return NULL;
 }
 
-static int rate(const char *host, int port, int conc, double seconds, int size, int threads) {
+static int rate(const char *host, int port, int conc, double seconds, int size, int threads,
+                const char *file) {
     if (threads < 1) threads = 1;
     if (threads > conc) threads = conc;
     struct rate_job *jobs = calloc(threads, sizeof *jobs);
     pthread_t *tids = calloc(threads, sizeof *tids);
     long cap = (1 << 22) / threads;
     memset(rate_req, 'r', sizeof rate_req);
+    if (file) {
+        FILE *f = fopen(file, "rb");
+        if (!f) { perror(file); return 2; }
+        size = (int)fread(rate_req, 1, sizeof rate_req, f);
+        fclose(f);
+    }
     double t0 = now();
     for (int t = 0; t < threads; t++) {
         struct rate_job *j = &jobs[t];
@@ -298,15 +307,15 @@ static int udp(const char *host, int port, long count, int size, int window) {
 int main(int argc, char **argv) {
     raise_nofile();
     if (argc == 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
-    if ((argc == 7 || argc == 8) && !strcmp(argv[1], "rate"))
+    if (argc >= 7 && argc <= 9 && !strcmp(argv[1], "rate"))
         return rate(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]),
-                    argc == 8 ? atoi(argv[7]) : 1);
+                    argc >= 8 ? atoi(argv[7]) : 1, argc == 9 ? argv[8] : NULL);
     if (argc == 3 && !strcmp(argv[1], "udpserver")) return udpserver(atoi(argv[2]));
     if (argc == 7 && !strcmp(argv[1], "udp"))
         return udp(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
     if (argc == 6 && !strcmp(argv[1], "pingpong"))
         return pingpong(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
-    fprintf(stderr, "usage: loadgen server PORT | rate HOST PORT CONC SECONDS SIZE [THREADS] | "
+    fprintf(stderr, "usage: loadgen server PORT | rate HOST PORT CONC SECONDS SIZE [THREADS [FILE]] | "
                     "pingpong HOST PORT COUNT SIZE\n");
     return 2;
 }

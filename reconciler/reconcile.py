@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 from tproxyd.state import preflight
 from tproxyd.state.config import Config
 from tproxyd.state.desired import DesiredState, render
+from tproxyd.state.domains import quic_sniffing_available
 from tproxyd.state.intervals import digest, element_changes, to_kernel
 from tproxyd.state.live import LiveState
 from tproxyd.state.nft import (
@@ -172,6 +173,7 @@ class Reconciler:
                 replace_table_commands(self.desired.nft.without_elements())),
             foreign_mark_users=tuple(mark_users(self._ruleset or self.nft.ruleset_terse(),
                                                 self.config.nftables.table, marks)),
+            quic_sniffing=quic_sniffing_available(),
         )
 
     def preflight(self) -> List[preflight.Finding]:

@@ -35,7 +35,7 @@ def settings_from(config: Config, stats_path: str | None) -> Settings:
                     max_connections_per_client=r.max_connections_per_client,
                     max_udp_sessions_per_client=r.max_udp_sessions_per_client,
                     upstreams=tuple(config.upstreams), routes=tuple(config.routes),
-                    access_log=config.log.access)
+                    access_log=config.log.access, sniff_timeout=r.sniff_timeout)
 
 
 def die_with_parent() -> None:

@@ -11,13 +11,20 @@
         +---- refused, timeout, bad reply: HandshakeError; the relay tries the route's next
               upstream on a new server socket (UPSTREAM_CONNECTING again) or resets the client
 
+    when a route could depend on the name the client asks for (issue 13), first:
+    SNIFFING --name, no name, EOF or sniff_timeout--> the states above, as the route says
+                                                       (or CLOSED: a reject route's reset)
+
+SNIFFING reads the client's first bytes (relay/sniffing.py); they are kept in `first` and sent
+on unchanged: with the connect (direct), or ahead of anything else through the tunnel.
 CONNECTING ends early, inside connect(), when the client's first bytes could be sent at once;
 UPSTREAM_CONNECTING likewise, inside via_upstream(), when the greeting could. Through an
 upstream, the client is watched while the tunnel opens, so that one which gives up
 (a reset, or a FIN before any byte) ends at once instead of holding its upstream socket and its
-slot until the tunnel opens or the deadline passes. What it sends meanwhile is kept (up to
-EARLY_LIMIT; past that it waits in the kernel) and goes to the server as the tunnel opens
-(send_early()); the upstream's own bytes after its reply (step.rest) go to the client.
+slot until the tunnel opens or the deadline passes. What it sends meanwhile is kept after the
+sniffed bytes (up to EARLY_LIMIT; past that it waits in the kernel) and goes to the server as
+the tunnel opens (send_early()); the upstream's own bytes after its reply (step.rest) go to
+the client.
 Reaching CLOSED by FINs, the last FIN is still to send: close() sends it.
 """
 
@@ -31,11 +38,12 @@ import selectors
 import socket
 
 from tproxyd.state.health import FAILED
-from tproxyd.state.upstreams import RouteRule
+from tproxyd.state.upstreams import REJECT, RouteRule
 
 from .ends import End, connect_end
 from .flow import DST, SRC, Flow, Pool
 from .handshake import Handshake, HandshakeError
+from .sniff import StreamSniff
 from .sockopts import Address, set_reset_on_close
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -43,6 +51,7 @@ CLIENT, SERVER = 0, 1
 
 
 class State(enum.Enum):
+    SNIFFING = "reading the client's first bytes for a name"
     CONNECTING = "connecting"
     UPSTREAM_CONNECTING = "connecting to an upstream proxy"
     HANDSHAKING = "handshaking with an upstream proxy"
@@ -73,10 +82,10 @@ def upstream_error(err: int, upstream: str, during: str) -> HandshakeError:
 
 
 class Connection:
-    __slots__ = ("attempt_started", "client", "client_addr", "connected_at", "deadline", "down",
-                 "dst", "error", "first_fin", "handshake", "hs_out", "last_active", "masks", "pool",
-                 "route", "server", "started", "state", "timer_at", "tried", "up", "upstream",
-                 "use_splice")
+    __slots__ = ("attempt_started", "candidates", "client", "client_addr", "connected_at",
+                 "deadline", "domain", "down", "dst", "error", "first", "first_fin", "handshake",
+                 "hs_out", "last_active", "masks", "pool", "route", "server", "sniff", "started",
+                 "state", "timer_at", "tried", "up", "upstream", "use_splice")
 
     def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
@@ -101,6 +110,12 @@ class Connection:
         self.error = ""  # the last upstream's failure (reply code, status line) for the log
         # for the access log: when accepted, and when the server's handshake was done
         self.started, self.connected_at = now, None
+        # issue 13: the routes it could take (RouteTable.candidates), the sniff while SNIFFING,
+        # the bytes it read (to send on first) and the name found (log, `top`, the upstream)
+        self.candidates = 0
+        self.sniff: StreamSniff | None = None
+        self.first = b""
+        self.domain: str | None = None
 
     @property
     def route_name(self) -> str:
@@ -109,12 +124,28 @@ class Connection:
 
     @property
     def via(self) -> str:
-        """The upstream tried last (carrying it, once the handshake is done), or "direct"."""
-        return self.upstream or "direct"
+        """The upstream tried last (carrying it, once the handshake is done), "reject" when a
+        reject route took it after sniffing, or "direct"."""
+        if self.upstream:
+            return self.upstream
+        return REJECT if self.route is not None and self.route.action == REJECT else "direct"
+
+    @property
+    def who(self) -> str:
+        """The client, for a log line."""
+        return f"connection from {self.client_addr[0]} port {self.client_addr[1]}"
+
+    @property
+    def target(self) -> str:
+        """The destination for a log line: the sniffed name and the address, or the address."""
+        where = f"{self.dst[0]} port {self.dst[1]}"
+        return f"{self.domain} ({where})" if self.domain else where
 
     def wanted_masks(self) -> tuple[int, int]:
         """The events each socket should be watched for, computed from the state alone."""
         state = self.state
+        if state is State.SNIFFING:
+            return READ, 0
         if state is State.CONNECTING:
             return 0, WRITE
         if state is State.UPSTREAM_CONNECTING or state is State.HANDSHAKING:
@@ -138,7 +169,12 @@ class Connection:
         there. Over a local link the handshake is over when connect() returns: the bytes go
         at once, and a send that succeeds proves the connection up (a socket still
         connecting says "would block"), so no wait for writability. Raises OSError."""
-        first = self.up.read_ahead()  # in the pool's buffer until send_ahead()
+        if self.first:  # sniffed (at most MAX_SNIFF bytes: they fit the buffer)
+            first = len(self.first)
+            self.pool.buffer[:first] = self.first
+            self.first = b""
+        else:
+            first = self.up.read_ahead()  # in the pool's buffer until send_ahead()
         if first:
             self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
         err = self.server.connect_ex(self.dst)
@@ -164,6 +200,9 @@ class Connection:
             self.up = Flow(self.client, server, self.use_splice, self.pool)
             self.up.leftover, self.up.pending, self.up.eof = early.leftover, early.pending, early.eof
             self.down = Flow(server, self.client, self.use_splice, self.pool)
+        if self.first:  # sniffed: ahead of the early bytes, into the tunnel once it opens
+            self.up.leftover, self.up.pending = memoryview(self.first), len(self.first)
+            self.first = b""
         self.upstream, self.handshake, self.hs_out = upstream, handshake, handshake.start()
         self.attempt_started = now
         self.state = State.UPSTREAM_CONNECTING

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tproxyd.state.health import DECLINED, FAILED
-from tproxyd.state.upstreams import HTTP, Upstream
+from tproxyd.state.upstreams import HTTP, Upstream, ip_literal
 
 from . import httpconnect, socks5
 
@@ -102,6 +102,13 @@ class Handshake:
         return HandshakeError(FAILED, "closed", f"the upstream closed the connection during "
                                                 f"the {self.state} step")
 
+    def _named(self) -> str:
+        """For a refusal's message: the name asked for (issue 13's sniffed names: the address
+        alone would not say which site was refused), nothing for an address."""
+        if not self.host or ip_literal(self.host) is not None:
+            return ""
+        return f" (CONNECT {self.host}:{self.port})"
+
     def _take(self, size: int) -> None:
         self._buf = self._buf[size:]
 
@@ -132,7 +139,7 @@ class Handshake:
             return self._pending()
         if not reply.ok:
             # The upstream answered: a refusal of this request, not a broken upstream.
-            raise HandshakeError(DECLINED, reply.name, f"socks5 reply: {reply.name}")
+            raise HandshakeError(DECLINED, reply.name, f"socks5 reply: {reply.name}{self._named()}")
         self.state = DONE
         return Step(done=True, rest=self._buf[reply.size:], bound=(reply.host, reply.port))
 
@@ -155,7 +162,7 @@ class Handshake:
                                                         f"{response.status_line}")
         if not response.ok:
             raise HandshakeError(DECLINED, f"status {response.code}",
-                                 f"http CONNECT: {response.status_line}")
+                                 f"http CONNECT: {response.status_line}{self._named()}")
         self.state = DONE
         return Step(done=True, rest=self._buf[response.size:])
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from tproxyd.state.config import REDIRECT, TPROXY
-from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Health, decide
+from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Decision, Health, decide
 from tproxyd.state.routes import RouteTable
-from tproxyd.state.upstreams import REJECT, RouteRule, Upstream
+from tproxyd.state.upstreams import DIRECT, REJECT, RouteRule, Upstream
 
 from . import accesslog, unixsock
 from .connection import CLIENT, OPENING, READ, SERVER, WRITE, Connection, State
@@ -31,6 +31,7 @@ from .flow import SPLICE, Pool
 from .handshake import Handshake, HandshakeError
 from .listeners import open_listeners
 from .listing import Snapshots, wants_listing
+from .sniffing import Sniffer
 from .sockopts import (
     IP_BIND_ADDRESS_NO_PORT,
     SO_MARK,
@@ -61,6 +62,7 @@ class Settings:
     mode: str = TPROXY
     spoof_source: bool = True
     mark: int = 0  # SO_MARK on outbound sockets; 0: none (needs CAP_NET_ADMIN otherwise)
+    sniff_timeout: float = 0.3  # the wait for a client's first bytes when a route needs a name
     max_connections: int = 16384
     connect_timeout: float = 10.0
     idle_timeout: float = 3600.0
@@ -216,6 +218,7 @@ class Relay:
         self.stats_listener: socket.socket | None = None
         self.listing = Snapshots()  # `tproxy top`: byte counts of the last listing
         self.udp = UdpRelay(self)
+        self.sniffer = Sniffer(self)
         # routes and upstreams: compiled and resolved once per config (a worker's life)
         self.routes = RouteTable(settings.routes) if settings.routes else None
         self.upstreams = {u.name: u for u in settings.upstreams}
@@ -419,6 +422,12 @@ class Relay:
         assert isinstance(conn, Connection)
         if conn.state is State.CLOSED or when != conn.timer_at:
             return
+        if conn.state is State.SNIFFING:
+            if self.now >= conn.deadline:
+                self.sniffer.on_deadline(conn)
+            else:
+                self._schedule(conn, conn.deadline)
+            return
         if conn.state is State.UPSTREAM_CONNECTING or conn.state is State.HANDSHAKING:
             if self.now >= conn.deadline:
                 hs = conn.handshake
@@ -551,11 +560,15 @@ class Relay:
             self._refuse(client, End.LOOP)
             return
         route = upstream = None
+        candidates, sniffing = 0, False
         if self.routes is not None:
-            route = self.routes.match_text(dst[0], dst[1], client_addr[0], "tcp")
+            candidates = self.routes.candidates_text(dst[0], dst[1], client_addr[0], "tcp")
+            # a `domains` route could take it: route once the name is read (relay/sniffing.py)
+            sniffing = bool(candidates) and self.routes.wants_name(candidates)
+            if candidates and not sniffing:
+                route = self.routes.choose(candidates)
         if route is not None:
-            self.route_counts[route.name] += 1
-            decision = decide(route, self.health, self.now)
+            decision = self._decide(route)
             if decision.action == REJECT:
                 self.note("reject", f"{who} to {dst[0]} port {dst[1]}: {decision}: reset")
                 self._refuse(client, End.REJECTED, route.name, "reject")
@@ -579,14 +592,60 @@ class Relay:
         self.connections.add(conn)
         self.counters.active += 1
         self.per_client[client_addr[0]] = self.per_client.get(client_addr[0], 0) + 1
-        conn.route = route  # None: no route matched
-        if upstream is not None:
+        conn.route = route  # None: no route matched (or not chosen yet: sniffing)
+        if sniffing:
+            self.sniffer.begin(conn, candidates)
+        elif upstream is not None:
             self._try_upstream(conn, server, upstream)
+        else:
+            self._connect_direct(conn)
+
+    def _decide(self, route: RouteRule) -> Decision:
+        """Count a connection for its route and decide what carries it."""
+        self.route_counts[route.name] += 1
+        return decide(route, self.health, self.now)
+
+    def route_sniffed(self, conn: Connection) -> None:
+        """conn's sniff settled (relay/sniffing.py): its route, chosen with the name it asked
+        for (conn.domain, None without one), carries it as _start's would have at accept."""
+        assert self.routes is not None
+        conn.state = State.CONNECTING
+        route = conn.route = self.routes.choose(conn.candidates, conn.domain)
+        if route is None:
+            self._connect_direct(conn)
             return
+        if route.via[0] == DIRECT:  # the usual answer, without a Decision made for it
+            self.route_counts[route.name] += 1
+            self._connect_direct(conn)
+            return
+        decision = self._decide(route)
+        if decision.action == REJECT:
+            self.note("reject", f"{conn.who} to {conn.target}: {decision}: reset")
+            self._end(conn, End.REJECTED)
+            return
+        if decision.action == NO_UPSTREAM:
+            self.note("no-upstream", f"{conn.who} to {conn.target}: {decision}: reset")
+            conn.upstream = route.via[0]  # the access log's via, as for a reset at accept
+            self._end(conn, End.UPSTREAM_ERROR)
+            return
+        if decision.upstream is None:
+            self._connect_direct(conn)
+            return
+        conn.server.close()  # the direct socket made at accept: its descriptor is the upstream's
+        try:
+            server = self._upstream_socket(decision.upstream)
+        except OSError as exc:
+            self.note("start", f"{conn.who}: {exc}")
+            self._end(conn, End.OVER_LIMIT if exc.errno in RESOURCE_ERRORS else End.UPSTREAM_ERROR)
+            return
+        self._try_upstream(conn, server, decision.upstream)
+
+    def _connect_direct(self, conn: Connection) -> None:
+        """Connect conn to its original destination, its first bytes with the connect."""
         try:
             conn.connect()
         except OSError as exc:
-            self.note("start", f"{who}: {exc}")
+            self.note("start", f"{conn.who}: {exc}")
             self._end(conn, conn.failure_end(exc))
             return
         try:
@@ -635,8 +694,10 @@ class Relay:
         upstream's connect_timeout covering the connect and the whole handshake."""
         upstream = self.upstreams[name]
         try:
+            # a sniffed name goes to an upstream with send_domain: it resolves the name itself
+            host = upstream.target(conn.dst[0], conn.domain)
             conn.via_upstream(server, name, self.addresses[name],
-                              Handshake(upstream, conn.dst[0], conn.dst[1]), self.now)
+                              Handshake(upstream, host, conn.dst[1]), self.now)
         except HandshakeError as exc:
             self._upstream_failed(conn, exc)
             return
@@ -665,11 +726,10 @@ class Relay:
         client = f"client {conn.client_addr[0]} port {conn.client_addr[1]}"
         decision = decide(conn.route, self.health, self.now, conn.tried)
         if decision.upstream is None:
-            self.note("upstream", f"{client} to {conn.dst[0]} port {conn.dst[1]}: {exc}; "
-                                  f"{decision}: reset")
+            self.note("upstream", f"{client} to {conn.target}: {exc}; {decision}: reset")
             self._end(conn, End.UPSTREAM_ERROR)
             return
-        self.note("upstream", f"{client}: {exc}; trying {decision.upstream}")
+        self.note("upstream", f"{client} to {conn.target}: {exc}; trying {decision.upstream}")
         try:
             server = self._upstream_socket(decision.upstream)
         except OSError as err:
@@ -794,6 +854,9 @@ class Relay:
     def _on_connection(self, conn: Connection, side: int, mask: int) -> None:
         if conn.state is State.CLOSED:
             return  # already ended by the other side's event in this same batch
+        if conn.state is State.SNIFFING:
+            self.sniffer.on_readable(conn)
+            return
         connecting = conn.state is State.CONNECTING
         upstream_step = conn.state in OPENING and not connecting
         try:

@@ -87,7 +87,7 @@ class StreamSniff:
                 and not self._may_be_complete(before):
             return self.result
         self._parsed = size
-        self.result = sniff_stream(bytes(self.data))
+        self.result = sniff_stream(bytes(self.data) if before else chunk)  # first: no copy
         return self.result
 
     def _may_be_complete(self, before: int) -> bool:

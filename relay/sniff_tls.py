@@ -32,28 +32,15 @@ class _Short(Exception):
     """The bytes end inside a field: more may come (not an error)."""
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise _Short
-        chunk = self.data[self.pos:end]
-        self.pos = end
-        return chunk
-
-    def int(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-
 def handshake_bytes(data: bytes) -> Tuple[bytes, bool]:
     """The handshake-layer bytes carried by the records at the start of data (the last record
     may be partial), and whether the first handshake message is all there."""
+    if len(data) >= 9 and data[0] == HANDSHAKE and data[1] == 3:
+        # the common case, one record holding the whole message: one slice, no joining
+        length = data[3] << 8 | data[4]
+        if 4 <= length <= MAX_RECORD and len(data) >= 5 + length \
+                and length >= 4 + int.from_bytes(data[6:9], "big"):
+            return bytes(data[5:5 + length]), True
     out = bytearray()
     pos = 0
     while len(data) - pos >= 5:
@@ -89,66 +76,91 @@ def client_hello_name(hs: bytes, complete: bool = True) -> Result:
     complete: hs holds the whole message (then running out is an error, not NEED_MORE). Shared
     with QUIC, whose CRYPTO frames carry the same message without records."""
     try:
-        return _client_hello(_Reader(hs))
+        return _client_hello(hs)
     except _Short:
         if complete:
             raise TlsError("the ClientHello ends inside a field") from None
         return NEED_MORE
 
 
-def _client_hello(r: _Reader) -> Result:
-    kind = r.int(1)
-    if kind != CLIENT_HELLO:
-        raise TlsError(f"handshake type {kind}, not a ClientHello")
-    length = r.int(3)
-    end = r.pos + length
-    version = r.int(2)
-    if version >> 8 != 3:
-        raise TlsError(f"ClientHello version {version:#06x}")
-    r.take(32)  # random
-    session = r.int(1)
+def _client_hello(data: bytes) -> Result:
+    """Field by field, with the position in a local and no slice but the server_name's: this
+    runs once per sniffed connection (a reader object with a method call and a copy per field
+    cost three times as much). Each `n < pos` is a field that is not all there yet: _Short."""
+    n = len(data)
+    if n < 1:
+        raise _Short
+    if data[0] != CLIENT_HELLO:
+        raise TlsError(f"handshake type {data[0]}, not a ClientHello")
+    if n < 6:
+        raise _Short
+    end = 4 + int.from_bytes(data[1:4], "big")
+    if data[4] != 3:
+        raise TlsError(f"ClientHello version {data[4] << 8 | data[5]:#06x}")
+    pos = 6 + 32  # random
+    if n < pos + 1:
+        raise _Short
+    session = data[pos]
     if session > 32:
         raise TlsError(f"session id of {session} bytes")
-    r.take(session)
-    suites = r.int(2)
+    pos += 1 + session
+    if n < pos + 2:
+        raise _Short
+    suites = data[pos] << 8 | data[pos + 1]
     if suites < 2 or suites % 2:
         raise TlsError(f"cipher suites of {suites} bytes")
-    r.take(suites)
-    compressions = r.int(1)
+    pos += 2 + suites
+    if n < pos + 1:
+        raise _Short
+    compressions = data[pos]
     if compressions < 1:
         raise TlsError("no compression methods")
-    r.take(compressions)
-    if r.pos == end:
+    pos += 1 + compressions
+    if n < pos:
+        raise _Short
+    if pos == end:
         return NO_NAME  # no extensions (SSL 3.0 style): no name
-    extensions_end = r.pos + 2 + r.int(2)
+    if n < pos + 2:
+        raise _Short
+    extensions_end = pos + 2 + (data[pos] << 8 | data[pos + 1])
     if extensions_end > end:
         raise TlsError("extensions run past the ClientHello")
-    while r.pos < extensions_end:
-        kind = r.int(2)
-        size = r.int(2)
-        if r.pos + size > extensions_end:
+    pos += 2
+    while pos < extensions_end:
+        if n < pos + 4:
+            raise _Short
+        kind, size = data[pos] << 8 | data[pos + 1], data[pos + 2] << 8 | data[pos + 3]
+        pos += 4
+        if pos + size > extensions_end:
             raise TlsError(f"extension {kind:#06x} runs past the extensions")
+        if n < pos + size:
+            raise _Short
         if kind == SERVER_NAME:
-            return _server_name(r.take(size))
-        r.take(size)
+            return _server_name(data[pos:pos + size])
+        pos += size
     return NO_NAME
 
 
 def _server_name(ext: bytes) -> Result:
-    r = _Reader(ext)
-    try:
-        end = 2 + r.int(2)
-        if end != len(ext):
-            raise TlsError("server_name list length")
-        while r.pos < end:
-            kind = r.int(1)
-            name = r.take(r.int(2))
-            if kind == HOST_NAME:
-                # RFC 6066: ASCII A-labels, no trailing dot; anything else is no name to route on
-                if not name.isascii():
-                    return NO_NAME
-                found = sniffed(name.decode("ascii"))
-                return NO_NAME if found is None else found
-    except _Short:
-        raise TlsError("server_name ends inside a field") from None
+    n = len(ext)
+    if n < 2:
+        raise TlsError("server_name ends inside a field")
+    if 2 + (ext[0] << 8 | ext[1]) != n:
+        raise TlsError("server_name list length")
+    pos = 2
+    while pos < n:
+        if n < pos + 3:
+            raise TlsError("server_name ends inside a field")
+        kind, size = ext[pos], ext[pos + 1] << 8 | ext[pos + 2]
+        pos += 3
+        if n < pos + size:
+            raise TlsError("server_name ends inside a field")
+        if kind == HOST_NAME:
+            # RFC 6066: ASCII A-labels, no trailing dot; anything else is no name to route on
+            name = ext[pos:pos + size]
+            if not name.isascii():
+                return NO_NAME
+            found = sniffed(name.decode("ascii"))
+            return NO_NAME if found is None else found
+        pos += size
     return NO_NAME

@@ -28,6 +28,8 @@ from . import socks5
 from .association import PENDING_MAX, Association, AssocState
 from .ends import End
 from .handshake import HandshakeError
+from .sniff import DatagramSniff
+from .sniffing import DatagramSniffer
 from .sockopts import (
     SO_MARK,
     Address,
@@ -50,8 +52,8 @@ UDP_IN, UDP_SESSION, UDP_CONTROL = "udp-in", "udp-session", "udp-control"
 
 
 class Session:
-    __slots__ = ("assoc", "bytes_down", "bytes_up", "client", "dst", "last_active", "reply", "sock",
-                 "started", "timer_at")
+    __slots__ = ("assoc", "bytes_down", "bytes_up", "client", "domain", "dst", "last_active",
+                 "reply", "sock", "started", "timer_at")
 
     def __init__(self, client: Address, dst: Address, sock: socket.socket | None,
                  reply: socket.socket, now: float, assoc: Association | None = None):
@@ -60,6 +62,7 @@ class Session:
         self.last_active = now
         self.timer_at = 0.0
         self.started, self.bytes_up, self.bytes_down = now, 0, 0  # for the access log
+        self.domain: str | None = None  # the name its first datagrams asked for (QUIC)
 
     @property
     def route_name(self) -> str:
@@ -88,6 +91,7 @@ class UdpRelay:
         self.replies: dict[Address, tuple[socket.socket, int]] = {}  # dst -> (socket, users)
         self.per_client: dict[str, int] = {}  # client address -> its sessions
         self.kernel_drops: dict[int, int] = {}  # fd -> last SO_RXQ_OVFL value seen
+        self.sniffer = DatagramSniffer(relay)  # new sessions waiting for their name
 
     # --- sockets -------------------------------------------------------------------------------
 
@@ -107,6 +111,7 @@ class UdpRelay:
         self.listeners.clear()
 
     def close(self) -> None:
+        self.sniffer.pending.clear()  # datagrams held for a name: dropped, as UDP may
         for session in list(self.sessions.values()):
             self._end(session, End.DRAINED)
         for s in self.listeners:
@@ -177,12 +182,29 @@ class UdpRelay:
         key = (client, dst)
         session = self.sessions.get(key)
         if session is None:
+            if self.sniffer.hold(client, dst, data):  # a domains route could take it: wait
+                return
             session = self._open_session(client, dst)
             if session is None or self.sessions.get(key) is not session:
                 c.udp_drops += 1
                 return
         else:
             self.sessions.move_to_end(key)
+        self._send_up(session, data)
+
+    def open_sniffed(self, client: Address, dst: Address, sniff: DatagramSniff) -> None:
+        """A new session's first datagrams, held until their name was read (or not): open it on
+        the route the name chooses and send them on, unchanged and in order."""
+        session = self._open_session(client, dst, sniff.name)
+        if session is None or self.sessions.get((client, dst)) is not session:
+            self.counters.udp_drops += len(sniff.datagrams)
+            return
+        session.domain = sniff.name
+        for data in sniff.datagrams:
+            self._send_up(session, data)
+
+    def _send_up(self, session: Session, data: bytes) -> None:
+        c = self.counters
         session.last_active = self.relay.now
         if session.assoc is not None:
             self._forward_associated(session, data)
@@ -200,7 +222,8 @@ class UdpRelay:
         c.udp_bytes_up += len(data)
         session.bytes_up += len(data)
 
-    def _open_session(self, client: Address, dst: Address) -> Session | None:
+    def _open_session(self, client: Address, dst: Address,
+                      name: str | None = None) -> Session | None:
         c = self.counters
         try:
             loop = dst[1] in self.relay.ports and is_local_address(dst[0])
@@ -212,7 +235,8 @@ class UdpRelay:
                                          f"to the relay itself ({dst[0]} port {dst[1]})")
             return None
         relay = self.relay
-        route = relay.routes.match_text(dst[0], dst[1], client[0], "udp") if relay.routes else None
+        route = (relay.routes.match_text(dst[0], dst[1], client[0], "udp", name) if relay.routes
+                 else None)
         if route is not None and route.action not in (DIRECT, REJECT) and client[0] in relay.upstream_ips:
             # An upstream's own datagram to a destination it relays for us, reached through
             # this gateway: the reply socket bound to that destination caught it (TPROXY's
@@ -399,7 +423,7 @@ class UdpRelay:
     def _forward_associated(self, session: Session, data: bytes) -> None:
         assoc = session.assoc
         assert assoc is not None
-        wrapped = socks5.udp_header(*session.dst) + data
+        wrapped = self._header(session) + data
         if assoc.state is AssocState.READY:
             self._send_wrapped(session, wrapped)
         elif len(assoc.pending) < PENDING_MAX:
@@ -418,10 +442,19 @@ class UdpRelay:
         except OSError as exc:
             self._icmp_error(session, exc)
             return
-        payload = len(wrapped) - len(socks5.udp_header(*session.dst))
+        payload = len(wrapped) - len(self._header(session))
         c.udp_datagrams_up += 1
         c.udp_bytes_up += payload
         session.bytes_up += payload
+
+    @staticmethod
+    def _header(session: Session) -> bytes:
+        """The SOCKS5 UDP request header: the sniffed name when the upstream takes names
+        (send_domain: it resolves the name itself), else the original destination's address."""
+        upstream = session.assoc.upstream if session.assoc is not None else None
+        host = session.dst[0] if upstream is None else upstream.target(session.dst[0],
+                                                                       session.domain)
+        return socks5.udp_header(host, session.dst[1])
 
     # --- server -> client ------------------------------------------------------------------------
 

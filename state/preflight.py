@@ -11,6 +11,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
 from .config import Config
 from .desired import DEFAULT_DST, FORWARDING_SYSCTL
+from .domains import sniff_notes
 from .routing import Route, Rule
 from .upstreams import UpstreamPath, captured_paths
 
@@ -45,6 +46,7 @@ class HostFacts:
     foreign_mark_users: Tuple[str, ...] = ()  # other nft tables' rules that read or set our marks
     # each upstream address (names resolved) with the interface the kernel routes it out of
     upstream_paths: Tuple[UpstreamPath, ...] = ()
+    quic_sniffing: bool = True  # python3-cryptography is there: the relay reads QUIC names
 
 
 def rp_filter_keys(config: Config) -> List[str]:
@@ -82,13 +84,8 @@ def check(config: Config, facts: HostFacts) -> List[Finding]:
     if not config.intercepts:
         out.append(Finding(WARNING, "no [[intercept]] entry: nothing is captured",
                            "add an [[intercept]] with the LAN interfaces to tproxy.toml"))
-    named = [r.name for r in config.routes if r.domains]
-    if named:  # issue 13: parsed and matched in the pure core, not yet read by the relay
-        out.append(Finding(WARNING, f"route(s) {', '.join(named)} use `domains`: the relay does "
-                                    "not read names from connections yet, so these routes match "
-                                    "nothing and their connections take the next route",
-                           "route by destinations until name routing lands (README: Routes "
-                           "by name)"))
+    for note in sniff_notes(config.routes, facts.quic_sniffing):  # QUIC names need AES
+        out.append(Finding(WARNING, note, "apt install python3-cryptography"))
     for version in config.families():
         key = FORWARDING_SYSCTL[version]
         value = facts.sysctls.get(key)

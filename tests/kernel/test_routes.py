@@ -35,6 +35,10 @@ class Net(NamedTuple):
 
 @pytest.fixture
 def net(lab: Lab) -> Net:
+    return proxy_net(lab)
+
+
+def proxy_net(lab: Lab) -> Net:
     """The lab plus namespace p, routed through the gateway (not captured: only lan0 is)."""
     ns = lab.gw[: -len("-gw")] + "-p"
     subprocess.run(["ip", "netns", "add", ns], check=True)

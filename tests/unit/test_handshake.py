@@ -90,6 +90,22 @@ def test_failures_carry_outcome_and_reason(upstream, replies, outcome, reason, w
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize("upstream, replies", [
+    (SOCKS, [b"\x05\x00", b"\x05\x04\x00\x01" + bytes(6)]),
+    (HTTPUP, [b"HTTP/1.1 502 Bad Gateway\r\n\r\n"]),
+])
+def test_a_refused_request_for_a_name_says_the_name(upstream, replies):
+    """Issue 13: an upstream asked for a sniffed name; its refusal is reported with the name."""
+    for host, named in (("www.example.com", True), ("198.18.2.2", False)):
+        hs = Handshake(upstream, host, 443)
+        hs.start()
+        with pytest.raises(HandshakeError) as info:
+            for reply in replies:
+                hs.feed(reply)
+        assert info.value.outcome == DECLINED
+        assert ("(CONNECT www.example.com:443)" in str(info.value)) is named
+
+
 def test_socks5_reply_with_the_longest_name():
     hs = Handshake(SOCKS, "198.18.2.2", 443)
     hs.start()

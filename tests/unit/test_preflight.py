@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tproxyd.state.loader import loads
 from tproxyd.state.preflight import ERROR, WARNING, HostFacts, check, errors
 from tproxyd.state.routing import Route, Rule
@@ -102,8 +104,14 @@ def test_loop_guard_warns_for_an_upstream_captured_where_it_is_reached():
     assert "exclude" in finding.fix
 
 
-def test_domains_routes_are_said_to_match_nothing_yet():
+def test_domains_routes_need_no_warning_unless_quic_names_cannot_be_read():
     config = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
                    '[[route]]\nname = "gh"\ndomains = ["github.com"]\nvia = "reject"\n')
-    (finding,) = check(config, GOOD)
-    assert finding.level == WARNING and "gh use `domains`" in finding.message
+    assert check(config, GOOD) == []
+    (finding,) = check(config, replace(GOOD, quic_sniffing=False))  # no python3-cryptography
+    assert finding.level == WARNING and "route gh: QUIC (UDP)" in finding.message
+    assert "python3-cryptography" in finding.fix
+    tcp_only = loads('[[intercept]]\nname = "lan"\ninterfaces = ["lan0"]\n'
+                     '[[route]]\nname = "gh"\ndomains = ["github.com"]\nvia = "reject"\n'
+                     'protocols = ["tcp"]\n')
+    assert check(tcp_only, replace(GOOD, quic_sniffing=False)) == []

@@ -1,0 +1,117 @@
+"""Routes by name through the relay: new TLS-looking connections per second with 1,000 and
+100,000 `domains` names against none, and the latency a sniff adds to a connection.
+
+    python -m bench.sniffing [--seconds S] [--repeat N] [--domains 1000,100000]   (root: a lab)
+
+The connections scenario of `python -m bench`, with curl's recorded ClientHello (517 bytes, SNI
+www.example.com, tests/data/tls/curl-tls13.bin) as each connection's request, echoed back by the
+server. Variants, run interleaved (none, 1k, 100k, none, ...) so a noisy neighbour hits them
+alike:
+  tproxyd        no routes: routed at accept, as without `domains`
+  tproxyd-Nk     N random names in 10 `domains` routes via direct, "example.com" among the
+                 first route's: every connection waits for its first bytes, reads the name,
+                 matches the first route and goes direct
+The relay's counters prove a named variant sniffed every connection (route_named0_connections
+equals the connections done). Rates: 64 connections at once; latency: one at a time (connect,
+ClientHello, echo, close: p50 and p99), where a sniff's wait would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+from bench.__main__ import ONE_CLIENT, RATE_THREADS, ROOT, Case, Tproxyd, install, loadgen, run_once
+from bench.domains import random_names
+from lab import WAN, Lab
+from tproxyd.relay.loop import read_stats
+
+HELLO = os.path.join(ROOT, "tests", "data", "tls", "curl-tls13.bin")
+ROUTES = 10
+
+
+class Named(Tproxyd):
+    """tproxyd with `domains` routes of `count` random names; the bench's name is in the first."""
+
+    def __init__(self, lab: Lab, count: int):
+        super().__init__(lab)
+        self.name = f"tproxyd-{count // 1000}k"
+        names = random_names(random.Random(count), count - 1)
+        routes = "".join(
+            f'[[route]]\nname = "named{i}"\nvia = "direct"\ndomains = '
+            f'{json.dumps(([] if i else ["example.com"]) + names[i::ROUTES])}\n'
+            for i in range(ROUTES))
+        self.config = lab.write_config(lab.config(extra=ONE_CLIENT,
+                                                  destinations='["198.18.2.0/24"]') + routes,
+                                       f"bench-named-{count}.toml")
+
+    def up(self) -> None:
+        super().up()
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.stats):  # opened just after the listeners
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name}: no stats socket at {self.stats}")
+            time.sleep(0.05)
+        self.before = read_stats(self.stats)["route_named0_connections"]
+
+    def sniffed(self) -> int:
+        return read_stats(self.stats)["route_named0_connections"] - self.before
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sniffing")
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--domains", default="1000,100000")
+    args = p.parse_args(argv)
+    install()
+    with Lab(forwarding=True) as lab:
+        gen = loadgen(lab)
+        variants = [Tproxyd(lab), *(Named(lab, int(n)) for n in args.domains.split(","))]
+
+        def run(conc: int, seconds: int):
+            def rate(v) -> dict:
+                out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds),
+                              "0", str(RATE_THREADS), HELLO, timeout=seconds + 60)
+                row = json.loads(out.stdout)
+                if isinstance(v, Named):  # proof: each connection was read for its name
+                    assert v.sniffed() >= row["done"], (v.sniffed(), row)
+                return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 2 * 517}
+            return rate
+
+        cases = [Case("rate, concurrency 64", run(64, args.seconds), "conn/s"),
+                 Case("latency, one at a time", run(1, max(2, args.seconds // 2)), "conn/s")]
+        rows: dict[tuple[str, str], list[dict]] = {}
+        for i in range(args.repeat):
+            for case in cases:
+                for v in variants:  # interleaved
+                    row = run_once(v, case)
+                    rows.setdefault((case.name, v.name), []).append(row)
+                    print(f"run {i} {case.name:24} {v.name:13} {row['value']:8.0f} conn/s "
+                          f"p50 {row['p50_us']:7.1f} us p99 {row['p99_us']:8.1f} us "
+                          f"relay CPU {row['relay_cpu_s'] / row['done'] * 1e6:6.1f} us/conn",
+                          file=sys.stderr, flush=True)
+    for case in cases:
+        base = None
+        for v in variants:
+            rs = rows[(case.name, v.name)]
+            rate = statistics.median(r["value"] for r in rs)
+            p50 = statistics.median(r["p50_us"] for r in rs)
+            p99 = statistics.median(r["p99_us"] for r in rs)
+            cpu = statistics.median(r["relay_cpu_s"] / r["done"] * 1e6 for r in rs)
+            base = base or (rate, p50, cpu)
+            print(f"{case.name:24} {v.name:13} {rate:8.0f} conn/s ({rate / base[0]:.2f}x) "
+                  f"p50 {p50:7.1f} us ({p50 - base[1]:+.1f}) p99 {p99:8.1f} us "
+                  f"relay CPU {cpu:6.1f} us/conn ({100 * (cpu - base[2]) / base[2]:+.1f}%) "
+                  f"[{len(rs)} runs: {min(r['value'] for r in rs):.0f}-"
+                  f"{max(r['value'] for r in rs):.0f} conn/s]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
