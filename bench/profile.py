@@ -1,7 +1,7 @@
 """Where the relay's time goes per connection: CPU (user and system apart), syscalls, and Python
 functions, during a connection-rate run (100 bytes each way, the server answers and closes).
 
-    python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace]
+    python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace] [--access-log]
     python -m bench.profile --compare A/.venv/bin/python B/.venv/bin/python [--repeat K]
 
 --compare weighs a change to the relay: two checkouts (each venv runs its own tree's relay), run
@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-strace", action="store_true")
     p.add_argument("--compare", nargs=2, metavar="PYTHON")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--access-log", action="store_true", help="with [log] access to a file")
     args = p.parse_args(argv)
     with Lab() as lab:
-        config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations='["198.18.2.0/24"]'),
+        extra = ONE_CLIENT + (f'[log]\naccess = "{lab.tmp}/access.log"\n' if args.access_log else "")
+        config = lab.write_config(lab.config(extra=extra, destinations='["198.18.2.0/24"]'),
                                   "bench.toml")
         lab.run(lab.gw, *TPROXY, "apply", "-c", config)
         gen = loadgen(lab)
