@@ -94,6 +94,24 @@ def test_a_tls_name_routes_through_the_upstream_which_gets_the_name_and_the_hell
         "www.example.com", "corp", "p", "client_fin")
 
 
+class SlowSocks5(NamedSocks5):
+    """Answers the greeting only after a pause: what the client sends meanwhile arrives while
+    the relay is still in the upstream's handshake."""
+
+    def handle(self, conn: socket.socket) -> None:
+        time.sleep(0.3)
+        super().handle(conn)
+
+
+def test_bytes_sent_during_the_handshake_follow_the_sniffed_ones_through_the_tunnel():
+    proxy = SlowSocks5()
+    routes = (named("corp", ("p",), "example.com"),)
+    with running(("127.0.0.1", 9), upstreams=(proxy.config("p"),), routes=routes) as (_, addr):
+        # the hello is sniffed and routed; "more" comes while the upstream has not answered
+        got = exchange(addr, [HELLO, b"more"], len(HELLO) + 4, pause=0.1)
+    assert got == HELLO + b"more"
+
+
 def test_without_send_domain_the_upstream_gets_the_address():
     proxy = NamedSocks5()
     routes = (named("corp", ("p",), "example.com"),)
