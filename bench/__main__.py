@@ -18,10 +18,12 @@ records the relay's CPU time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -41,11 +43,33 @@ TPROXY_RSS = [sys.executable, "-c", "import resource, sys; from tproxyd.reconcil
               "sys.exit(rc)"]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of a process, from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process."""
+    return sum(cpu_times(pid))
+
+
+# Per core (issue 16): the proxy under test on CPU 0, the load generator, the servers and
+# iperf3 on CPU 1, so that a proxy's figure is what one core of it does. main() sets these
+# (--no-pin leaves them empty); tproxyd-2w is not pinned (two workers want both cores).
+PROXY_CPU, LOAD_CPU = "0", "1"
+PROXY_PIN: tuple[str, ...] = ()
+LOAD_PIN: tuple[str, ...] = ()
+
+
+def traced_child(pid: int) -> int:
+    """The process under `strace` (pid: strace's): it is ended by its own PID, since a
+    strace that is killed only detaches it."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    return int(children[0]) if children else pid
 
 
 def rss_kib(pid: int) -> int:
@@ -62,13 +86,29 @@ class Variant:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.proc = None
+        self.wrap: tuple[str, ...] = ()  # e.g. strace, set by run_once for a case that asks
 
     def up(self) -> None: ...
 
     def down(self) -> None: ...
 
-    def relay_cpu(self) -> float:
-        return cpu_seconds(self.proc.pid) if self.proc else 0.0
+    def pid(self) -> int:
+        """The proxy's own process (`ip netns exec` and taskset exec it; strace does not)."""
+        assert self.proc is not None
+        return traced_child(self.proc.pid) if self.wrap else self.proc.pid
+
+    def stop_proxy(self) -> None:
+        if self.proc is None:
+            return
+        if self.wrap and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid(), signal.SIGTERM)
+        self.lab.stop(self.proc, timeout=60)
+        self.proc = None
+
+    def relay_cpu(self) -> tuple[float, float]:
+        """(user, system) seconds of the proxy so far."""
+        return cpu_times(self.pid()) if self.proc else (0.0, 0.0)
 
     def relay_bytes(self) -> int:
         return 0
@@ -95,13 +135,12 @@ class Tproxyd(Variant):
 
     def up(self) -> None:
         self.lab.run(self.lab.gw, *TPROXY, "apply", "-c", self.config)
-        self.proc = self.lab.spawn(self.lab.gw, sys.executable, "-m", "tproxyd.relay",
-                                   "-c", self.config)
+        self.proc = self.lab.spawn(self.lab.gw, *PROXY_PIN, *self.wrap, sys.executable, "-m",
+                                   "tproxyd.relay", "-c", self.config)
         wait_for_port(self.lab, self.lab.gw, 12345)
 
     def down(self) -> None:
-        self.lab.stop(self.proc)
-        self.proc = None
+        self.stop_proxy()
         self.lab.run(self.lab.gw, *TPROXY, "down", "-c", self.config)
 
     def relay_bytes(self) -> int:
@@ -149,7 +188,8 @@ class Haproxy(Tproxyd):
 
     def up(self) -> None:
         self.lab.run(self.lab.gw, *TPROXY, "apply", "-c", self.config)
-        self.proc = self.lab.spawn(self.lab.gw, "haproxy", "-db", "-f", self.cfg)
+        self.proc = self.lab.spawn(self.lab.gw, *PROXY_PIN, *self.wrap, "haproxy", "-db", "-f",
+                                   self.cfg)
         wait_for_port(self.lab, self.lab.gw, 12345)
 
     def relay_bytes(self) -> int:
@@ -204,8 +244,11 @@ class TproxydWorkers(Variant):
         self.lab.stop(self.proc, timeout=60)
         self.proc = None
 
-    def relay_cpu(self) -> float:
-        return sum(cpu_seconds(w["pid"]) for w in self._workers()) if self.proc else 0.0
+    def relay_cpu(self) -> tuple[float, float]:
+        if not self.proc:
+            return 0.0, 0.0
+        times = [cpu_times(w["pid"]) for w in self._workers()]
+        return sum(u for u, _ in times), sum(t for _, t in times)
 
     def relay_bytes(self) -> int:
         return sum(read_stats(w["stats"])["bytes_up"] + read_stats(w["stats"])["bytes_down"]
@@ -225,6 +268,8 @@ class Case:
     unit: str
     variants: tuple[str, ...] = ("kernel", "tproxyd")
     carried: bool = True  # the tproxyd row must show the relay carried "bytes"
+    wrap: Callable[[Lab], tuple[str, ...]] | None = None  # the proxy runs under this command
+    finish: Callable[[Variant, dict], None] | None = None  # after the proxy stopped
 
 
 SCENARIOS: dict[str, Callable[[Lab, bool], list[Case]]] = {}
@@ -238,11 +283,11 @@ def scenario(fn):
 @scenario
 def throughput(lab: Lab, quick: bool) -> list[Case]:
     seconds = 2 if quick else 10
-    lab.spawn(lab.server, "iperf3", "-s", "-p", "5201")
+    lab.spawn(lab.server, *LOAD_PIN, "iperf3", "-s", "-p", "5201")
     wait_for_port(lab, lab.server, 5201)
 
     def iperf(streams: int) -> dict:
-        out = lab.run(lab.client, "iperf3", "-c", WAN.peer4, "-p", "5201", "-t", str(seconds),
+        out = lab.run(lab.client, *LOAD_PIN, "iperf3", "-c", WAN.peer4, "-p", "5201", "-t", str(seconds),
                       "-P", str(streams), "-J", timeout=seconds + 30)
         end = json.loads(out.stdout)["end"]
         return {"value": end["sum_received"]["bits_per_second"] / 1e9,
@@ -272,7 +317,7 @@ def loadgen(lab: Lab) -> str:
         for ns, ports in ((lab.client, "1024 32767"), (lab.gw, "32768 65535")):
             lab.sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")
             lab.sysctl(ns, "net.ipv4.ip_local_port_range", ports)
-        lab.spawn(lab.server, path, "server", "7200")
+        lab.spawn(lab.server, *LOAD_PIN, path, "server", "7200")
         wait_for_port(lab, lab.server, 7200)
     return path
 
@@ -283,13 +328,52 @@ def connections(lab: Lab, quick: bool) -> list[Case]:
     gen, seconds = loadgen(lab), 2 if quick else 10
 
     def rate(v: Variant) -> dict:
-        out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", "64", str(seconds), "100",
-                      str(RATE_THREADS), timeout=seconds + 60)
+        out = lab.run(lab.client, *LOAD_PIN, gen, "rate", WAN.peer4, "7200", "64", str(seconds),
+                      "100", str(RATE_THREADS), timeout=seconds + 60)
         row = json.loads(out.stdout)
-        return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
+        return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200, "ops": row["done"]}
 
     return [Case("rate, concurrency 64", rate, "conn/s",
                  ("kernel", "tproxyd", "tproxyd-2w", "haproxy", "haproxy-splice"))]
+
+
+@scenario
+def syscalls(lab: Lab, quick: bool) -> list[Case]:
+    """Syscalls per connection of each proxy, counted by `strace -c -f` in a short rate run
+    of its own (strace slows the proxy many times over: only the counts mean anything)."""
+    gen, seconds = loadgen(lab), 2
+
+    def wrap(lab: Lab) -> tuple[str, ...]:
+        return ("strace", "-c", "-f", "-o", os.path.join(lab.tmp, "strace.txt"))
+
+    def rate(v: Variant) -> dict:
+        out = lab.run(lab.client, *LOAD_PIN, gen, "rate", WAN.peer4, "7200", "64", str(seconds),
+                      "100", str(RATE_THREADS), timeout=seconds + 120)
+        row = json.loads(out.stdout)
+        return {**row, "value": 0.0, "bytes": row["done"] * 200, "ops": row["done"]}
+
+    def count(v: Variant, row: dict) -> None:
+        by_name = strace_counts(os.path.join(lab.tmp, "strace.txt"))
+        ops = max(row["done"], 1)
+        row["value"] = round(sum(by_name.values()) / ops, 2)
+        row["syscalls_per_conn"] = {k: round(n / ops, 2) for k, n in sorted(
+            by_name.items(), key=lambda kv: -kv[1]) if n / ops >= 0.05}
+
+    return [Case("syscalls per connection", rate, "calls/conn", ("tproxyd", "haproxy"),
+                 wrap=wrap, finish=count)]
+
+
+def strace_counts(path: str) -> dict[str, int]:
+    """calls by syscall name from `strace -c` output."""
+    import re
+
+    out: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
+            if m and m.group(2) != "total":
+                out[m.group(2)] = int(m.group(1))
+    return out
 
 
 @scenario
@@ -298,7 +382,7 @@ def latency(lab: Lab, quick: bool) -> list[Case]:
     gen, count = loadgen(lab), 2000 if quick else 20000
 
     def pingpong(v: Variant, key: str) -> dict:
-        out = lab.run(lab.client, gen, "pingpong", WAN.peer4, "7200", str(count), "64")
+        out = lab.run(lab.client, *LOAD_PIN, gen, "pingpong", WAN.peer4, "7200", str(count), "64")
         row = json.loads(out.stdout)
         return {**row, "value": row[key], "bytes": count * 128}
 
@@ -311,14 +395,15 @@ def latency(lab: Lab, quick: bool) -> list[Case]:
 def udp(lab: Lab, quick: bool) -> list[Case]:
     """Datagrams echoed through the relay, 32 in flight: rate and round-trip percentiles."""
     gen, count = loadgen(lab), 2000 if quick else 50000
-    lab.spawn(lab.server, gen, "udpserver", "7300")
+    lab.spawn(lab.server, *LOAD_PIN, gen, "udpserver", "7300")
     wait_for_port(lab, lab.server, 7300, "udp")
 
     def echo(v: Variant, size: int) -> dict:
-        out = lab.run(lab.client, gen, "udp", WAN.peer4, "7300", str(count), str(size), "32",
-                      timeout=120)
+        out = lab.run(lab.client, *LOAD_PIN, gen, "udp", WAN.peer4, "7300", str(count), str(size),
+                      "32", timeout=120)
         row = json.loads(out.stdout)
-        return {**row, "value": row["datagrams_per_s"], "bytes": row["received"] * size * 2}
+        return {**row, "value": row["datagrams_per_s"], "bytes": row["received"] * size * 2,
+                "ops": row["received"]}
 
     return [Case(f"echo {size} B, 32 in flight", lambda v, size=size: echo(v, size), "dgram/s")
             for size in (64, 1400)]
@@ -419,8 +504,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=f"bench-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
+    p.add_argument("--no-pin", action="store_true",
+                   help="leave the proxy and the load generator to the scheduler")
     args = p.parse_args(argv)
     install()
+    global PROXY_PIN, LOAD_PIN
+    pinned = not args.no_pin and (os.cpu_count() or 1) >= 2
+    if pinned:
+        PROXY_PIN, LOAD_PIN = ("taskset", "-c", PROXY_CPU), ("taskset", "-c", LOAD_CPU)
     if args.compare:
         compare(*args.compare)
         return 0
@@ -447,7 +538,7 @@ def main(argv=None) -> int:
                         out.write(json.dumps(row) + "\n")
                         out.flush()
                         print(json.dumps(row), file=sys.stderr, flush=True)
-    table(rows)
+    table(rows, pinned)
     print(f"raw results: {args.out}")
     return 0
 
@@ -457,7 +548,8 @@ def install() -> None:
     import shutil
     import subprocess
 
-    missing = [pkg for cmd, pkg in (("iperf3", "iperf3"), ("haproxy", "haproxy"))
+    missing = [pkg for cmd, pkg in (("iperf3", "iperf3"), ("haproxy", "haproxy"),
+                                    ("strace", "strace"), ("taskset", "util-linux"))
                if not shutil.which(cmd)]
     if missing:
         print(f"bench: apt-get install {' '.join(missing)}", file=sys.stderr)
@@ -465,11 +557,15 @@ def install() -> None:
 
 
 def run_once(v: Variant, case: Case) -> dict:
+    v.wrap = case.wrap(v.lab) if case.wrap else ()
     v.up()
     try:
-        cpu0, bytes0 = v.relay_cpu(), v.relay_bytes()
+        (user0, sys0), bytes0 = v.relay_cpu(), v.relay_bytes()
         row = case.run(v)
-        row.update(relay_cpu_s=round(v.relay_cpu() - cpu0, 3), relay_bytes=v.relay_bytes() - bytes0)
+        user1, sys1 = v.relay_cpu()
+        row.update(relay_cpu_s=round(user1 - user0 + sys1 - sys0, 3),
+                   relay_user_s=round(user1 - user0, 3), relay_sys_s=round(sys1 - sys0, 3),
+                   relay_bytes=v.relay_bytes() - bytes0)
         # a proxy may count a connection's bytes only once it has closed it (HAProxy does)
         deadline = time.monotonic() + 3
         while case.carried and v.name != "kernel" and time.monotonic() < deadline \
@@ -478,6 +574,9 @@ def run_once(v: Variant, case: Case) -> dict:
             row["relay_bytes"] = v.relay_bytes() - bytes0
     finally:
         v.down()
+        v.wrap = ()
+    if case.finish:
+        case.finish(v, row)
     if case.carried and v.name != "kernel" and row["relay_bytes"] < row.get("bytes", 1) * 0.9:
         raise SystemExit(f"{v.name} did not carry the traffic: {row}")
     return row
@@ -487,22 +586,44 @@ def summary(rows: list[dict]) -> dict[tuple, dict]:
     out: dict[tuple, dict] = {}
     for r in rows:
         key = (r["scenario"], r["case"], r["variant"])
-        out.setdefault(key, {"values": [], "cpu": [], "unit": r["unit"]})
-        out[key]["values"].append(r["value"])
-        out[key]["cpu"].append(r.get("relay_cpu_s", 0))
+        d = out.setdefault(key, {"values": [], "cpu": [], "user_op": [], "sys_op": [],
+                                 "unit": r["unit"]})
+        d["values"].append(r["value"])
+        d["cpu"].append(r.get("relay_cpu_s", 0))
+        if r.get("ops") and "relay_user_s" in r and r["variant"] != "kernel":
+            d["user_op"].append(r["relay_user_s"] / r["ops"] * 1e6)
+            d["sys_op"].append(r["relay_sys_s"] / r["ops"] * 1e6)
     return out
 
 
-def table(rows: list[dict]) -> None:
+RATES = ("Gbit/s", "conn/s", "dgram/s")  # more is better: compared with the kernel's row
+GENERATOR_LIMIT = 0.8  # a proxy row at 80% of the kernel's or more: the generator may limit it
+
+
+def table(rows: list[dict], pinned: bool = False) -> None:
     s = summary(rows)
     print(f"{'scenario':11} {'case':24} {'variant':14} {'median':>10} {'min':>9} {'max':>9} "
-          f"{'unit':9} {'x kernel':>8} {'relay cpu s':>11}")
+          f"{'unit':10} {'x kernel':>8} {'relay cpu s':>11} {'user us/op':>10} {'sys us/op':>9}")
+    flagged = False
     for (sc, case, variant), d in s.items():
         med = statistics.median(d["values"])
         base = s.get((sc, case, "kernel"))
-        ratio = f"{med / statistics.median(base['values']):8.2f}" if base else f"{'':8}"
+        ratio, mark = f"{'':8}", ""
+        if base:
+            r = med / statistics.median(base["values"])
+            ratio = f"{r:8.2f}"
+            if variant != "kernel" and d["unit"] in RATES and r >= GENERATOR_LIMIT:
+                mark, flagged = " *", True
+        per_op = (f"{statistics.median(d['user_op']):10.1f} {statistics.median(d['sys_op']):9.1f}"
+                  if d["user_op"] else f"{'':10} {'':9}")
         print(f"{sc:11} {case:24} {variant:14} {med:10.3f} {min(d['values']):9.3f} "
-              f"{max(d['values']):9.3f} {d['unit']:9} {ratio} {statistics.median(d['cpu']):11.2f}")
+              f"{max(d['values']):9.3f} {d['unit']:10} {ratio} {statistics.median(d['cpu']):11.2f} "
+              f"{per_op}{mark}")
+    if flagged:
+        print(f"* at {GENERATOR_LIMIT:.0%} of the kernel's row or more: the load generator may be "
+              "the limit of that figure, not the proxy")
+    print("pinned: the proxy on CPU 0; load generator, servers and iperf3 on CPU 1 (tproxyd-2w "
+          "not pinned)" if pinned else "not pinned")
     loads = [r["load"] for r in rows if "load" in r]
     if loads:  # how busy the machine was: the benchmark itself accounts for about 1-2 of it
         print(f"machine: {os.cpu_count()} CPUs; 1-minute load average over the runs: median "

@@ -22,7 +22,15 @@ def test_quick_bench_runs_every_scenario_and_cleans_up(lab, tmp_path):  # lab: r
     failed = "\n".join(ln for ln in result.stderr.splitlines() if " failed: " in ln
                        or "did not" in ln)[-3000:]
     assert {r["scenario"] for r in rows} == {"throughput", "connections", "latency", "udp",
-                                             "memory", "control"}
+                                             "memory", "control", "syscalls"}
+    # strace counted each proxy's syscalls; a connection costs a proxy more than a handful
+    traced = {r["variant"]: r for r in rows if r["scenario"] == "syscalls"}
+    assert set(traced) == {"tproxyd", "haproxy"}, failed
+    assert all(r["value"] > 5 and "close" in r["syscalls_per_conn"] for r in traced.values())
+    # CPU per connection, user and system apart, for each proxy's connection-rate runs
+    assert all(r["relay_user_s"] > 0 and r["relay_sys_s"] > 0 and r["ops"] > 0 for r in rows
+               if r["scenario"] == "connections" and r["variant"] in ("tproxyd", "haproxy"))
+    assert "pinned: the proxy on CPU 0" in result.stdout and "user us/op" in result.stdout
     assert {r["variant"] for r in rows if r["scenario"] == "udp"} == {"kernel", "tproxyd"}
     assert all(r["relay_bytes"] >= 0.9 * r["bytes"] for r in rows
                if r["scenario"] == "udp" and r["variant"] == "tproxyd")

@@ -130,7 +130,7 @@ ROUTES = (route("corp", ["dante"], domains=["corp.example", "big.example.net"])
           + route("ads", ["reject"], domains=["ads.example"]))
 
 
-def setup(net: Net, routes: str = ROUTES, extra: str = "") -> Named:
+def start_named(net: Net, routes: str = ROUTES, extra: str = "") -> Named:
     lab = net.lab
     need("openssl")
     cert, key = certificate(lab)
@@ -164,7 +164,7 @@ def served(named: Named) -> list[str]:
 def test_https_by_name_through_dante_with_the_name_direct_and_rejected(net: Net, hosts):
     lab = net.lab
     log = os.path.join(lab.tmp, "access.log")
-    named = setup(net, extra=f'[log]\naccess = "{log}"\n')
+    named = start_named(net, extra=f'[log]\naccess = "{log}"\n')
     # the client's DNS answer is wrong; dante, given the name, finds the server: its address
     got = https(named, "www.corp.example", address=NOWHERE)
     assert got.returncode == 0 and got.stdout == f"hello {P4}", got
@@ -201,7 +201,7 @@ def test_without_send_domain_dante_gets_the_address_the_client_asked_for(net: Ne
 
 
 def test_plain_http_by_host(net: Net, hosts):
-    named = setup(net)
+    named = start_named(net)
     lab = net.lab
     script = os.path.join(lab.tmp, "https_server.py")
     web = lab.spawn(lab.server, sys.executable, script, "-", "-", "8088")
@@ -266,7 +266,7 @@ SEGMENTS = textwrap.dedent("""
 
 def test_a_clienthello_in_50_byte_segments_is_routed_by_name(net: Net, hosts):
     lab = net.lab
-    named = setup(net)
+    named = start_named(net)
     digest = lab.spawn(lab.server, sys.executable, str(Path(__file__).with_name("peers.py")),
                        "digest", "4443")
     wait_for_port(lab, lab.server, 4443)
