@@ -25,38 +25,14 @@ import argparse
 import json
 import os
 import pstats
-import re
 import shutil
 import signal
 import statistics
 import sys
 
-from bench.__main__ import ONE_CLIENT, TPROXY, loadgen
+from bench.__main__ import ONE_CLIENT, TPROXY, cpu_times, loadgen, strace_counts, traced_child
 from lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
-
-
-def proc_cpu(pid: int) -> tuple[float, float]:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def relay_pid(lab: Lab, wrapper_pid: int) -> int:
-    """The python process under `ip netns exec` (and strace, when it wraps it)."""
-    pid = wrapper_pid
-    for _ in range(4):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        if any(b"tproxyd.relay" in a for a in argv) and os.path.basename(argv[0]).startswith(b"python"):
-            return pid
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = f.read().split()
-        if not children:
-            break
-        pid = int(children[0])
-    return pid
 
 
 def one_run(lab: Lab, config: str, gen: str, seconds: int, conc: int,
@@ -65,12 +41,12 @@ def one_run(lab: Lab, config: str, gen: str, seconds: int, conc: int,
     cmd = [python, *(["-m", "cProfile", "-o", f"{lab.tmp}/prof"] if profile else [])]
     proc = lab.spawn(lab.gw, *wrap, *cmd, "-m", "tproxyd.relay", "-c", config)
     wait_for_port(lab, lab.gw, 12345, timeout=30)
-    pid = relay_pid(lab, proc.pid)
+    pid = traced_child(proc.pid) if wrap else proc.pid  # netns exec execs; strace does not
     try:
-        u0, s0 = proc_cpu(pid)
+        u0, s0 = cpu_times(pid)
         out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds), "100",
                       timeout=seconds + 120)
-        u1, s1 = proc_cpu(pid)
+        u1, s1 = cpu_times(pid)
         stats = read_stats(f"{lab.tmp}/state/relay.sock", timeout=30)
     finally:  # the relay itself: a killed strace would only detach it, and it would live on
         os.kill(pid, signal.SIGTERM)
@@ -146,15 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                          ("strace", "-c", "-f", "-o", out))
         n = traced["connections"]
         print(f"\nstrace: {n} connections; syscalls per connection")
-        total = 0.0
-        with open(out) as f:
-            for line in f:
-                m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
-                if m and m.group(2) != "total":
-                    per = int(m.group(1)) / max(n, 1)
-                    total += per
-                    if per >= 0.05:
-                        print(f"{per:8.2f}  {m.group(2)}")
+        counts = strace_counts(out)
+        for name, calls in sorted(counts.items(), key=lambda kv: -kv[1]):
+            if calls / max(n, 1) >= 0.05:
+                print(f"{calls / max(n, 1):8.2f}  {name}")
+        total = sum(counts.values()) / max(n, 1)
         print(f"{total:8.2f}  in all")
         lab.run(lab.gw, *TPROXY, "down", "-c", config)
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-UP, DOWN = "up", "down"
+from tproxyd.state.health import DOWN, UP
 
 
 def _at(wall_now: float, mono_now: float, reported_at: float, ago: float) -> float:

@@ -45,7 +45,7 @@ class Association:
     def __init__(self, route: RouteRule) -> None:
         self.route = route
         self.tried: set[str] = set()
-        self.pending: list[bytes] = []  # wrapped datagrams waiting for READY
+        self.pending: list[bytes] = []  # datagrams waiting for READY (wrapped when sent)
         self.state = AssocState.CLOSED
         self.control: socket.socket | None = None
         self.udp: socket.socket | None = None

@@ -648,12 +648,7 @@ class Relay:
             self.note("start", f"{conn.who}: {exc}")
             self._end(conn, conn.failure_end(exc))
             return
-        try:
-            self._update(conn)
-        except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
-            self.counters.register_errors += 1
-            self.warn("register", f"cannot watch a connection: {exc}; resetting it")
-            self._end(conn, End.OVER_LIMIT)
+        if not self.watched(conn):
             return
         if conn.state is not State.CONNECTING:
             conn.connected_at = self.now  # access log: connected inside connect()
@@ -701,12 +696,7 @@ class Relay:
         except HandshakeError as exc:
             self._upstream_failed(conn, exc)
             return
-        try:
-            self._update(conn)
-        except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
-            self.counters.register_errors += 1
-            self.warn("register", f"cannot watch a connection: {exc}; resetting it")
-            self._end(conn, End.OVER_LIMIT)
+        if not self.watched(conn):
             return
         conn.deadline = self.now + upstream.connect_timeout
         self._schedule(conn, conn.deadline)
@@ -883,6 +873,18 @@ class Relay:
             self._end(conn, conn.fin_end())
         else:
             self._update(conn)
+
+    def watched(self, conn: Connection) -> bool:
+        """_update() for a connection just set up; False when epoll refused it (ENOMEM,
+        ENOSPC): it is ended then, never leaked."""
+        try:
+            self._update(conn)
+        except OSError as exc:
+            self.counters.register_errors += 1
+            self.warn("register", f"cannot watch a connection: {exc}; resetting it")
+            self._end(conn, End.OVER_LIMIT)
+            return False
+        return True
 
     def _update(self, conn: Connection) -> None:
         """Tell the selector what each socket waits for, only where that changed."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .connection import Connection, State
-from .ends import End
 from .flow import SRC
 from .sniff import MAX_SNIFF, NEED_MORE, DatagramSniff, Result, StreamSniff
 from .sockopts import Address
@@ -74,12 +73,7 @@ class Sniffer:
         conn.deadline = conn.sniff.deadline
         if not self._read(conn):
             return
-        try:
-            relay._update(conn)
-        except OSError as exc:  # epoll refused it (ENOMEM, ENOSPC): end it, do not leak it
-            relay.counters.register_errors += 1
-            relay.warn("register", f"cannot watch a connection: {exc}; resetting it")
-            relay._end(conn, End.OVER_LIMIT)
+        if not relay.watched(conn):
             return
         relay._schedule(conn, conn.deadline)
 

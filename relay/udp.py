@@ -389,8 +389,8 @@ class UdpRelay:
         assert assoc.udp is not None
         relay.selector.register(assoc.udp, selectors.EVENT_READ, (UDP_SESSION, session))
         pending, assoc.pending = assoc.pending, []
-        for wrapped in pending:
-            self._send_wrapped(session, wrapped)
+        for data in pending:
+            self._send_associated(session, data)
 
     def _assoc_deadline(self, arg: object, when: float) -> None:
         session, started = arg  # type: ignore[misc]
@@ -423,29 +423,28 @@ class UdpRelay:
     def _forward_associated(self, session: Session, data: bytes) -> None:
         assoc = session.assoc
         assert assoc is not None
-        wrapped = self._header(session) + data
         if assoc.state is AssocState.READY:
-            self._send_wrapped(session, wrapped)
+            self._send_associated(session, data)
         elif len(assoc.pending) < PENDING_MAX:
-            assoc.pending.append(wrapped)
+            assoc.pending.append(data)  # wrapped when sent: the upstream may change meanwhile
         else:
             self.counters.udp_drops += 1
 
-    def _send_wrapped(self, session: Session, wrapped: bytes) -> None:
+    def _send_associated(self, session: Session, data: bytes) -> None:
+        """data in the RFC 1928 UDP header of the session's upstream, to its relay address."""
         c = self.counters
         assert session.sock is not None
         try:
-            session.sock.send(wrapped)
+            session.sock.send(self._header(session) + data)
         except BlockingIOError:
             c.udp_drops += 1
             return
         except OSError as exc:
             self._icmp_error(session, exc)
             return
-        payload = len(wrapped) - len(self._header(session))
         c.udp_datagrams_up += 1
-        c.udp_bytes_up += payload
-        session.bytes_up += payload
+        c.udp_bytes_up += len(data)
+        session.bytes_up += len(data)
 
     @staticmethod
     def _header(session: Session) -> bytes:

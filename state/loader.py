@@ -194,7 +194,7 @@ def _networks(value: Any, path: str, out: _Collector) -> Tuple[Cidr, ...] | None
 
 
 def _port(text: str, path: str, out: _Collector) -> int | None:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²" is a digit to isdigit(), not to int()
         out.add(path, f"'{text}' is not a port number")
         return None
     return _int(int(text), path, out, 1, 65535)

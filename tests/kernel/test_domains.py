@@ -23,7 +23,7 @@ from typing import Iterator, NamedTuple
 import pytest
 
 from lab import LAN, WAN, Lab, wait_for_port
-from tests.kernel.test_routes import P4, Net, need, proxy_net, route, start_relay, upstream
+from tests.kernel.test_routes import P4, Net, dante, need, proxy_net, route, start_relay, upstream
 from tproxyd.relay.loop import read_stats
 
 pytestmark = pytest.mark.kernel
@@ -104,28 +104,6 @@ def hosts(net: Net) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def dante_logging(lab: Lab, ns: str, port: int = 1080) -> subprocess.Popen:
-    """dante-server logging each CONNECT (with the name it was asked for) to its stderr."""
-    need("danted")
-    conf = lab.write_config(f"""logoutput: stderr
-internal: 0.0.0.0 port = {port}
-external: eth0
-socksmethod: none
-clientmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
-socks pass {{
-    from: 0.0.0.0/0 to: 0.0.0.0/0
-    command: connect
-    log: connect
-}}
-""", f"danted{port}.conf")
-    proc = lab.spawn(ns, "danted", "-f", conf)
-    wait_for_port(lab, ns, port)
-    return proc
-
-
 ROUTES = (route("corp", ["dante"], domains=["corp.example", "big.example.net"])
           + route("ads", ["reject"], domains=["ads.example"]))
 
@@ -137,7 +115,7 @@ def start_named(net: Net, routes: str = ROUTES, extra: str = "") -> Named:
     script = lab.write_config(HTTPS_SERVER, "https_server.py")
     https = lab.spawn(lab.server, sys.executable, script, cert, key, "443")
     wait_for_port(lab, lab.server, 443)
-    proxy = dante_logging(lab, net.proxy_ns)
+    proxy = dante(lab, net.proxy_ns, log=True)
     stats = start_relay(lab, upstream("dante", "socks5", f"{P4}:1080", check_interval=0), routes,
                         extra=extra)
     return Named(net, proxy, https, stats)
@@ -190,7 +168,7 @@ def test_without_send_domain_dante_gets_the_address_the_client_asked_for(net: Ne
     lab = net.lab
     need("openssl")
     certificate(lab)
-    dante_logging(lab, net.proxy_ns)
+    dante(lab, net.proxy_ns, log=True)
     stats = start_relay(lab, upstream("dante", "socks5", f"{P4}:1080", check_interval=0,
                                       send_domain=False),
                         route("corp", ["dante"], domains=["corp.example"]), extra="")

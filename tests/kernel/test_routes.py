@@ -117,8 +117,10 @@ def peers_seen(net: Net) -> list[str]:
             for line in net.lab.log_of(net.web).splitlines() if " - - " in line]
 
 
-def dante(lab: Lab, ns: str, port: int = 1080) -> subprocess.Popen:
+def dante(lab: Lab, ns: str, port: int = 1080, log: bool = False) -> subprocess.Popen:
+    """dante-server; with log, each CONNECT (and the name it was asked for) goes to its stderr."""
     need("danted")
+    rule = "\n    log: connect\n" if log else ""
     conf = lab.write_config(f"""logoutput: stderr
 internal: 0.0.0.0 port = {port}
 external: eth0
@@ -127,8 +129,8 @@ clientmethod: none
 user.privileged: root
 user.unprivileged: nobody
 client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
-socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate }}
-socks pass {{ from: 0.0.0.0/0 to: ::/0 command: connect udpassociate }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate{rule} }}
+socks pass {{ from: 0.0.0.0/0 to: ::/0 command: connect udpassociate{rule} }}
 socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: udpreply }}
 """, f"danted{port}.conf")
     proc = lab.spawn(ns, "danted", "-f", conf)

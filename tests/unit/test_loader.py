@@ -91,6 +91,13 @@ def test_ports_and_ranges():
     assert entry.ports == ((443, 443), (8000, 8999), (22, 22))
 
 
+def test_a_port_in_non_ascii_digits_is_a_config_error_naming_it():
+    """"²" passes str.isdigit() but not int(): found by hypothesis in the package build."""
+    with pytest.raises(ConfigError) as err:
+        loads(MINIMAL + 'ports = ["443", "8000-\u00b2"]\n')
+    assert "intercept[0].ports[1]" in str(err.value) and "not a port number" in str(err.value)
+
+
 @pytest.mark.parametrize("snippet, where, words", [
     ('[relay]\nport = 0\n', "relay.port", "out of range"),
     ('[relay]\nport = "x"\n', "relay.port", "must be an integer"),

@@ -393,11 +393,9 @@ def test_a_client_gone_during_the_handshake_ends_at_once_and_frees_the_upstream(
     assert not proxy.errors
 
 
-def test_early_bytes_and_a_half_close_wait_for_a_slow_handshake_without_spinning():
-    """A client that sends its request and its FIN before the upstream answers: the bytes and
-    the FIN reach the server after the handshake, the answer comes back, and the loop sleeps
-    meanwhile (the client is not watched once its FIN is in)."""
-    go = threading.Event()
+def gated_socks5(go: threading.Event) -> Upstream:
+    """A SOCKS5 upstream (no auth) that answers the greeting only once go is set, then
+    answers the client's bytes with their count and sha256 at its EOF."""
 
     def slow(conn: socket.socket) -> None:
         recv_exactly(conn, 3)  # no-auth greeting
@@ -407,7 +405,15 @@ def test_early_bytes_and_a_half_close_wait_for_a_slow_handshake_without_spinning
         conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
         digest_until_eof(conn)
 
-    proxy = Upstream(slow)
+    return Upstream(slow)
+
+
+def test_early_bytes_and_a_half_close_wait_for_a_slow_handshake_without_spinning():
+    """A client that sends its request and its FIN before the upstream answers: the bytes and
+    the FIN reach the server after the handshake, the answer comes back, and the loop sleeps
+    meanwhile (the client is not watched once its FIN is in)."""
+    go = threading.Event()
+    proxy = gated_socks5(go)
     payload = b"GET / HTTP/1.0\r\n\r\n" * 100
     ups = (upstream_at("slow", proxy.addr),)
     with running(DST, upstreams=ups, routes=(RouteRule("r", ("slow",)),)) as (relay, addr):
@@ -431,16 +437,7 @@ def test_more_early_bytes_than_the_relay_keeps_wait_in_the_kernel_and_arrive_who
     """Past EARLY_LIMIT the client is no longer read (nor watched: no spin) until the tunnel
     is open; then every byte arrives, in order."""
     go = threading.Event()
-
-    def slow(conn: socket.socket) -> None:
-        recv_exactly(conn, 3)
-        go.wait(DEADLINE)
-        conn.sendall(b"\x05\x00")
-        recv_exactly(conn, 10)
-        conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
-        digest_until_eof(conn)
-
-    proxy = Upstream(slow)
+    proxy = gated_socks5(go)
     payload = os.urandom(EARLY_LIMIT * 4 + 123)
     ups = (upstream_at("slow", proxy.addr),)
     with running(DST, upstreams=ups, routes=(RouteRule("r", ("slow",)),)) as (relay, addr):
