@@ -81,6 +81,11 @@ def upstream_error(err: int, upstream: str, during: str) -> HandshakeError:
                           f"upstream {upstream}: {during}: {os.strerror(err)}")
 
 
+def client_text(client: Address) -> str:
+    """A client, for a log line (made only when one is written: not per connection)."""
+    return f"connection from {client[0]} port {client[1]}"
+
+
 class Connection:
     __slots__ = ("attempt_started", "candidates", "client", "client_addr", "connected_at",
                  "deadline", "domain", "down", "dst", "error", "first", "first_fin", "handshake",
@@ -133,7 +138,7 @@ class Connection:
     @property
     def who(self) -> str:
         """The client, for a log line."""
-        return f"connection from {self.client_addr[0]} port {self.client_addr[1]}"
+        return client_text(self.client_addr)
 
     @property
     def target(self) -> str:
