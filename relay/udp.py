@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from tproxyd.state.health import FAILED, OK, decide
 from tproxyd.state.upstreams import DIRECT, REJECT, RouteRule
 
-from . import socks5
+from . import gso, socks5
 from .association import PENDING_MAX, Association, AssocState
 from .ends import End
 from .handshake import HandshakeError
@@ -49,11 +49,14 @@ MAX_DATAGRAM = 65536  # IPv4 carries at most 65,507 bytes of UDP payload, IPv6 6
 CMSG_SPACE = socket.CMSG_SPACE(28) + socket.CMSG_SPACE(4)  # sockaddr_in6 + drop counter
 BATCH = 64  # datagrams per readiness event: one busy socket cannot starve the others
 UDP_IN, UDP_SESSION, UDP_CONTROL = "udp-in", "udp-session", "udp-control"
+# a segmented send refused by the path (an MTU below a segment, a device without checksum
+# offload): the session sends one datagram at a time from then on
+GSO_REFUSED = {errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EMSGSIZE}
 
 
 class Session:
-    __slots__ = ("assoc", "bytes_down", "bytes_up", "client", "domain", "dst", "last_active",
-                 "reply", "sock", "started", "timer_at")
+    __slots__ = ("assoc", "bytes_down", "bytes_up", "client", "domain", "dst", "gso",
+                 "last_active", "reply", "sock", "started", "timer_at")
 
     def __init__(self, client: Address, dst: Address, sock: socket.socket | None,
                  reply: socket.socket, now: float, assoc: Association | None = None):
@@ -63,6 +66,7 @@ class Session:
         self.timer_at = 0.0
         self.started, self.bytes_up, self.bytes_down = now, 0, 0  # for the access log
         self.domain: str | None = None  # the name its first datagrams asked for (QUIC)
+        self.gso = True  # bursts go out segmented (relay/gso.py) until a send refuses it
 
     @property
     def route_name(self) -> str:
@@ -152,13 +156,15 @@ class UdpRelay:
     # --- client -> server ------------------------------------------------------------------------
 
     def on_datagrams(self, sock: socket.socket) -> None:
-        """A listener or reply socket is readable: clients' datagrams, each to its session."""
+        """A listener or reply socket is readable: clients' datagrams, each to its session.
+        A session's datagrams of this burst go out together (_send_burst), in order."""
         c = self.counters
+        burst: dict[Session, list[bytes]] = {}  # direct sessions -> their datagrams, in order
         for _ in range(BATCH):
             try:
                 data, anc, flags, client = sock.recvmsg(MAX_DATAGRAM, CMSG_SPACE)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:  # e.g. an ICMP error queued on a reply socket
                 c.udp_drops += 1
                 log.debug("udp receive: %s", exc)
@@ -175,22 +181,73 @@ class UdpRelay:
             if dst is None or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 c.udp_drops += 1
                 continue
-            self._forward(client[:2], dst, data)
+            session = self._session_for(client[:2], dst, data)
+            if session is None:
+                continue
+            if session.assoc is not None:  # each in its SOCKS5 header
+                self._send_up(session, data)
+            elif session in burst:
+                burst[session].append(data)
+            else:
+                burst[session] = [data]
+        for session, datagrams in burst.items():
+            if self.sessions.get((session.client, session.dst)) is session:
+                self._send_burst(session, datagrams)
+            else:  # evicted by a newer session in this burst
+                c.udp_drops += len(datagrams)
 
-    def _forward(self, client: Address, dst: Address, data: bytes) -> None:
-        c = self.counters
+    def _session_for(self, client: Address, dst: Address, data: bytes) -> Session | None:
+        """The open session for a client's datagram, opened for it if need be; None when the
+        datagram is held for a name (sniffing) or dropped (counted)."""
         key = (client, dst)
         session = self.sessions.get(key)
         if session is None:
             if self.sniffer.hold(client, dst, data):  # a domains route could take it: wait
-                return
+                return None
             session = self._open_session(client, dst)
             if session is None or self.sessions.get(key) is not session:
-                c.udp_drops += 1
-                return
+                self.counters.udp_drops += 1
+                return None
         else:
             self.sessions.move_to_end(key)
-        self._send_up(session, data)
+        return session
+
+    def _send_burst(self, session: Session, datagrams: list[bytes]) -> None:
+        """A direct session's datagrams of one burst towards its server: each run that
+        relay/gso.py allows in one segmented send, the rest one by one."""
+        c = self.counters
+        sock = session.sock
+        assert sock is not None
+        runs = gso.runs(datagrams) if session.gso and len(datagrams) > 1 else [[d] for d in datagrams]
+        for i, run in enumerate(runs):
+            if len(run) == 1:
+                if self._send_up(session, run[0]):
+                    continue
+            else:
+                session.last_active = self.relay.now
+                try:
+                    sock.sendmsg(run, gso.segment_size(len(run[0])))
+                except BlockingIOError:
+                    c.udp_drops += len(run)  # the outbound buffer is full: UDP may drop
+                    continue
+                except OSError as exc:
+                    if exc.errno not in GSO_REFUSED:  # an ICMP error: the session ends
+                        self._icmp_error(session, exc)
+                    else:  # this path cannot take segments (an MTU below one): one by one
+                        session.gso = False
+                        runs[i + 1:] = [[d] for r in runs[i + 1:] for d in r]
+                        if all(self._send_up(session, d) for d in run):
+                            continue
+                else:
+                    n = sum(map(len, run))
+                    c.udp_gso_sends += 1
+                    c.udp_datagrams_up += len(run)
+                    c.udp_bytes_up += n
+                    session.bytes_up += n
+                    continue
+            # the session ended (an ICMP error): what is left of the burst is lost with it
+            c.udp_drops += sum(map(len, runs[i + 1:]))
+            return
 
     def open_sniffed(self, client: Address, dst: Address, sniff: DatagramSniff) -> None:
         """A new session's first datagrams, held until their name was read (or not): open it on
@@ -203,24 +260,26 @@ class UdpRelay:
         for data in sniff.datagrams:
             self._send_up(session, data)
 
-    def _send_up(self, session: Session, data: bytes) -> None:
+    def _send_up(self, session: Session, data: bytes) -> bool:
+        """One datagram towards the server. False: the session ended (an ICMP error)."""
         c = self.counters
         session.last_active = self.relay.now
         if session.assoc is not None:
             self._forward_associated(session, data)
-            return
+            return True
         assert session.sock is not None
         try:
             session.sock.send(data)
         except BlockingIOError:
             c.udp_drops += 1  # the outbound buffer is full: UDP may drop, and so do we
-            return
+            return True
         except OSError as exc:
             self._icmp_error(session, exc)
-            return
+            return False
         c.udp_datagrams_up += 1
         c.udp_bytes_up += len(data)
         session.bytes_up += len(data)
+        return True
 
     def _open_session(self, client: Address, dst: Address,
                       name: str | None = None) -> Session | None:
@@ -458,34 +517,64 @@ class UdpRelay:
     # --- server -> client ------------------------------------------------------------------------
 
     def on_reply(self, session: Session) -> None:
+        """The server answered: read its datagrams of this burst, then send them to the client
+        (segmented where relay/gso.py allows) from the destination's reply socket."""
         c = self.counters
         if self.sessions.get((session.client, session.dst)) is not session:
             return  # ended earlier in this batch of events
         assert session.sock is not None
+        burst: list[bytes] = []
+        failed: OSError | None = None
         for _ in range(BATCH):
             try:
                 data = session.sock.recv(MAX_DATAGRAM)
             except BlockingIOError:
                 break
             except OSError as exc:  # ECONNREFUSED: the server's ICMP port unreachable
-                self._icmp_error(session, exc)
-                return
+                failed = exc
+                break
             if session.assoc is not None:  # from the upstream's relay: unwrap
                 try:
                     data = data[socks5.parse_udp(data).offset:]
                 except socks5.Socks5Error:
                     c.udp_drops += 1
                     continue
-            try:
-                session.reply.sendto(data, session.client)
-            except OSError:  # BlockingIOError included: a full buffer drops, as UDP does
-                c.udp_drops += 1
+            burst.append(data)
+        for run in gso.runs(burst) if session.gso and len(burst) > 1 else [[d] for d in burst]:
+            if len(run) == 1:
+                self._send_down(session, run[0])
                 continue
-            c.udp_datagrams_down += 1
-            c.udp_bytes_down += len(data)
-            session.bytes_down += len(data)
+            try:
+                session.reply.sendmsg(run, gso.segment_size(len(run[0])), 0, session.client)
+            except OSError as exc:  # BlockingIOError included: a full buffer drops, as UDP does
+                if exc.errno in GSO_REFUSED:
+                    session.gso = False  # the client's path cannot take segments: one by one
+                    for data in run:
+                        self._send_down(session, data)
+                else:
+                    c.udp_drops += len(run)
+                continue
+            n = sum(map(len, run))
+            c.udp_gso_sends += 1
+            c.udp_datagrams_down += len(run)
+            c.udp_bytes_down += n
+            session.bytes_down += n
+        if failed is not None:
+            self._icmp_error(session, failed)
+            return
         session.last_active = self.relay.now
         self.sessions.move_to_end((session.client, session.dst))
+
+    def _send_down(self, session: Session, data: bytes) -> None:
+        c = self.counters
+        try:
+            session.reply.sendto(data, session.client)
+        except OSError:  # BlockingIOError included: a full buffer drops, as UDP does
+            c.udp_drops += 1
+            return
+        c.udp_datagrams_down += 1
+        c.udp_bytes_down += len(data)
+        session.bytes_down += len(data)
 
     def _icmp_error(self, session: Session, exc: OSError) -> None:
         log.debug("udp session %s -> %s ended: %s", session.client, session.dst,

@@ -157,3 +157,69 @@ def test_a_burst_past_the_socket_buffer_is_counted_and_survived(lab: Lab, dns):
     counters = wait_stats(stats, lambda c: c["udp_kernel_drops"] > 0, "the drops to be counted")
     assert 0 < counters["udp_datagrams_up"] < 5000
     assert counters["udp_kernel_drops"] + counters["udp_datagrams_up"] >= 5000
+
+
+# A burst whose datagrams relay/gso.py puts in segmented runs and alone: runs of equal sizes
+# with a shorter last one, a run broken by a longer datagram, an empty datagram, one larger
+# than a segment may be. Each carries its index, so order and boundaries are checked.
+MIXED = [1200] * 20 + [500] + [100] * 10 + [0] + [1400] * 5 + [3000] + [1000] * 20 + [999]
+MIXED_BURST = """
+import json, socket, sys
+sizes = json.loads(sys.argv[3])
+sent = [(i.to_bytes(2, "big") * (n // 2 + 1))[:n] for i, n in enumerate(sizes)]
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"hello")
+s.settimeout(5)
+assert s.recv(100) == b"hello"  # the session is open
+print("ready", flush=True)
+sys.stdin.readline()  # the relay is stopped now: the burst waits in its queue
+for data in sent:
+    s.send(data)
+got = []
+try:
+    while len(got) < len(sent):
+        got.append(s.recv(70000))
+except OSError:
+    pass
+print(json.dumps({"same": got == sent, "got": len(got), "sizes": [len(d) for d in got]}))
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_burst_of_mixed_datagrams_crosses_both_ways_whole_and_in_order(lab: Lab, family):
+    """Read in one burst by a relay that was stopped, the client's datagrams go to the server
+    in segmented sends (counted) and come back the same: every datagram, its boundaries and
+    its bytes, in order."""
+    import json
+    import subprocess
+
+    relay, stats = start_relay(lab)
+    lab.spawn(lab.server, sys.executable, PEERS, "udpecho", "7103")
+    wait_for_port(lab, lab.server, 7103, "udp")
+    server = WAN.peer4 if family == 4 else WAN.peer6
+    client = subprocess.Popen(["ip", "netns", "exec", lab.client, sys.executable, "-c", MIXED_BURST,
+                               server, "7103", json.dumps(MIXED)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        before = read_stats(stats)
+        relay.send_signal(signal.SIGSTOP)
+        try:
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            time.sleep(0.5)  # the burst reaches the stopped relay's queue
+        finally:
+            relay.send_signal(signal.SIGCONT)
+        out, _ = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    result = json.loads(out)
+    assert result["same"], (result, MIXED)
+    counters = read_stats(stats)
+    assert counters["udp_gso_sends"] - before["udp_gso_sends"] >= 4  # the four runs up, at least
+    assert counters["udp_drops"] == counters["udp_kernel_drops"] == 0
+    assert counters["udp_datagrams_up"] - before["udp_datagrams_up"] == len(MIXED)
+    assert counters["udp_bytes_up"] - before["udp_bytes_up"] == sum(MIXED)

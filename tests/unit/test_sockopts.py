@@ -64,3 +64,16 @@ def test_arbitrary_ancillary_data_raises_only_sockaddr_error(anc):
 
     with contextlib.suppress(SockaddrError):
         parse_udp_ancillary(anc)
+
+
+def test_udp_destinations_parse_the_same_from_the_cache_and_it_stays_bounded():
+    from tproxyd.relay import sockopts
+
+    def anc(i: int) -> list:
+        raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H4s", 53, i.to_bytes(4, "big"))
+        return [(socket.SOL_IP, sockopts.IP_ORIGDSTADDR, raw + bytes(8))]
+
+    for _ in range(2):  # the second round answers from the cache, or after a clear
+        for i in range(sockopts.DST_CACHE_SIZE + 10):
+            assert sockopts.parse_udp_ancillary(anc(i))[0] == (socket.inet_ntoa(i.to_bytes(4, "big")), 53)
+    assert len(sockopts._DST_CACHE) <= sockopts.DST_CACHE_SIZE

@@ -1,0 +1,45 @@
+"""relay/gso.py: the runs of datagrams one UDP_SEGMENT send carries. The kernel cuts a run's
+payload at the segment size (its first datagram's length), so a run is right exactly when
+that cut gives back its datagrams; property-tested against that cut."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tproxyd.relay import gso
+
+
+def kernel_cut(run: list[bytes]) -> list[bytes]:
+    """What the receiver gets from one send of run: one datagram, or the payload cut at the
+    first datagram's length (UDP_SEGMENT), as the kernel does."""
+    if len(run) == 1:
+        return run
+    size, payload = len(run[0]), b"".join(run)
+    return [payload[i:i + size] for i in range(0, len(payload), size)]
+
+
+sizes = st.one_of(st.integers(0, 3), st.sampled_from([100, 1200, 1400, 1452, 1453, 1500]),
+                  st.integers(0, 9000))
+
+
+@given(st.lists(sizes, max_size=200))
+def test_runs_give_back_every_datagram_in_order_and_within_the_kernels_limits(lengths):
+    datagrams = [bytes([i % 251]) * n for i, n in enumerate(lengths)]
+    runs = gso.runs(datagrams)
+    assert [d for run in runs for d in run] == datagrams  # all of them, in order
+    for run in runs:
+        assert kernel_cut(run) == run  # the receiver sees the same datagrams
+        if len(run) > 1:
+            assert 0 < len(run[0]) <= gso.MAX_SEGMENT
+            assert len(run) <= gso.MAX_SEGMENTS
+            assert sum(map(len, run)) <= gso.MAX_BYTES
+
+
+def test_a_burst_of_equal_datagrams_is_one_send_per_64():
+    burst = [b"x" * 1400] * 40 + [b"y" * 1400] * 3 + [b"z" * 700]
+    assert [len(r) for r in gso.runs(burst)] == [44]
+    assert [len(r) for r in gso.runs([b"x" * 1000] * 100)] == [64, 36]
+    # a shorter datagram ends a run; a longer one starts the next
+    assert [len(r) for r in gso.runs([b"a" * 10, b"b" * 5, b"c" * 10, b"d" * 20])] == [2, 1, 1]
+    assert gso.runs([b"", b"", b"x"]) == [[b""], [b""], [b"x"]]
