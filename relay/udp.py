@@ -215,39 +215,41 @@ class UdpRelay:
     def _send_burst(self, session: Session, datagrams: list[bytes]) -> None:
         """A direct session's datagrams of one burst towards its server: each run that
         relay/gso.py allows in one segmented send, the rest one by one."""
-        c = self.counters
-        sock = session.sock
-        assert sock is not None
-        runs = gso.runs(datagrams) if session.gso and len(datagrams) > 1 else [[d] for d in datagrams]
+        runs = gso.runs(datagrams) if session.gso and len(datagrams) > 1 else [datagrams]
         for i, run in enumerate(runs):
-            if len(run) == 1:
-                if self._send_up(session, run[0]):
-                    continue
-            else:
-                session.last_active = self.relay.now
-                try:
-                    sock.sendmsg(run, gso.segment_size(len(run[0])))
-                except BlockingIOError:
-                    c.udp_drops += len(run)  # the outbound buffer is full: UDP may drop
-                    continue
-                except OSError as exc:
-                    if exc.errno not in GSO_REFUSED:  # an ICMP error: the session ends
-                        self._icmp_error(session, exc)
-                    else:  # this path cannot take segments (an MTU below one): one by one
-                        session.gso = False
-                        runs[i + 1:] = [[d] for r in runs[i + 1:] for d in r]
-                        if all(self._send_up(session, d) for d in run):
-                            continue
-                else:
-                    n = sum(map(len, run))
-                    c.udp_gso_sends += 1
-                    c.udp_datagrams_up += len(run)
-                    c.udp_bytes_up += n
-                    session.bytes_up += n
-                    continue
-            # the session ended (an ICMP error): what is left of the burst is lost with it
-            c.udp_drops += sum(map(len, runs[i + 1:]))
-            return
+            if not self._send_run(session, run):  # the session ended: the rest is lost with it
+                self.counters.udp_drops += sum(map(len, runs[i + 1:]))
+                return
+
+    def _send_run(self, session: Session, run: list[bytes]) -> bool:
+        """One run towards the server: segmented when it can be. False: the session ended."""
+        if len(run) == 1 or not session.gso:
+            for i, data in enumerate(run):
+                if not self._send_up(session, data):
+                    self.counters.udp_drops += len(run) - i - 1
+                    return False
+            return True
+        c = self.counters
+        session.last_active = self.relay.now
+        assert session.sock is not None
+        try:
+            session.sock.sendmsg(run, gso.segment_size(len(run[0])))
+        except BlockingIOError:
+            c.udp_drops += len(run)  # the outbound buffer is full: UDP may drop, as we do
+            return True
+        except OSError as exc:
+            if exc.errno in GSO_REFUSED:  # this path cannot take segments: one by one from now
+                session.gso = False
+                return self._send_run(session, run)
+            self._icmp_error(session, exc)
+            c.udp_drops += len(run)
+            return False
+        n = sum(map(len, run))
+        c.udp_gso_sends += 1
+        c.udp_datagrams_up += len(run)
+        c.udp_bytes_up += n
+        session.bytes_up += n
+        return True
 
     def open_sniffed(self, client: Address, dst: Address, sniff: DatagramSniff) -> None:
         """A new session's first datagrams, held until their name was read (or not): open it on
@@ -540,41 +542,42 @@ class UdpRelay:
                     c.udp_drops += 1
                     continue
             burst.append(data)
-        for run in gso.runs(burst) if session.gso and len(burst) > 1 else [[d] for d in burst]:
-            if len(run) == 1:
-                self._send_down(session, run[0])
-                continue
-            try:
-                session.reply.sendmsg(run, gso.segment_size(len(run[0])), 0, session.client)
-            except OSError as exc:  # BlockingIOError included: a full buffer drops, as UDP does
-                if exc.errno in GSO_REFUSED:
-                    session.gso = False  # the client's path cannot take segments: one by one
-                    for data in run:
-                        self._send_down(session, data)
-                else:
-                    c.udp_drops += len(run)
-                continue
-            n = sum(map(len, run))
-            c.udp_gso_sends += 1
-            c.udp_datagrams_down += len(run)
-            c.udp_bytes_down += n
-            session.bytes_down += n
+        for run in gso.runs(burst) if session.gso and len(burst) > 1 else [burst]:
+            self._send_down_run(session, run)
         if failed is not None:
             self._icmp_error(session, failed)
             return
         session.last_active = self.relay.now
         self.sessions.move_to_end((session.client, session.dst))
 
-    def _send_down(self, session: Session, data: bytes) -> None:
+    def _send_down_run(self, session: Session, run: list[bytes]) -> None:
+        """Datagrams to the client from the destination's reply socket, segmented when they
+        can be. A full buffer drops them, as UDP does."""
         c = self.counters
-        try:
-            session.reply.sendto(data, session.client)
-        except OSError:  # BlockingIOError included: a full buffer drops, as UDP does
-            c.udp_drops += 1
-            return
-        c.udp_datagrams_down += 1
-        c.udp_bytes_down += len(data)
-        session.bytes_down += len(data)
+        if len(run) > 1 and session.gso:
+            try:
+                session.reply.sendmsg(run, gso.segment_size(len(run[0])), 0, session.client)
+            except OSError as exc:  # BlockingIOError included
+                if exc.errno not in GSO_REFUSED:
+                    c.udp_drops += len(run)
+                    return
+                session.gso = False  # the client's path cannot take segments: one by one
+            else:
+                n = sum(map(len, run))
+                c.udp_gso_sends += 1
+                c.udp_datagrams_down += len(run)
+                c.udp_bytes_down += n
+                session.bytes_down += n
+                return
+        for data in run:
+            try:
+                session.reply.sendto(data, session.client)
+            except OSError:
+                c.udp_drops += 1
+                continue
+            c.udp_datagrams_down += 1
+            c.udp_bytes_down += len(data)
+            session.bytes_down += len(data)
 
     def _icmp_error(self, session: Session, exc: OSError) -> None:
         log.debug("udp session %s -> %s ended: %s", session.client, session.dst,

@@ -4,6 +4,9 @@ that cut gives back its datagrams; property-tested against that cut."""
 
 from __future__ import annotations
 
+import errno
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -43,3 +46,53 @@ def test_a_burst_of_equal_datagrams_is_one_send_per_64():
     # a shorter datagram ends a run; a longer one starts the next
     assert [len(r) for r in gso.runs([b"a" * 10, b"b" * 5, b"c" * 10, b"d" * 20])] == [2, 1, 1]
     assert gso.runs([b"", b"", b"x"]) == [[b""], [b""], [b"x"]]
+
+
+class RefusingSocket:
+    """A socket whose segmented sends fail with `errno_` (a path without checksum offload says
+    EIO, one whose MTU a segment exceeds EINVAL); plain sends are recorded."""
+
+    def __init__(self, errno_: int):
+        self.errno, self.sent = errno_, []
+
+    def sendmsg(self, *args):
+        raise OSError(self.errno, "refused")
+
+    def send(self, data):
+        self.sent.append(data)
+        return len(data)
+
+    def sendto(self, data, addr):
+        self.sent.append(data)
+        return len(data)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("errno_", [errno.EIO, errno.EINVAL])
+def test_a_path_that_refuses_segments_gets_the_burst_one_by_one_both_ways(errno_):
+    """The kernel test cannot make a path refuse UDP_SEGMENT with datagrams that fit it; here
+    the sockets do: the same datagrams still go, one by one, in order, counted, and the
+    session stops trying segments."""
+    from tproxyd.relay.loop import Relay, Settings
+    from tproxyd.relay.udp import Session
+
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False))
+    try:
+        up, down = RefusingSocket(errno_), RefusingSocket(errno_)
+        session = Session(("198.18.1.2", 5000), ("198.18.2.2", 53), up, down, relay.now)
+        relay.udp.sessions[(session.client, session.dst)] = session
+        burst = [bytes([i]) * 1000 for i in range(10)] + [b"t" * 10]
+        relay.udp._send_burst(session, burst)
+        assert up.sent == burst and not session.gso
+        session.gso = True
+        relay.udp._send_down_run(session, burst)
+        assert down.sent == burst and not session.gso
+        c = relay.counters
+        assert c.udp_datagrams_up == c.udp_datagrams_down == len(burst)
+        assert c.udp_bytes_up == c.udp_bytes_down == sum(map(len, burst))
+        assert c.udp_drops == c.udp_gso_sends == 0
+        relay.udp.sessions.clear()
+    finally:
+        relay.close()
