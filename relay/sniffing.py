@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .connection import Connection, State
 from .flow import SRC
-from .sniff import MAX_SNIFF, NEED_MORE, DatagramSniff, Result, StreamSniff, sniff_stream
+from .sniff import MAX_SNIFF, NEED_MORE, NO_NAME, DatagramSniff, Result, StreamSniff, sniff_stream
 from .sockopts import Address
 
 if TYPE_CHECKING:
@@ -71,16 +71,18 @@ class Sniffer:
         relay = self.relay
         conn.state = State.SNIFFING
         conn.candidates = candidates
+        first: bytes | None
         try:
             first = conn.client.recv(MAX_SNIFF)
         except BlockingIOError:
-            first = b""
+            first = None  # nothing yet (an idle relay accepts before the bytes come): wait
         except OSError as exc:
             conn.up.failed = SRC
             relay._end(conn, conn.failure_end(exc))
             return
-        if first:
-            result = sniff_stream(first)
+        if first is not None:
+            # b"": the client ended before a byte: no name (its FIN is passed on later)
+            result = sniff_stream(first) if first else NO_NAME
             if result is not NEED_MORE or len(first) >= MAX_SNIFF:
                 conn.first = first
                 conn.domain = result if isinstance(result, str) else None
@@ -88,11 +90,8 @@ class Sniffer:
                 return
         conn.sniff = StreamSniff(relay.now + relay.settings.sniff_timeout)
         conn.deadline = conn.sniff.deadline
-        # not settled: wait for more, unless the client already ended (EOF: read() says so)
-        if first:
+        if first:  # the start of a message: the rest is waited for
             conn.sniff.feed(first)
-        elif not self._read(conn):
-            return
         if not relay.watched(conn):
             return
         relay._schedule(conn, conn.deadline)
