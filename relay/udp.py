@@ -244,11 +244,8 @@ class UdpRelay:
             self._icmp_error(session, exc)
             c.udp_drops += len(run)
             return False
-        n = sum(map(len, run))
         c.udp_gso_sends += 1
-        c.udp_datagrams_up += len(run)
-        c.udp_bytes_up += n
-        session.bytes_up += n
+        self._sent_up(session, len(run), sum(map(len, run)))
         return True
 
     def open_sniffed(self, client: Address, dst: Address, sniff: DatagramSniff) -> None:
@@ -278,9 +275,7 @@ class UdpRelay:
         except OSError as exc:
             self._icmp_error(session, exc)
             return False
-        c.udp_datagrams_up += 1
-        c.udp_bytes_up += len(data)
-        session.bytes_up += len(data)
+        self._sent_up(session, 1, len(data))
         return True
 
     def _open_session(self, client: Address, dst: Address,
@@ -503,9 +498,7 @@ class UdpRelay:
         except OSError as exc:
             self._icmp_error(session, exc)
             return
-        c.udp_datagrams_up += 1
-        c.udp_bytes_up += len(data)
-        session.bytes_up += len(data)
+        self._sent_up(session, 1, len(data))
 
     @staticmethod
     def _header(session: Session) -> bytes:
@@ -563,11 +556,8 @@ class UdpRelay:
                     return
                 session.gso = False  # the client's path cannot take segments: one by one
             else:
-                n = sum(map(len, run))
                 c.udp_gso_sends += 1
-                c.udp_datagrams_down += len(run)
-                c.udp_bytes_down += n
-                session.bytes_down += n
+                self._sent_down(session, len(run), sum(map(len, run)))
                 return
         for data in run:
             try:
@@ -575,9 +565,21 @@ class UdpRelay:
             except OSError:
                 c.udp_drops += 1
                 continue
-            c.udp_datagrams_down += 1
-            c.udp_bytes_down += len(data)
-            session.bytes_down += len(data)
+            self._sent_down(session, 1, len(data))
+
+    def _sent_up(self, session: Session, datagrams: int, size: int) -> None:
+        """Count datagrams (size payload bytes in all) sent towards the server."""
+        c = self.counters
+        c.udp_datagrams_up += datagrams
+        c.udp_bytes_up += size
+        session.bytes_up += size
+
+    def _sent_down(self, session: Session, datagrams: int, size: int) -> None:
+        """Count datagrams (size payload bytes in all) sent to the client."""
+        c = self.counters
+        c.udp_datagrams_down += datagrams
+        c.udp_bytes_down += size
+        session.bytes_down += size
 
     def _icmp_error(self, session: Session, exc: OSError) -> None:
         log.debug("udp session %s -> %s ended: %s", session.client, session.dst,

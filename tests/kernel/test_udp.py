@@ -4,8 +4,10 @@ socket buffer."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -191,9 +193,6 @@ def test_a_burst_of_mixed_datagrams_crosses_both_ways_whole_and_in_order(lab: La
     """Read in one burst by a relay that was stopped, the client's datagrams go to the server
     in segmented sends (counted) and come back the same: every datagram, its boundaries and
     its bytes, in order."""
-    import json
-    import subprocess
-
     relay, stats = start_relay(lab)
     lab.spawn(lab.server, sys.executable, PEERS, "udpecho", "7103")
     wait_for_port(lab, lab.server, 7103, "udp")
