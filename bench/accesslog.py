@@ -3,11 +3,13 @@
     python -m bench.accesslog [--seconds S] [--repeat N]   (root: runs in a lab)
     python -m bench.accesslog --formatter                  (no root: the formatter alone)
 
-The connections scenario of `python -m bench` (loadgen rate, 64 at once, 100 bytes each way),
-run for the two variants interleaved (off, file, off, file, ...) so a noisy neighbour hits both
-alike; prints each variant's median and the file's cost relative to off, in connections per
-second and in the relay's CPU time per connection (steadier on a shared machine). The relay's counters
-prove it carried the traffic and the log's line count that it logged every connection.
+The connections scenario of `python -m bench` (loadgen rate, 64 at once, 100 bytes each way,
+its threads; per core as there: the relay on CPU 0, the load generator and its server on CPU 1,
+--no-pin to leave it to the scheduler), run for the two variants interleaved (off, file, off,
+file, ...) so a noisy neighbour hits both alike; prints each variant's median and the file's
+cost relative to off, in connections per second and in the relay's CPU time per connection
+(steadier on a shared machine). The relay's counters prove it carried the traffic and the log's
+line count that it logged every connection.
 
 --formatter times one line with the format string the relay uses against json.dumps of a dict.
 """
@@ -21,7 +23,18 @@ import statistics
 import sys
 import timeit
 
-from bench.__main__ import ONE_CLIENT, Case, Tproxyd, install, loadgen, run_once
+import bench.__main__ as benchmain
+from bench.__main__ import (
+    LOAD_CPU,
+    ONE_CLIENT,
+    PROXY_CPU,
+    RATE_THREADS,
+    Case,
+    Tproxyd,
+    install,
+    loadgen,
+    run_once,
+)
 from lab import WAN, Lab
 from tproxyd.relay.accesslog import line
 
@@ -62,19 +75,23 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--formatter", action="store_true")
+    p.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler")
     args = p.parse_args(argv)
     if args.formatter:
         formatter()
         return 0
     install()
+    if not args.no_pin and (os.cpu_count() or 1) >= 2:  # read by Tproxyd.up() and loadgen()
+        benchmain.PROXY_PIN = ("taskset", "-c", PROXY_CPU)
+        benchmain.LOAD_PIN = ("taskset", "-c", LOAD_CPU)
     values: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}
     cpu: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}  # relay CPU us/connection
     with Lab(forwarding=True) as lab:
         gen = loadgen(lab)
 
         def rate(v) -> dict:
-            out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", "64", str(args.seconds),
-                          "100", timeout=args.seconds + 60)
+            out = lab.run(lab.client, *benchmain.LOAD_PIN, gen, "rate", WAN.peer4, "7200", "64",
+                          str(args.seconds), "100", str(RATE_THREADS), timeout=args.seconds + 60)
             row = json.loads(out.stdout)
             return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
 

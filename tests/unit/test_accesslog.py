@@ -12,7 +12,8 @@ import pytest
 
 from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, running, wait_for
 from tproxyd.relay import accesslog
-from tproxyd.relay.accesslog import AccessLog, line, rfc3339
+from tproxyd.relay.accesslog import AccessLog, line, rfc3339, tcp_line
+from tproxyd.relay.connection import Connection
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import loads
 
@@ -56,6 +57,34 @@ def test_no_domain_or_error_keys_when_unknown():
 ])
 def test_rfc3339_milliseconds_utc(t, text):
     assert rfc3339(t) == text
+
+
+class Route:
+    def __init__(self, name: str) -> None:
+        self.name, self.action = name, "via"
+
+
+@pytest.mark.parametrize("client, dst, route, upstream, domain, error, end, connected", [
+    (("10.0.0.1", 40000), ("198.18.2.1", 443), None, None, None, "", "client_fin", 0.0031),
+    (("2001:db8:1::2", 5), ("2001:db8:2::1", 80), Route('r"1'), "up\\x", "example.com",
+     'HTTP/1.1 403 "no"', "upstream_error", None),
+    (("10.0.0.1", 1), ("10.0.0.2", 2), Route("corp"), "corp", None, "refused", "server_reset",
+     0.5),  # an error kept, but only an upstream_error line says it
+])
+def test_a_connections_line_is_the_line_of_its_facts(client, dst, route, upstream, domain, error,
+                                                     end, connected):
+    a, b = socket.socketpair()
+    with a, b:
+        conn = Connection(a, client, b, dst, 100.0, use_splice=False)
+        conn.route, conn.upstream, conn.domain, conn.error = route, upstream, domain, error
+        conn.connected_at = None if connected is None else 100.0 + connected
+        conn.up.bytes, conn.down.bytes = 12, 3456
+        got = tcp_line(conn, end, 101.2345, T)
+    want = line(T, "tcp", client, dst, route.name if route else "direct", upstream or "direct",
+                12, 3456, 1.2345, connected, end, domain=domain,
+                error=error if end == "upstream_error" else None)
+    assert got == want
+    json.loads(got)
 
 
 def read(path: str) -> bytes:
