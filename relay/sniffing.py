@@ -164,6 +164,12 @@ class DatagramSniffer:
             relay.udp.open_sniffed(client, dst, sniff)
         return True
 
+    def drop_all(self) -> int:
+        """Forget every held session (the relay is closing): the number of datagrams dropped."""
+        held = sum(len(sniff.datagrams) for sniff in self.pending.values())
+        self.pending.clear()
+        return held
+
     def _deadline(self, arg: object, when: float) -> None:
         key, sniff = arg  # type: ignore[misc]
         if self.pending.get(key) is sniff:

@@ -115,7 +115,7 @@ class UdpRelay:
         self.listeners.clear()
 
     def close(self) -> None:
-        self.sniffer.pending.clear()  # datagrams held for a name: dropped, as UDP may
+        self.counters.udp_drops += self.sniffer.drop_all()  # held for a name: dropped, counted
         for session in list(self.sessions.values()):
             self._end(session, End.DRAINED)
         for s in self.listeners:

@@ -385,3 +385,15 @@ def test_a_quic_hello_cut_short_opens_without_a_name_at_the_sniff_timeout():
     assert sniffer.hold(CLIENT, SERVER, a)
     relay.fire()
     assert relay.opened == [(CLIENT, SERVER, None, [a])] and relay.now == 100.3
+
+
+def test_datagrams_still_held_when_the_relay_closes_are_dropped_and_counted():
+    from tproxyd.relay.sniffing import DatagramSniffer
+
+    relay = HeldFor(QUIC_ROUTES)
+    sniffer = DatagramSniffer(relay)
+    a, _ = two_initials(b"late.example.com")
+    assert sniffer.hold(CLIENT, SERVER, a) and sniffer.hold(("198.18.1.3", 5000), SERVER, a)
+    assert sniffer.drop_all() == 2 and sniffer.pending == {}
+    relay.fire()  # their deadlines open nothing
+    assert relay.opened == []
