@@ -64,6 +64,16 @@ PROXY_PIN: tuple[str, ...] = ()
 LOAD_PIN: tuple[str, ...] = ()
 
 
+def pin(wanted: bool = True) -> bool:
+    """Per core: the proxy on PROXY_CPU, the load on LOAD_CPU, for every Variant and loadgen()
+    started after this (bench.accesslog and bench.sniffing call it too). False: not pinned."""
+    global PROXY_PIN, LOAD_PIN
+    if not wanted or (os.cpu_count() or 1) < 2:
+        return False
+    PROXY_PIN, LOAD_PIN = ("taskset", "-c", PROXY_CPU), ("taskset", "-c", LOAD_CPU)
+    return True
+
+
 def traced_child(pid: int) -> int:
     """The process under `strace` (pid: strace's): it is ended by its own PID, since a
     strace that is killed only detaches it."""
@@ -508,10 +518,7 @@ def main(argv=None) -> int:
                    help="leave the proxy and the load generator to the scheduler")
     args = p.parse_args(argv)
     install()
-    global PROXY_PIN, LOAD_PIN
-    pinned = not args.no_pin and (os.cpu_count() or 1) >= 2
-    if pinned:
-        PROXY_PIN, LOAD_PIN = ("taskset", "-c", PROXY_CPU), ("taskset", "-c", LOAD_CPU)
+    pinned = pin(not args.no_pin)
     if args.compare:
         compare(*args.compare)
         return 0

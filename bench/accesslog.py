@@ -25,14 +25,13 @@ import timeit
 
 import bench.__main__ as benchmain
 from bench.__main__ import (
-    LOAD_CPU,
     ONE_CLIENT,
-    PROXY_CPU,
     RATE_THREADS,
     Case,
     Tproxyd,
     install,
     loadgen,
+    pin,
     run_once,
 )
 from lab import WAN, Lab
@@ -81,9 +80,7 @@ def main(argv=None) -> int:
         formatter()
         return 0
     install()
-    if not args.no_pin and (os.cpu_count() or 1) >= 2:  # read by Tproxyd.up() and loadgen()
-        benchmain.PROXY_PIN = ("taskset", "-c", PROXY_CPU)
-        benchmain.LOAD_PIN = ("taskset", "-c", LOAD_CPU)
+    pin(not args.no_pin)
     values: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}
     cpu: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}  # relay CPU us/connection
     with Lab(forwarding=True) as lab:

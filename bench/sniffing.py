@@ -3,10 +3,11 @@
 
     python -m bench.sniffing [--seconds S] [--repeat N] [--domains 1000,100000]   (root: a lab)
 
-The connections scenario of `python -m bench`, with curl's recorded ClientHello (517 bytes, SNI
-www.example.com, tests/data/tls/curl-tls13.bin) as each connection's request, echoed back by the
-server. Variants, run interleaved (none, 1k, 100k, none, ...) so a noisy neighbour hits them
-alike:
+The connections scenario of `python -m bench` (per core, as there: the relay on CPU 0, the
+load generator and its server on CPU 1; --no-pin to leave it to the scheduler), with curl's
+recorded ClientHello (517 bytes, SNI www.example.com, tests/data/tls/curl-tls13.bin) as each
+connection's request, echoed back by the server. Variants, run interleaved (none, 1k, 100k,
+none, ...) so a noisy neighbour hits them alike:
   tproxyd        no routes: routed at accept, as without `domains`
   tproxyd-Nk     N random names in 10 `domains` routes via direct, "example.com" among the
                  first route's: every connection waits for its first bytes, reads the name,
@@ -26,7 +27,8 @@ import statistics
 import sys
 import time
 
-from bench.__main__ import ONE_CLIENT, RATE_THREADS, ROOT, Case, Tproxyd, install, loadgen, run_once
+import bench.__main__ as benchmain
+from bench.__main__ import ONE_CLIENT, RATE_THREADS, ROOT, Case, Tproxyd, install, loadgen, pin, run_once
 from bench.domains import random_names
 from lab import WAN, Lab
 from tproxyd.relay.loop import read_stats
@@ -68,16 +70,19 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--domains", default="1000,100000")
+    p.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler")
     args = p.parse_args(argv)
     install()
+    pin(not args.no_pin)
     with Lab(forwarding=True) as lab:
         gen = loadgen(lab)
         variants = [Tproxyd(lab), *(Named(lab, int(n)) for n in args.domains.split(","))]
 
         def run(conc: int, seconds: int):
             def rate(v) -> dict:
-                out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds),
-                              "0", str(RATE_THREADS), HELLO, timeout=seconds + 60)
+                out = lab.run(lab.client, *benchmain.LOAD_PIN, gen, "rate", WAN.peer4, "7200",
+                              str(conc), str(seconds), "0", str(RATE_THREADS), HELLO,
+                              timeout=seconds + 60)
                 row = json.loads(out.stdout)
                 if isinstance(v, Named):  # proof: each connection was read for its name
                     assert v.sniffed() >= row["done"], (v.sniffed(), row)
