@@ -321,8 +321,9 @@ class Relay:
                     except Exception:
                         self.draining = True  # still draining: no second attempt each turn
                         self._internal_error("drain")
-                if self.draining and not self.connections and not self.udp.sessions:
-                    self.running = False
+                if self.draining and not self.connections and not self.udp.sessions \
+                        and not self.udp.sniffer.pending:  # held for a name: routed at the latest
+                    self.running = False                 # at sniff_timeout, then carried
         finally:
             self.close()
 

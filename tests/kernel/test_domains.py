@@ -14,15 +14,18 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import pytest
 
 from lab import LAN, WAN, Lab, wait_for_port
+from tests.kernel.test_relay_limits import wait_until
 from tests.kernel.test_routes import P4, Net, dante, need, proxy_net, route, start_relay, upstream
 from tproxyd.relay.loop import read_stats
 
@@ -331,3 +334,33 @@ def test_quic_initials_are_routed_by_name(net: Net, hosts):
     counters = read_stats(stats)
     assert counters["route_corp_connections"] == 1 and counters["route_ads_connections"] == 1
     assert counters["end_udp_rejected"] == 1
+
+
+@pytest.mark.skipif(not __import__("tproxyd.relay.sniff_quic", fromlist=["x"]).AVAILABLE,
+                    reason="python3-cryptography is not installed: QUIC routes without a name")
+def test_a_datagram_held_for_its_name_when_the_relay_drains_still_reaches_its_server(net: Net):
+    """A drain (SIGUSR2: a reload's old worker) that found no connection and no session ended
+    at once, and dropped a new session's first datagram held while it waited for a name."""
+    lab = net.lab
+    server = lab.spawn(lab.server, sys.executable, lab.write_config(UDP_SERVER, "udp443.py"))
+    wait_for_port(lab, lab.server, 443, "udp")
+    stats = start_relay(lab, "", route("ads", ["reject"], domains=["late.example.com"]),
+                        protocols='["tcp", "udp"]', relay="sniff_timeout = 2.0\n")
+    first = quic_datagrams(lab)["late"]  # the name is in the second datagram, never sent
+    with open(first) as f:
+        datagram = f.read().split()[0]
+    client = lab.spawn(lab.client, sys.executable, "-c", textwrap.dedent(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(8)
+        s.connect(({WAN.peer4!r}, 443))
+        s.send(bytes.fromhex({datagram!r}))
+        print("sent", flush=True)
+        print("answer", s.recv(100).decode(), flush=True)
+    """))
+    wait_until(lambda: "sent" in lab.log_of(client), "the client's datagram")
+    time.sleep(0.3)  # received and held (sniff_timeout is 2 s)
+    os.kill(read_stats(stats)["pid"], signal.SIGUSR2)
+    wait_until(lambda: "answer" in lab.log_of(client), "the server's answer", timeout=10)
+    assert f"answer ok {LAN.peer4}" in lab.log_of(client)  # no name: direct, client's address
+    assert "udp " + LAN.peer4 in lab.log_of(server)

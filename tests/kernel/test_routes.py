@@ -71,11 +71,12 @@ def need(program: str) -> None:
 
 
 def start_relay(lab: Lab, upstreams: str, routes: str, protocols: str = '["tcp"]',
-                extra: str = "") -> str:
+                extra: str = "", relay: str = "") -> str:
     """Apply a config capturing TCP (and what protocols says) to the server network, with
-    these [[upstream]] and [[route]] tables, and start the relay; returns its stats socket."""
+    these [[upstream]] and [[route]] tables, and start the relay; returns its stats socket.
+    relay: more [relay] keys, one a line."""
     config = lab.write_config(lab.config(
-        extra=extra + "[relay]\nspoof_source = true\n",
+        extra=extra + "[relay]\nspoof_source = true\n" + relay,
         destinations='["198.18.2.0/24", "2001:db8:2::/64"]', protocols=protocols)
         + upstreams + routes)
     Tproxy(lab, config)("apply", check=True)
