@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -62,6 +63,15 @@ def read_fd(fd: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def freeze_for_life() -> None:
+    """The config, its compiled routes and the relay's own objects live as long as this worker
+    (a new config is a new worker): moved out of the collector's sight, a full collection no
+    longer walks them. 100,000 CIDRs in routes: a full collection pauses the loop, and every
+    connection in it, 10.4 ms; frozen, 0.00 ms (python -m bench.routes)."""
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "stats on %s", " and UDP" if settings.udp else "",
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
              settings.spoof_source, settings.max_connections, limit, stats)
+    freeze_for_life()
     relay.run()
     final = json.dumps(relay.stats())
     log.info("stopped: %s", final)
