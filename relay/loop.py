@@ -321,9 +321,9 @@ class Relay:
                     except Exception:
                         self.draining = True  # still draining: no second attempt each turn
                         self._internal_error("drain")
-                if self.draining and not self.connections and not self.udp.sessions \
-                        and not self.udp.sniffer.pending:  # held for a name: routed at the latest
-                    self.running = False                 # at sniff_timeout, then carried
+                held = self.udp.sniffer.pending  # waiting for a name: routed by sniff_timeout
+                if self.draining and not self.connections and not self.udp.sessions and not held:
+                    self.running = False
         finally:
             self.close()
 
