@@ -115,13 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.listen_fd:
         die_with_parent()
     relay = Relay(settings)
-    try:
-        inherited = [socket.socket(fileno=fd) for fd in args.listen_fd] or None
-        bound = relay.open(inherited)
-    except OSError as exc:
-        log.error("cannot listen on port %s: %s", settings.port, exc)
-        return 1
 
+    # before the listeners open: a SIGTERM as soon as the port answers stops the relay cleanly
     def stop(signum: int, frame: object) -> None:
         relay.stop()
 
@@ -131,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s",
                                                       json.dumps(relay.stats())))
     signal.set_wakeup_fd(relay.wakeup_fd(), warn_on_full_buffer=False)
+    try:
+        inherited = [socket.socket(fileno=fd) for fd in args.listen_fd] or None
+        bound = relay.open(inherited)
+    except OSError as exc:
+        log.error("cannot listen on port %s: %s", settings.port, exc)
+        return 1
     log.info("relaying TCP%s on %s (mode %s, spoof_source %s, max_connections %s, open files %s); "
              "stats on %s", " and UDP" if settings.udp else "",
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,

@@ -201,6 +201,7 @@ class Relay:
         self._seq = itertools.count()
         self.now = time.monotonic()
         self.running = False
+        self.stop_requested = False  # stop() may come before run(): a SIGTERM right after start
         self.drain_requested = False
         self.draining = False
         self.iterations = 0  # loop turns: a test's proof that the loop is not spinning
@@ -291,6 +292,8 @@ class Relay:
         return self._waker_w.fileno()
 
     def stop(self) -> None:
+        """Safe from a signal handler, and before run(): run() then returns at once."""
+        self.stop_requested = True
         self.running = False
         self.wake()
 
@@ -300,7 +303,7 @@ class Relay:
         """Serve until stop(), or until a drain has no connection or session left. A bug costs
         the connection it hit (events) or that one timer, never the relay; whatever still
         escapes (the selector failing) closes everything on its way out."""
-        self.running = True
+        self.running = not self.stop_requested
         try:
             while self.running:
                 timeout = None

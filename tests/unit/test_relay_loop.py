@@ -505,3 +505,17 @@ def test_refused_connect_with_the_clients_bytes_in_hand_resets_the_client():
             c.recv(1)
         wait_for(lambda: relay.counters.failed == 1 and relay.counters.active == 0,
                  "the failure to be counted and the connection released")
+
+
+def test_a_stop_before_the_loop_runs_is_not_lost():
+    """A SIGTERM between the handler's install and run() (the worker freezes its objects
+    there) stopped nothing: run() set itself running again and served on."""
+    relay = Relay(Settings(port=0, hosts=("127.0.0.1",), transparent=False, spoof_source=False,
+                           mark=0), original_dst=lambda s: ("127.0.0.1", 9))
+    relay.open()
+    relay.stop()
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "run() served on after stop()"
+    assert relay.listeners == []  # and closed what it had opened
