@@ -332,15 +332,22 @@ def loadgen(lab: Lab) -> str:
     return path
 
 
+def rate_run(lab: Lab, gen: str, conc: int, seconds: int, size: int, *extra: str,
+             slack: int = 60) -> dict:
+    """One `loadgen rate` run from the client namespace, pinned as the bench is (pin()), with
+    RATE_THREADS threads: its JSON row. extra: a request file instead of `size` bytes."""
+    out = lab.run(lab.client, *LOAD_PIN, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds),
+                  str(size), str(RATE_THREADS), *extra, timeout=seconds + slack)
+    return json.loads(out.stdout)
+
+
 @scenario
 def connections(lab: Lab, quick: bool) -> list[Case]:
     """New connections per second, each a 100-byte request and a 100-byte answer, 64 at once."""
     gen, seconds = loadgen(lab), 2 if quick else 10
 
     def rate(v: Variant) -> dict:
-        out = lab.run(lab.client, *LOAD_PIN, gen, "rate", WAN.peer4, "7200", "64", str(seconds),
-                      "100", str(RATE_THREADS), timeout=seconds + 60)
-        row = json.loads(out.stdout)
+        row = rate_run(lab, gen, 64, seconds, 100)
         return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200, "ops": row["done"]}
 
     return [Case("rate, concurrency 64", rate, "conn/s",
@@ -357,9 +364,7 @@ def syscalls(lab: Lab, quick: bool) -> list[Case]:
         return ("strace", "-c", "-f", "-o", os.path.join(lab.tmp, "strace.txt"))
 
     def rate(v: Variant) -> dict:
-        out = lab.run(lab.client, *LOAD_PIN, gen, "rate", WAN.peer4, "7200", "64", str(seconds),
-                      "100", str(RATE_THREADS), timeout=seconds + 120)
-        row = json.loads(out.stdout)
+        row = rate_run(lab, gen, 64, seconds, 100, slack=120)
         return {**row, "value": 0.0, "bytes": row["done"] * 200, "ops": row["done"]}
 
     def count(v: Variant, row: dict) -> None:

@@ -23,18 +23,17 @@ import statistics
 import sys
 import timeit
 
-import bench.__main__ as benchmain
 from bench.__main__ import (
     ONE_CLIENT,
-    RATE_THREADS,
     Case,
     Tproxyd,
     install,
     loadgen,
     pin,
+    rate_run,
     run_once,
 )
-from lab import WAN, Lab
+from lab import Lab
 from tproxyd.relay.accesslog import line
 
 
@@ -87,9 +86,7 @@ def main(argv=None) -> int:
         gen = loadgen(lab)
 
         def rate(v) -> dict:
-            out = lab.run(lab.client, *benchmain.LOAD_PIN, gen, "rate", WAN.peer4, "7200", "64",
-                          str(args.seconds), "100", str(RATE_THREADS), timeout=args.seconds + 60)
-            row = json.loads(out.stdout)
+            row = rate_run(lab, gen, 64, args.seconds, 100)
             return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
 
         case = Case("rate, concurrency 64", rate, "conn/s")

@@ -27,10 +27,9 @@ import statistics
 import sys
 import time
 
-import bench.__main__ as benchmain
-from bench.__main__ import ONE_CLIENT, RATE_THREADS, ROOT, Case, Tproxyd, install, loadgen, pin, run_once
+from bench.__main__ import ONE_CLIENT, ROOT, Case, Tproxyd, install, loadgen, pin, rate_run, run_once
 from bench.domains import random_names
-from lab import WAN, Lab
+from lab import Lab
 from tproxyd.relay.loop import read_stats
 
 HELLO = os.path.join(ROOT, "tests", "data", "tls", "curl-tls13.bin")
@@ -80,10 +79,7 @@ def main(argv=None) -> int:
 
         def run(conc: int, seconds: int):
             def rate(v) -> dict:
-                out = lab.run(lab.client, *benchmain.LOAD_PIN, gen, "rate", WAN.peer4, "7200",
-                              str(conc), str(seconds), "0", str(RATE_THREADS), HELLO,
-                              timeout=seconds + 60)
-                row = json.loads(out.stdout)
+                row = rate_run(lab, gen, conc, seconds, 0, HELLO)
                 if isinstance(v, Named):  # proof: each connection was read for its name
                     assert v.sniffed() >= row["done"], (v.sniffed(), row)
                 return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 2 * 517}

@@ -324,8 +324,7 @@ class Relay:
                     except Exception:
                         self.draining = True  # still draining: no second attempt each turn
                         self._internal_error("drain")
-                held = self.udp.sniffer.pending  # waiting for a name: routed by sniff_timeout
-                if self.draining and not self.connections and not self.udp.sessions and not held:
+                if self.draining and not self.connections and self.udp.idle():
                     self.running = False
         finally:
             self.close()

@@ -114,6 +114,11 @@ class UdpRelay:
             s.close()
         self.listeners.clear()
 
+    def idle(self) -> bool:
+        """No session, and none waiting for its name (routed at the latest at sniff_timeout,
+        then carried): what a drain waits for."""
+        return not self.sessions and not self.sniffer.pending
+
     def close(self) -> None:
         self.counters.udp_drops += self.sniffer.drop_all()  # held for a name: dropped, counted
         for session in list(self.sessions.values()):
