@@ -179,6 +179,18 @@ backend original_destination
 """
 
 
+# tproxyd's ruleset knows the relay's connections by a conntrack mark its output chain sets
+# from the relay's socket mark (SO_MARK); HAProxy 2.6 cannot mark its server connections
+# (set-bc-mark came in 2.8), so this table marks them in the same hook, at the same cost.
+HAPROXY_NFT = """table inet bench_haproxy {
+    chain output {
+        type filter hook output priority mangle; policy accept;
+        ip daddr 198.18.2.0/24 ct mark set ct mark | 0x2
+    }
+}
+"""
+
+
 class Haproxy(Tproxyd):
     """HAProxy 2.6 from Debian in transparent mode, one thread, on the same nft rules."""
 
@@ -198,9 +210,14 @@ class Haproxy(Tproxyd):
 
     def up(self) -> None:
         self.lab.run(self.lab.gw, *TPROXY, "apply", "-c", self.config)
+        self.lab.run(self.lab.gw, "nft", "-f", "-", input=HAPROXY_NFT)
         self.proc = self.lab.spawn(self.lab.gw, *PROXY_PIN, *self.wrap, "haproxy", "-db", "-f",
                                    self.cfg)
         wait_for_port(self.lab, self.lab.gw, 12345)
+
+    def down(self) -> None:
+        super().down()
+        self.lab.run(self.lab.gw, "nft", "delete", "table", "inet", "bench_haproxy")
 
     def relay_bytes(self) -> int:
         """Bytes in and out of the frontend, from HAProxy's own counters."""

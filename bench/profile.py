@@ -4,8 +4,9 @@ functions, during a connection-rate run (100 bytes each way, the server answers 
     python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace] [--access-log]
     python -m bench.profile --compare A/.venv/bin/python B/.venv/bin/python [--repeat K]
 
---compare weighs a change to the relay: two checkouts (each venv runs its own tree's relay), run
-interleaved (A B A B ...) K times; medians of conn/s and of user and system CPU per connection.
+--compare weighs a change to the relay or the ruleset: two checkouts (each venv applies its own
+tree's ruleset and runs its own tree's relay), run interleaved (A B A B ...) K times; medians
+of conn/s and of user and system CPU per connection.
 CPU per connection moves less with a noisy neighbour than conn/s does.
 
 Three runs in one lab (client -> gateway -> server), each with a fresh relay:
@@ -64,6 +65,8 @@ def compare(lab: Lab, config: str, gen: str, args: argparse.Namespace) -> None:
     rows: dict[str, list[tuple[float, float, float]]] = {p: [] for p in args.compare}
     for _ in range(args.repeat):
         for python in args.compare:
+            # each checkout's own ruleset too, so a change to the rules is weighed as well
+            lab.run(lab.gw, python, "-m", "tproxyd.reconciler.cli", "apply", "-c", config)
             r = one_run(lab, config, gen, args.seconds, args.concurrency, python=python)
             n = max(r["connections"], 1)
             rows[python].append((r["generator"]["conn_per_s"], r["user"] / n * 1e6,

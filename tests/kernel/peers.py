@@ -4,6 +4,9 @@
     peers.py reset PORT         read a little, then close with RST
     peers.py echo PORT          echo every connection, many at once (selectors)
     peers.py hold HOST PORT N SECONDS   open N connections, check an echo on each, hold them
+    peers.py late PORT SECONDS  answer a first line with "hi", SECONDS later send "late"
+                                unasked, then echo (the server speaks first after a pause)
+    peers.py talk HOST PORT     the client of `late`: prints each step as it goes
     peers.py udpecho PORT       echo every UDP datagram to its sender
     peers.py udpmany HOST PORT SOCKETS ROUNDS   each socket sends ROUNDS checked datagrams
 """
@@ -99,6 +102,28 @@ def hold(host: str, port: int, count: int, seconds: float) -> None:
     print("closed", flush=True)
 
 
+def late(port: int, seconds: float) -> None:
+    s = listener(port)
+    while True:
+        conn, _ = s.accept()
+        with conn:
+            conn.recv(100)
+            conn.sendall(b"hi\n")
+            time.sleep(seconds)
+            conn.sendall(b"late\n")
+            while data := conn.recv(100):
+                conn.sendall(data)
+
+
+def talk(host: str, port: int) -> None:
+    with socket.create_connection((host, port), timeout=10) as c:
+        c.sendall(b"hello\n")
+        print("got", c.recv(100), flush=True)
+        print("got", c.recv(100), flush=True)  # "late", sent by the server unasked
+        c.sendall(b"more\n")
+        print("got", c.recv(100), flush=True)
+
+
 def udpecho(port: int) -> None:
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -154,6 +179,10 @@ if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "hold":
         hold(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif mode == "late":
+        late(int(args[0]), float(args[1]))
+    elif mode == "talk":
+        talk(args[0], int(args[1]))
     elif mode == "udpmany":
         udpmany(args[0], int(args[1]), int(args[2]), int(args[3]))
     else:

@@ -109,6 +109,31 @@ def test_iperf3_through_the_relay(lab: Lab):
     assert read_stats(relay.stats)["bytes_up"] >= sent * 0.99
 
 
+def test_a_conntrack_flush_mid_connection_loses_nothing(lab: Lab):
+    """The ruleset recognises replies to the relay's spoofed connections by their conntrack
+    mark. A flush (conntrack -F) forgets it: the server's next packet starts a new entry, from
+    the server's side, unmarked; it must still reach the relay's socket, not the client.
+    Early demux would hand it to the socket regardless: off, as routers often run, so the
+    ruleset alone delivers."""
+    lab.sysctl(lab.gw, "net.ipv4.ip_early_demux", "0")
+    relay = start_relay(lab)
+    lab.spawn(lab.server, sys.executable, PEERS, "late", "7003", "2")
+    wait_for_port(lab, lab.server, 7003)
+    client = lab.spawn(lab.client, sys.executable, PEERS, "talk", WAN.peer4, "7003")
+    deadline = time.monotonic() + 10
+    while "got b'hi" not in lab.log_of(client):
+        assert time.monotonic() < deadline and client.poll() is None, lab.log_of(client)
+        time.sleep(0.05)
+    # within the server's 2 s pause, once the last ACKs are through: the server's "late" must
+    # be the first packet conntrack sees again
+    time.sleep(0.5)
+    lab.run(lab.gw, "conntrack", "-F")
+    assert client.wait(timeout=20) == 0, lab.log_of(client)
+    assert lab.log_of(client).splitlines() == ["got b'hi\\n'", "got b'late\\n'", "got b'more\\n'"]
+    counters = read_stats(relay.stats)
+    assert counters["accepted"] == 1 and counters["bytes_down"] == len("hi\nlate\nmore\n")
+
+
 def test_half_close_a_client_that_stops_writing_still_reads(lab: Lab):
     start_relay(lab)
     peer(lab, "digest", 7001)

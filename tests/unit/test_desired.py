@@ -37,7 +37,7 @@ def test_many_cidrs_are_one_set_and_one_rule():
     dst4 = d.nft.set_named("lan_dst4")
     assert dst4 is not None and len(dst4.elements) == 128
     assert d.nft.set_named("lan_dst6") is None
-    (capture,) = nft_rules(d.nft)["intercept_lan"]
+    (_, _, capture) = nft_rules(d.nft)["intercept_lan"]
     assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
                       "right": "@lan_dst4"}} in capture
     assert {"tproxy": {"family": "ip", "port": 12345}} in capture
@@ -48,15 +48,25 @@ def test_exemptions_come_first_and_ports_use_a_set():
                      'protocols = ["tcp"]\nports = [443, "8000-8999"]\nexclude = ["198.18.5.0/24"]\n'))
     pre = nft_rules(d.nft)["prerouting"]
     assert pre[0][0]["match"]["right"] == 4  # relay mark
-    assert {"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "related"}} in pre[1]
-    assert {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 1}} in pre[2]
-    assert pre[3][0]["match"]["left"] == {"fib": {"result": "type", "flags": ["daddr"]}}
-    assert pre[4] == [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+    # replies to the relay's own connections: by conntrack alone, no lookup
+    assert pre[1][:2] == [
+        {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}},
+        {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 4]}, "right": 4}}]
+    assert pre[2] == [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
                                  "right": {"set": ["lan0", "lan1"]}}},
                       {"jump": {"target": "intercept_lan"}}]
+    # the socket lookup only where conntrack cannot say
+    assert pre[3][0] == {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 4]},
+                                   "right": 4}}
+    assert pre[4][0] == {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                   "right": ["new", "invalid", "untracked"]}}
+    socket = {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 1}}
+    assert socket in pre[3] and socket in pre[4] and len(pre) == 5
     chain = nft_rules(d.nft)["intercept_lan"]
-    assert chain[0][1] == {"return": None}  # exclusions before capture
-    assert {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}} in chain[1]
+    assert socket in chain[0]  # later packets of captured connections
+    assert chain[1][0]["match"]["left"] == {"fib": {"result": "type", "flags": ["daddr"]}}
+    assert chain[2][1] == {"return": None}  # exclusions before capture
+    assert {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}} in chain[3]
     assert d.nft.set_named("lan_ports").elements == ((443, 443), (8000, 8999))
 
 
@@ -102,7 +112,8 @@ def test_redirect_mode_captures_in_a_nat_chain():
     chains = {c.name: c for c in d.nft.chains}
     assert (chains["redirect"].type, chains["redirect"].hook, chains["redirect"].prio) == (
         "nat", "prerouting", -100)
-    capture = nft_rules(d.nft)["intercept_lan"]
+    fib, *capture = nft_rules(d.nft)["intercept_lan"]
+    assert "fib" in json.dumps(fib)
     assert all({"redirect": {"port": 12345}} in rule for rule in capture)
     assert not any("tproxy" in json.dumps(rule) for rule in capture)
     # replies to spoofed sockets still need the mangle chain's socket rule
