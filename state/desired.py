@@ -68,8 +68,12 @@ def _set_mark(mark: int) -> Dict[str, Any]:
     return {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), mark]}}}
 
 
-def _socket_rule(comment: str, marks: Any, *guard: Dict[str, Any]) -> NftRule:
-    """Deliver a packet to the relay's socket that owns it, if one does."""
+def _socket_rule(comment: str, marks: Any, *guard: Dict[str, Any], outbound: bool = False
+                 ) -> NftRule:
+    """Deliver a packet to the relay's socket that owns it, if one does. outbound: only to a
+    socket the relay connects out with (they carry the relay mark), not to the sockets that
+    answer captured clients from their servers' addresses."""
+    own = [_match({"&": [{"socket": {"key": "mark"}}, marks.relay]}, marks.relay)] if outbound else []
     return NftRule.make(comment, [
         *guard,
         _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
@@ -77,6 +81,7 @@ def _socket_rule(comment: str, marks: Any, *guard: Dict[str, Any]) -> NftRule:
         # not the wildcard listener: forwarded traffic that merely shares its port is not
         # ours; only the relay's connected and bound sockets are
         _match({"socket": {"key": "wildcard"}}, 0),
+        *own,
         _set_mark(marks.intercept), {"accept": None}])
 
 
@@ -165,10 +170,14 @@ def render_nft(config: Config) -> NftTable:
     ]
     # Where conntrack cannot say: a relay connection seen from its other end (an entry picked
     # up again after a flush or an expiry starts with the server's packet), a first packet,
-    # and packets it does not follow. The socket decides, as it did for every packet before.
-    after = [_socket_rule("the relay's connections, the other way", marks, ours),
+    # and packets it does not follow. The relay's outbound socket decides. (Its sockets that
+    # answer captured clients are reached from intercepted interfaces only: traffic entering
+    # elsewhere for a server the relay answers for is not captured, first packet or later.)
+    after = [_socket_rule("the relay's connections, the other way", marks, ours,
+                          outbound=True),
              _socket_rule("first packets, and packets without conntrack", marks, _match(
-                 {"ct": {"key": "state"}}, ["new", "invalid", "untracked"], "in"))]
+                 {"ct": {"key": "state"}}, ["new", "invalid", "untracked"], "in"),
+                 outbound=True)]
     tproxy = config.relay.mode != REDIRECT
     capture: List[NftRule] = mangle if tproxy else [relay_own]
     chains: List[NftChain] = []

@@ -62,8 +62,11 @@ def test_exemptions_come_first_and_ports_use_a_set():
                                    "right": ["new", "invalid", "untracked"]}}
     socket = {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 1}}
     assert socket in pre[3] and socket in pre[4] and len(pre) == 5
+    # outside intercepted interfaces only the relay's outbound sockets (the relay mark) count
+    outbound = {"match": {"op": "==", "left": {"&": [{"socket": {"key": "mark"}}, 4]}, "right": 4}}
+    assert outbound in pre[3] and outbound in pre[4]
     chain = nft_rules(d.nft)["intercept_lan"]
-    assert socket in chain[0]  # later packets of captured connections
+    assert socket in chain[0] and outbound not in chain[0]  # later packets of captured ones
     assert chain[1][0]["match"]["left"] == {"fib": {"result": "type", "flags": ["daddr"]}}
     assert chain[2][1] == {"return": None}  # exclusions before capture
     assert {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}} in chain[3]
