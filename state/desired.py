@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
-from .config import REDIRECT, Config, Intercept
+from .config import REDIRECT, Config, Intercept, Marks
 from .intervals import from_networks, merge
 from .nft import NftChain, NftRule, NftSet, NftTable
 from .routing import Route, Rule
@@ -68,7 +68,7 @@ def _set_mark(mark: int) -> Dict[str, Any]:
     return {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), mark]}}}
 
 
-def _socket_rule(comment: str, marks: Any, *guard: Dict[str, Any], outbound: bool = False
+def _socket_rule(comment: str, marks: Marks, *guard: Dict[str, Any], outbound: bool = False
                  ) -> NftRule:
     """Deliver a packet to the relay's socket that owns it, if one does. outbound: only to a
     socket the relay connects out with (they carry the relay mark), not to the sockets that
@@ -149,7 +149,7 @@ def render_nft(config: Config) -> NftTable:
 
     Every packet entering the gateway passes the prerouting chain, forwarded traffic that is
     none of ours included, so its order is the cost of the gateway: a packet that conntrack
-    says is not ours is let go after three register compares, and the socket and fib lookups
+    says is not ours is let go after a few register compares, and the socket and fib lookups
     run only where an answer can be ours (an intercepted interface; a first packet; a packet
     conntrack does not follow). Before, every packet paid both lookups and three set lookups:
     nftables' share of the core forwarding one stream past the gateway (bench.upstreams' lab,
@@ -179,10 +179,10 @@ def render_nft(config: Config) -> NftTable:
                  {"ct": {"key": "state"}}, ["new", "invalid", "untracked"], "in"),
                  outbound=True)]
     tproxy = config.relay.mode != REDIRECT
-    capture: List[NftRule] = mangle if tproxy else [relay_own]
     chains: List[NftChain] = []
     sets: List[NftSet] = []
     forward: List[NftRule] = []
+    jumps: List[NftRule] = []
     reject = tproxy and config.relay.when_down == "reject"
     for entry in config.intercepts:
         chain, down, entry_sets = _intercept_chains(entry, config)
@@ -193,16 +193,18 @@ def render_nft(config: Config) -> NftTable:
             forward.append(NftRule.make(f"{entry.name}: what the relay did not take", [
                 _match(_meta("iifname"), _one_or_set(entry.interfaces)),
                 {"jump": {"target": down.name}}]))
-        capture.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
+        jumps.append(NftRule.make(f"{entry.name}: traffic entering {', '.join(entry.interfaces)}", [
             _match(_meta("iifname"), _one_or_set(entry.interfaces)),
             {"jump": {"target": chain.name}}]))
-    mangle += after
+    # tproxy captures in the mangle chain, between the conntrack answer and the lookups;
+    # REDIRECT needs a nat chain of its own
+    prerouting = [*mangle, *jumps, *after] if tproxy else [*mangle, *after]
     output = NftRule.make("remember the relay's own connections in conntrack", [
         _match({"&": [_meta("mark"), marks.relay]}, marks.relay),
         {"mangle": {"key": {"ct": {"key": "mark"}},
                     "value": {"|": [{"ct": {"key": "mark"}}, marks.relay]}}}])
     base = [NftChain(name="prerouting", type="filter", hook="prerouting",
-                     prio=config.nftables.priority, policy="accept", rules=tuple(mangle)),
+                     prio=config.nftables.priority, policy="accept", rules=tuple(prerouting)),
             NftChain(name="output", type="filter", hook="output", prio=config.nftables.priority,
                      policy="accept", rules=(output,))]
     if forward:
@@ -210,7 +212,7 @@ def render_nft(config: Config) -> NftTable:
                              policy="accept", rules=tuple(forward)))
     if not tproxy:
         base.append(NftChain(name="redirect", type="nat", hook="prerouting", prio=-100,
-                             policy="accept", rules=tuple(capture)))
+                             policy="accept", rules=(relay_own, *jumps)))
     return NftTable(name=config.nftables.table, chains=(*base, *chains), sets=tuple(sets))
 
 
