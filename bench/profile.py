@@ -66,7 +66,7 @@ def compare(lab: Lab, config: str, gen: str, args: argparse.Namespace) -> None:
     for _ in range(args.repeat):
         for python in args.compare:
             # each checkout's own ruleset too, so a change to the rules is weighed as well
-            lab.run(lab.gw, python, "-m", "tproxyd.reconciler.cli", "apply", "-c", config)
+            lab.run(lab.gw, python, *TPROXY[1:], "apply", "-c", config)
             r = one_run(lab, config, gen, args.seconds, args.concurrency, python=python)
             n = max(r["connections"], 1)
             rows[python].append((r["generator"]["conn_per_s"], r["user"] / n * 1e6,

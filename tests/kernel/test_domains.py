@@ -27,7 +27,11 @@ import pytest
 from lab import LAN, WAN, Lab, wait_for_port
 from tests.kernel.test_relay_limits import wait_until
 from tests.kernel.test_routes import P4, Net, dante, need, proxy_net, route, start_relay, upstream
+from tproxyd.relay import sniff_quic
 from tproxyd.relay.loop import read_stats
+
+NEEDS_QUIC_KEYS = pytest.mark.skipif(
+    not sniff_quic.AVAILABLE, reason="python3-cryptography is not installed: QUIC routes without a name")
 
 pytestmark = pytest.mark.kernel
 
@@ -307,8 +311,7 @@ def quic_datagrams(lab: Lab) -> dict[str, str]:
     return paths
 
 
-@pytest.mark.skipif(not __import__("tproxyd.relay.sniff_quic", fromlist=["x"]).AVAILABLE,
-                    reason="python3-cryptography is not installed: QUIC routes without a name")
+@NEEDS_QUIC_KEYS
 def test_quic_initials_are_routed_by_name(net: Net, hosts):
     from tests.kernel.test_routes import dante
 
@@ -336,8 +339,7 @@ def test_quic_initials_are_routed_by_name(net: Net, hosts):
     assert counters["end_udp_rejected"] == 1
 
 
-@pytest.mark.skipif(not __import__("tproxyd.relay.sniff_quic", fromlist=["x"]).AVAILABLE,
-                    reason="python3-cryptography is not installed: QUIC routes without a name")
+@NEEDS_QUIC_KEYS
 def test_a_datagram_held_for_its_name_when_the_relay_drains_still_reaches_its_server(net: Net):
     """A drain (SIGUSR2: a reload's old worker) that found no connection and no session ended
     at once, and dropped a new session's first datagram held while it waited for a name."""

@@ -16,6 +16,7 @@ import pytest
 
 from lab import LAN, WAN, Lab, wait_for_port
 from tests.conftest import Tproxy
+from tests.kernel.test_relay_limits import wait_until
 from tproxyd.relay.loop import read_stats
 
 pytestmark = pytest.mark.kernel
@@ -120,10 +121,7 @@ def test_a_conntrack_flush_mid_connection_loses_nothing(lab: Lab):
     lab.spawn(lab.server, sys.executable, PEERS, "late", "7003", "2")
     wait_for_port(lab, lab.server, 7003)
     client = lab.spawn(lab.client, sys.executable, PEERS, "talk", WAN.peer4, "7003")
-    deadline = time.monotonic() + 10
-    while "got b'hi" not in lab.log_of(client):
-        assert time.monotonic() < deadline and client.poll() is None, lab.log_of(client)
-        time.sleep(0.05)
+    wait_until(lambda: "got b'hi" in lab.log_of(client), "the server's first answer", timeout=10)
     # within the server's 2 s pause, once the last ACKs are through: the server's "late" must
     # be the first packet conntrack sees again
     time.sleep(0.5)
