@@ -1,17 +1,21 @@
 """The access log's cost: new connections per second with [log] access off and to a file.
 
     python -m bench.accesslog [--seconds S] [--repeat N]   (root: runs in a lab)
-    python -m bench.accesslog --formatter                  (no root: the formatter alone)
+    python -m bench.accesslog --formatter                  (no root: the log's own path)
 
 The connections scenario of `python -m bench` (loadgen rate, 64 at once, 100 bytes each way,
 its threads; per core as there: the relay on CPU 0, the load generator and its server on CPU 1,
---no-pin to leave it to the scheduler), run for the two variants interleaved (off, file, off,
-file, ...) so a noisy neighbour hits both alike; prints each variant's median and the file's
-cost relative to off, in connections per second and in the relay's CPU time per connection
-(steadier on a shared machine). The relay's counters prove it carried the traffic and the log's
-line count that it logged every connection.
+--no-pin to leave it to the scheduler), run for the two variants interleaved in ABBA order (off,
+file, file, off, ...) so a noisy neighbour and any order effect hit both alike; prints each
+variant's median and the file's cost relative to off, in connections per second and in the
+relay's CPU time per connection, and the median of the repeats' paired ratios (the two runs of
+a repeat are next to each other: the machine's drift over minutes, +-15% on a shared VM, falls
+out). The relay's counters prove it carried the traffic and the log's line count that it
+logged every connection.
 
---formatter times one line with the format string the relay uses against json.dumps of a dict.
+--formatter times one line with the format string the relay uses against json.dumps of a dict,
+then the whole path of an ended connection (its line made, kept, written to a file) with one
+write a line and with one write a loop turn of TURN lines.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import json
 import os
 import statistics
 import sys
+import tempfile
+import time
 import timeit
+from types import SimpleNamespace
 
 from bench.__main__ import (
     ONE_CLIENT,
@@ -34,7 +41,9 @@ from bench.__main__ import (
     run_once,
 )
 from lab import Lab
-from tproxyd.relay.accesslog import line
+from tproxyd.relay.accesslog import AccessLog, line, tcp_line
+
+TURN = 31  # lines a loop turn, at 64 connections at once (counted in this bench's lab)
 
 
 class Logged(Tproxyd):
@@ -66,6 +75,21 @@ def formatter() -> None:
     for name, fn in (("format string (relay)", lambda: line(*args)), ("json.dumps(dict)", as_dict)):
         best = min(timeit.repeat(fn, number=100_000, repeat=7)) / 100_000
         print(f"{name:22} {best * 1e6:.2f} us a line")
+    # the whole path of an ended connection: its line, kept, written at the turn's end
+    conn = SimpleNamespace(connected_at=10.0001, started=10.0, client_addr=("198.18.1.2", 40000),
+                           dst=("198.18.2.1", 7200), route_name="direct", via="direct",
+                           up=SimpleNamespace(bytes=100), down=SimpleNamespace(bytes=100))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = AccessLog(os.path.join(tmp, "access.log"), lambda: None)
+        for per_turn in (1, TURN):
+            def turn(per_turn: int = per_turn) -> None:
+                for _ in range(per_turn):
+                    log.write(tcp_line(conn, "client_fin", 10.002, time.time()))
+                log.flush()
+            n = 100_000 // per_turn
+            best = min(timeit.repeat(turn, number=n, repeat=7)) / (n * per_turn)
+            print(f"a connection's line, {per_turn:2} a write: {best * 1e6:.2f} us")
+        log.close()
 
 
 def main(argv=None) -> int:
@@ -92,7 +116,7 @@ def main(argv=None) -> int:
         case = Case("rate, concurrency 64", rate, "conn/s")
         variants = [Tproxyd(lab), Logged(lab)]
         for i in range(args.repeat):
-            for v in variants:  # interleaved
+            for v in variants if i % 2 == 0 else variants[::-1]:  # interleaved, ABBA
                 before = v.lines() if isinstance(v, Logged) and os.path.exists(v.log) else 0
                 row = run_once(v, case)
                 if isinstance(v, Logged):  # every connection logged, none dropped
@@ -106,10 +130,17 @@ def main(argv=None) -> int:
     for k, vs in values.items():
         print(f"{k:12} median {statistics.median(vs):9.0f} conn/s  (min {min(vs):.0f}, "
               f"max {max(vs):.0f}, {len(vs)} runs)")
-    print(f"access log to a file costs {100 * (off - on) / off:.1f}% of connections per second")
+    print(f"access log to a file costs {100 * (off - on) / off:.1f}% of connections per second "
+          "(medians)")
     c_off, c_on = (statistics.median(cpu[k]) for k in ("tproxyd", "tproxyd-log"))
     print(f"relay CPU a connection: off {c_off:.1f} us, to a file {c_on:.1f} us "
           f"(+{100 * (c_on - c_off) / c_off:.1f}%)")
+    # each repeat's two runs are next to each other: their ratio leaves out the machine's drift
+    pairs = sorted(on / off for on, off in zip(values["tproxyd-log"], values["tproxyd"]))
+    cpu_pairs = sorted(on / off for on, off in zip(cpu["tproxyd-log"], cpu["tproxyd"]))
+    print(f"paired: conn/s to a file / off median {statistics.median(pairs):.3f} (cost "
+          f"{100 * (1 - statistics.median(pairs)):.1f}%; pairs {[round(r, 3) for r in pairs]}); "
+          f"relay CPU a connection x{statistics.median(cpu_pairs):.3f}")
     return 0
 
 
