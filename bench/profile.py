@@ -1,7 +1,9 @@
 """Where the relay's time goes per connection: CPU (user and system apart), syscalls, and Python
-functions, during a connection-rate run (100 bytes each way, the server answers and closes).
+functions, during a connection-rate run (100 bytes each way, the server answers and closes;
+--hello: curl's 517-byte ClientHello, echoed; --domains N: routed by name, as bench.sniffing's).
 
     python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace] [--access-log]
+                            [--hello] [--domains N]
     python -m bench.profile --compare A/.venv/bin/python B/.venv/bin/python [--repeat K]
 
 --compare weighs a change to the relay or the ruleset: two checkouts (each venv applies its own
@@ -31,21 +33,32 @@ import signal
 import statistics
 import sys
 
-from bench.__main__ import ONE_CLIENT, TPROXY, cpu_times, loadgen, strace_counts, traced_child
+from bench.__main__ import (
+    ONE_CLIENT,
+    TPROXY,
+    cpu_times,
+    loadgen,
+    strace_counts,
+    traced_child,
+)
+from bench.sniffing import HELLO, named_routes
 from lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
 
 
 def one_run(lab: Lab, config: str, gen: str, seconds: int, conc: int,
-            wrap: tuple[str, ...] = (), profile: bool = False, python: str = sys.executable
-            ) -> dict:
+            wrap: tuple[str, ...] = (), profile: bool = False, python: str = sys.executable,
+            request: tuple[str, ...] = ()) -> dict:
+    """request: (path,) sends that file as each connection's request (echoed back), instead of
+    100 bytes each way."""
     cmd = [python, *(["-m", "cProfile", "-o", f"{lab.tmp}/prof"] if profile else [])]
     proc = lab.spawn(lab.gw, *wrap, *cmd, "-m", "tproxyd.relay", "-c", config)
     wait_for_port(lab, lab.gw, 12345, timeout=30)
     pid = traced_child(proc.pid) if wrap else proc.pid  # netns exec execs; strace does not
     try:
         u0, s0 = cpu_times(pid)
-        out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds), "100",
+        out = lab.run(lab.client, gen, "rate", WAN.peer4, "7200", str(conc), str(seconds),
+                      "0" if request else "100", "1", *request,
                       timeout=seconds + 120)
         u1, s1 = cpu_times(pid)
         stats = read_stats(f"{lab.tmp}/state/relay.sock", timeout=30)
@@ -67,7 +80,8 @@ def compare(lab: Lab, config: str, gen: str, args: argparse.Namespace) -> None:
         for python in args.compare:
             # each checkout's own ruleset too, so a change to the rules is weighed as well
             lab.run(lab.gw, python, *TPROXY[1:], "apply", "-c", config)
-            r = one_run(lab, config, gen, args.seconds, args.concurrency, python=python)
+            r = one_run(lab, config, gen, args.seconds, args.concurrency, python=python,
+                        request=args.request)
             n = max(r["connections"], 1)
             rows[python].append((r["generator"]["conn_per_s"], r["user"] / n * 1e6,
                                  r["system"] / n * 1e6))
@@ -89,10 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", nargs=2, metavar="PYTHON")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--access-log", action="store_true", help="with [log] access to a file")
+    p.add_argument("--hello", action="store_true",
+                   help="each request is curl's recorded ClientHello (bench.sniffing's)")
+    p.add_argument("--domains", type=int, default=0, metavar="N",
+                   help="with bench.sniffing's `domains` routes of N names (and --hello)")
     args = p.parse_args(argv)
+    args.request = (HELLO,) if args.hello or args.domains else ()
     with Lab() as lab:
         extra = ONE_CLIENT + (f'[log]\naccess = "{lab.tmp}/access.log"\n' if args.access_log else "")
-        config = lab.write_config(lab.config(extra=extra, destinations='["198.18.2.0/24"]'),
+        config = lab.write_config(lab.config(extra=extra, destinations='["198.18.2.0/24"]')
+                                  + (named_routes(args.domains) if args.domains else ""),
                                   "bench.toml")
         lab.run(lab.gw, *TPROXY, "apply", "-c", config)
         gen = loadgen(lab)
@@ -100,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             compare(lab, config, gen, args)
             return 0
 
-        plain = one_run(lab, config, gen, args.seconds, args.concurrency)
+        plain = one_run(lab, config, gen, args.seconds, args.concurrency, request=args.request)
         n = plain["connections"]
         print(f"plain: {n} connections, {plain['generator']['conn_per_s']:.0f} conn/s; per "
               f"connection user {per_conn(plain['user'], n)}, system {per_conn(plain['system'], n)}")
 
-        prof = one_run(lab, config, gen, args.seconds, args.concurrency, profile=True)
+        prof = one_run(lab, config, gen, args.seconds, args.concurrency, profile=True,
+                       request=args.request)
         n = prof["connections"]
         st = pstats.Stats(f"{lab.tmp}/prof")
         calls = sum(v[1] for v in st.stats.values())  # primitive and recursive calls
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out = f"{lab.tmp}/strace.txt"
         traced = one_run(lab, config, gen, 2, args.concurrency,
-                         ("strace", "-c", "-f", "-o", out))
+                         ("strace", "-c", "-f", "-o", out), request=args.request)
         n = traced["connections"]
         print(f"\nstrace: {n} connections; syscalls per connection")
         counts = strace_counts(out)

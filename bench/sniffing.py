@@ -36,20 +36,25 @@ HELLO = os.path.join(ROOT, "tests", "data", "tls", "curl-tls13.bin")
 ROUTES = 10
 
 
+def named_routes(count: int) -> str:
+    """ROUTES `domains` routes via direct holding `count` names, "example.com" (the recorded
+    ClientHello's name) in the first, "named0"."""
+    names = random_names(random.Random(count), count - 1)
+    return "".join(
+        f'[[route]]\nname = "named{i}"\nvia = "direct"\ndomains = '
+        f'{json.dumps(([] if i else ["example.com"]) + names[i::ROUTES])}\n'
+        for i in range(ROUTES))
+
+
 class Named(Tproxyd):
     """tproxyd with `domains` routes of `count` random names; the bench's name is in the first."""
 
     def __init__(self, lab: Lab, count: int):
         super().__init__(lab)
         self.name = f"tproxyd-{count // 1000}k"
-        names = random_names(random.Random(count), count - 1)
-        routes = "".join(
-            f'[[route]]\nname = "named{i}"\nvia = "direct"\ndomains = '
-            f'{json.dumps(([] if i else ["example.com"]) + names[i::ROUTES])}\n'
-            for i in range(ROUTES))
         self.config = lab.write_config(lab.config(extra=ONE_CLIENT,
-                                                  destinations='["198.18.2.0/24"]') + routes,
-                                       f"bench-named-{count}.toml")
+                                                  destinations='["198.18.2.0/24"]')
+                                       + named_routes(count), f"bench-named-{count}.toml")
 
     def up(self) -> None:
         super().up()
