@@ -26,6 +26,7 @@ import shutil
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ ONE_CLIENT = "[relay]\nmax_connections_per_client = 16384\n"
 
 class Tproxyd(Variant):
     name = "tproxyd"
+    python = sys.executable  # another checkout's venv python runs that checkout's relay and rules
 
     def __init__(self, lab: Lab):
         super().__init__(lab)
@@ -144,14 +146,14 @@ class Tproxyd(Variant):
         self.stats = f"{lab.tmp}/state/relay.sock"
 
     def up(self) -> None:
-        self.lab.run(self.lab.gw, *TPROXY, "apply", "-c", self.config)
-        self.proc = self.lab.spawn(self.lab.gw, *PROXY_PIN, *self.wrap, sys.executable, "-m",
+        self.lab.run(self.lab.gw, self.python, *TPROXY[1:], "apply", "-c", self.config)
+        self.proc = self.lab.spawn(self.lab.gw, *PROXY_PIN, *self.wrap, self.python, "-m",
                                    "tproxyd.relay", "-c", self.config)
         wait_for_port(self.lab, self.lab.gw, 12345)
 
     def down(self) -> None:
         self.stop_proxy()
-        self.lab.run(self.lab.gw, *TPROXY, "down", "-c", self.config)
+        self.lab.run(self.lab.gw, self.python, *TPROXY[1:], "down", "-c", self.config)
 
     def relay_bytes(self) -> int:
         s = read_stats(self.stats)
@@ -609,6 +611,43 @@ def run_once(v: Variant, case: Case) -> dict:
     if case.carried and v.name != "kernel" and row["relay_bytes"] < row.get("bytes", 1) * 0.9:
         raise SystemExit(f"{v.name} did not carry the traffic: {row}")
     return row
+
+
+def side_by_side(run: Callable[[Variant], dict], a: Variant, b: Variant) -> tuple[dict, dict]:
+    """Run a and b at the same time, each in its own lab: their proxies share PROXY_CPU, their
+    load generators LOAD_CPU. Two saturated proxies on one core get equal CPU time from the
+    scheduler, so the ratio of their rates is the ratio of their costs per operation, measured
+    over the same seconds: a machine whose speed drifts (a shared VM, +-15% over minutes) moves
+    both alike. run(v) is a Case's run; each row gets the proxy's CPU, as run_once's."""
+    variants = (a, b)
+    rows: list[dict] = [{}, {}]
+    errors: list[BaseException] = []
+
+    def go(i: int) -> None:
+        try:
+            rows[i] = run(variants[i])
+        except BaseException as exc:  # raised again in the caller's thread
+            errors.append(exc)
+
+    for v in variants:
+        v.up()
+    try:
+        cpu0 = [v.relay_cpu() for v in variants]
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        for row, v, (user0, sys0) in zip(rows, variants, cpu0):
+            user1, sys1 = v.relay_cpu()
+            row.update(relay_cpu_s=round(user1 - user0 + sys1 - sys0, 3),
+                       relay_user_s=round(user1 - user0, 3), relay_sys_s=round(sys1 - sys0, 3))
+    finally:
+        for v in variants:
+            v.down()
+    return rows[0], rows[1]
 
 
 def summary(rows: list[dict]) -> dict[tuple, dict]:

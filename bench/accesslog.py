@@ -1,6 +1,7 @@
 """The access log's cost: new connections per second with [log] access off and to a file.
 
     python -m bench.accesslog [--seconds S] [--repeat N]   (root: runs in a lab)
+    python -m bench.accesslog --side-by-side [--seconds S] [--repeat N]   (root: two labs)
     python -m bench.accesslog --formatter                  (no root: the log's own path)
 
 The connections scenario of `python -m bench` (loadgen rate, 64 at once, 100 bytes each way,
@@ -13,9 +14,14 @@ a repeat are next to each other: the machine's drift over minutes, +-15% on a sh
 out). The relay's counters prove it carried the traffic and the log's line count that it
 logged every connection.
 
+--side-by-side runs off and to a file at the same time, each in its own lab, the two relays on
+CPU 0 and the two generators on CPU 1 (bench.__main__.side_by_side): the scheduler gives two
+saturated relays equal CPU time, so the ratio of their rates is the log's cost, measured over
+the same seconds. Each repeat puts the log in the other lab. The figure is the median ratio;
+an A/A run (the same relay twice) gives x1.000 with runs within +-0.6%.
+
 --formatter times one line with the format string the relay uses against json.dumps of a dict,
-then the whole path of an ended connection (its line made, kept, written to a file) with one
-write a line and with one write a loop turn of TURN lines.
+then the whole path of an ended connection (its line made and written to a file).
 """
 
 from __future__ import annotations
@@ -39,11 +45,10 @@ from bench.__main__ import (
     pin,
     rate_run,
     run_once,
+    side_by_side,
 )
 from lab import Lab
 from tproxyd.relay.accesslog import AccessLog, line, tcp_line
-
-TURN = 31  # lines a loop turn, at 64 connections at once (counted in this bench's lab)
 
 
 class Logged(Tproxyd):
@@ -75,21 +80,46 @@ def formatter() -> None:
     for name, fn in (("format string (relay)", lambda: line(*args)), ("json.dumps(dict)", as_dict)):
         best = min(timeit.repeat(fn, number=100_000, repeat=7)) / 100_000
         print(f"{name:22} {best * 1e6:.2f} us a line")
-    # the whole path of an ended connection: its line, kept, written at the turn's end
+    # the whole path of an ended connection: its line made and written
     conn = SimpleNamespace(connected_at=10.0001, started=10.0, client_addr=("198.18.1.2", 40000),
                            dst=("198.18.2.1", 7200), route_name="direct", via="direct",
                            up=SimpleNamespace(bytes=100), down=SimpleNamespace(bytes=100))
     with tempfile.TemporaryDirectory() as tmp:
         log = AccessLog(os.path.join(tmp, "access.log"), lambda: None)
-        for per_turn in (1, TURN):
-            def turn(per_turn: int = per_turn) -> None:
-                for _ in range(per_turn):
-                    log.write(tcp_line(conn, "client_fin", 10.002, time.time()))
-                log.flush()
-            n = 100_000 // per_turn
-            best = min(timeit.repeat(turn, number=n, repeat=7)) / (n * per_turn)
-            print(f"a connection's line, {per_turn:2} a write: {best * 1e6:.2f} us")
+        best = min(timeit.repeat(
+            lambda: log.write(tcp_line(conn, "client_fin", 10.002, time.time())),
+            number=100_000, repeat=7)) / 100_000
+        print(f"{'a connection, written':22} {best * 1e6:.2f} us a line")
         log.close()
+
+
+def side_by_side_runs(args: argparse.Namespace) -> int:
+    """Off and to a file at the same time (bench.__main__.side_by_side), each repeat with the
+    log in the other lab: the ratio of their rates is the log's cost."""
+    ratios, cpu = [], []
+    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
+        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
+
+        def rate(v) -> dict:
+            row = rate_run(v.lab, gens[v.lab.tmp], 64, args.seconds, 100)
+            return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
+
+        for i in range(args.repeat):
+            off, on = (Tproxyd(a), Logged(b)) if i % 2 == 0 else (Tproxyd(b), Logged(a))
+            before = on.lines() if os.path.exists(on.log) else 0
+            r_off, r_on = side_by_side(rate, off, on)
+            assert on.lines() - before >= r_on["done"], (on.lines() - before, r_on)
+            ratios.append(r_on["value"] / r_off["value"])
+            cpu.append((r_on["relay_cpu_s"] / r_on["done"]) / (r_off["relay_cpu_s"] / r_off["done"]))
+            print(f"run {i} off {r_off['value']:6.0f} conn/s, to a file {r_on['value']:6.0f} "
+                  f"conn/s: x{ratios[-1]:.3f}; relay CPU a connection x{cpu[-1]:.3f}",
+                  file=sys.stderr, flush=True)
+    ratios.sort()
+    print(f"side by side, {len(ratios)} runs: conn/s to a file / off median "
+          f"{statistics.median(ratios):.3f} (cost {100 * (1 - statistics.median(ratios)):.1f}%; "
+          f"runs {[round(r, 3) for r in ratios]}); relay CPU a connection "
+          f"x{statistics.median(cpu):.3f}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -98,12 +128,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--formatter", action="store_true")
     p.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="off and to a file at the same time, in two labs, sharing the cores")
     args = p.parse_args(argv)
     if args.formatter:
         formatter()
         return 0
     install()
     pin(not args.no_pin)
+    if args.side_by_side:
+        return side_by_side_runs(args)
     values: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}
     cpu: dict[str, list[float]] = {"tproxyd": [], "tproxyd-log": []}  # relay CPU us/connection
     with Lab(forwarding=True) as lab:

@@ -5,11 +5,15 @@ functions, during a connection-rate run (100 bytes each way, the server answers 
     python -m bench.profile [--seconds S] [--concurrency C] [--top N] [--no-strace] [--access-log]
                             [--hello] [--domains N]
     python -m bench.profile --compare A/.venv/bin/python B/.venv/bin/python [--repeat K]
+                            [--side-by-side]
 
 --compare weighs a change to the relay or the ruleset: two checkouts (each venv applies its own
 tree's ruleset and runs its own tree's relay), run interleaved (A B A B ...) K times; medians
 of conn/s and of user and system CPU per connection.
-CPU per connection moves less with a noisy neighbour than conn/s does.
+CPU per connection moves less with a noisy neighbour than conn/s does. With --side-by-side
+the two relays run at the same time in two labs, pinned to one core (the generators to the
+other), and the figure is the median ratio of their rates: on this shared VM, whose speed
+drifts +-15% over minutes, a 1% change shows (interleaved runs resolve about 5%).
 
 Three runs in one lab (client -> gateway -> server), each with a fresh relay:
   plain    the relay as it runs: connections, utime and stime per connection (/proc)
@@ -32,12 +36,18 @@ import shutil
 import signal
 import statistics
 import sys
+from collections.abc import Callable
 
 from bench.__main__ import (
     ONE_CLIENT,
     TPROXY,
+    Tproxyd,
     cpu_times,
+    install,
     loadgen,
+    pin,
+    rate_run,
+    side_by_side,
     strace_counts,
     traced_child,
 )
@@ -94,6 +104,45 @@ def compare(lab: Lab, config: str, gen: str, args: argparse.Namespace) -> None:
               f"user x{med[1] / base[1]:.3f}; user runs {sorted(round(u, 1) for _, u, _ in runs)}")
 
 
+class Checkout(Tproxyd):
+    """The relay and ruleset of the checkout whose venv python this is, on bench.profile's
+    config."""
+
+    def __init__(self, lab: Lab, python: str, config: str):
+        super().__init__(lab)
+        self.python = self.name = python
+        self.config = config
+
+
+def compare_side_by_side(args: argparse.Namespace, config_text: Callable[[Lab], str]) -> None:
+    """--compare --side-by-side: the two checkouts' relays at the same time, pinned to one core
+    (bench.__main__.side_by_side), each repeat with A and B in the other lab; the ratio of
+    their rates is the ratio of their costs, free of the machine's drift."""
+    pin(True)
+    first, second = args.compare
+    ratios, cpu = [], []
+    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
+        configs = {lab.tmp: lab.write_config(config_text(lab), "bench.toml") for lab in (a, b)}
+        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
+
+        def rate(v: Tproxyd) -> dict:
+            row = rate_run(v.lab, gens[v.lab.tmp], args.concurrency, args.seconds,
+                           0 if args.request else 100, *args.request)
+            return {**row, "value": row["conn_per_s"]}
+
+        for i in range(args.repeat):
+            x, y = (a, b) if i % 2 == 0 else (b, a)
+            r1, r2 = side_by_side(rate, Checkout(x, first, configs[x.tmp]),
+                                  Checkout(y, second, configs[y.tmp]))
+            ratios.append(r2["value"] / r1["value"])
+            cpu.append((r2["relay_cpu_s"] / r2["done"]) / (r1["relay_cpu_s"] / r1["done"]))
+            print(f"run {i}: A {r1['value']:6.0f} conn/s, B {r2['value']:6.0f} conn/s: "
+                  f"x{ratios[-1]:.3f}", file=sys.stderr, flush=True)
+    print(f"A {first}\nB {second}\nside by side, {len(ratios)} runs: conn/s B/A median "
+          f"x{statistics.median(ratios):.3f} (runs {sorted(round(r, 3) for r in ratios)}); "
+          f"relay CPU a connection B/A x{statistics.median(cpu):.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile")
     p.add_argument("--seconds", type=int, default=5)
@@ -101,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-strace", action="store_true")
     p.add_argument("--compare", nargs=2, metavar="PYTHON")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="with --compare: both relays at once on one core, in two labs")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--access-log", action="store_true", help="with [log] access to a file")
     p.add_argument("--hello", action="store_true",
@@ -109,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="with bench.sniffing's `domains` routes of N names (and --hello)")
     args = p.parse_args(argv)
     args.request = (HELLO,) if args.hello or args.domains else ()
-    with Lab() as lab:
+
+    def config_text(lab: Lab) -> str:
         extra = ONE_CLIENT + (f'[log]\naccess = "{lab.tmp}/access.log"\n' if args.access_log else "")
-        config = lab.write_config(lab.config(extra=extra, destinations='["198.18.2.0/24"]')
-                                  + (named_routes(args.domains) if args.domains else ""),
-                                  "bench.toml")
+        return (lab.config(extra=extra, destinations='["198.18.2.0/24"]')
+                + (named_routes(args.domains) if args.domains else ""))
+
+    if args.compare and args.side_by_side:
+        install()
+        compare_side_by_side(args, config_text)
+        return 0
+    with Lab() as lab:
+        config = lab.write_config(config_text(lab), "bench.toml")
         lab.run(lab.gw, *TPROXY, "apply", "-c", config)
         gen = loadgen(lab)
         if args.compare:

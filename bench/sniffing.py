@@ -2,16 +2,22 @@
 100,000 `domains` names against none, and the latency a sniff adds to a connection.
 
     python -m bench.sniffing [--seconds S] [--repeat N] [--domains 1000,100000]   (root: a lab)
+    python -m bench.sniffing --side-by-side [...]    (rates: none and named at the same time)
 
 The connections scenario of `python -m bench` (per core, as there: the relay on CPU 0, the
 load generator and its server on CPU 1; --no-pin to leave it to the scheduler), with curl's
 recorded ClientHello (517 bytes, SNI www.example.com, tests/data/tls/curl-tls13.bin) as each
-connection's request, echoed back by the server. Variants, run interleaved (none, 1k, 100k,
-none, ...) so a noisy neighbour hits them alike:
+connection's request, echoed back by the server. Variants, run interleaved (none, 1k, 100k;
+1k, 100k, none; ...) so a noisy neighbour hits them alike; each ratio to none is given as the
+ratio of medians and as the median of the repeats' paired ratios (runs of one repeat are next
+to each other, so the machine's drift over minutes falls out):
   tproxyd        no routes: routed at accept, as without `domains`
   tproxyd-Nk     N random names in 10 `domains` routes via direct, "example.com" among the
                  first route's: every connection waits for its first bytes, reads the name,
                  matches the first route and goes direct
+--side-by-side runs the rate case only, no routes and each named variant at the same time in
+two labs sharing the cores (bench.__main__.side_by_side; see bench.accesslog): the median
+ratio of their rates, free of the machine's drift.
 The relay's counters prove a named variant sniffed every connection (route_named0_connections
 equals the connections done). Rates: 64 connections at once; latency: one at a time (connect,
 ClientHello, echo, close: p50 and p99), where a sniff's wait would show.
@@ -27,7 +33,18 @@ import statistics
 import sys
 import time
 
-from bench.__main__ import ONE_CLIENT, ROOT, Case, Tproxyd, install, loadgen, pin, rate_run, run_once
+from bench.__main__ import (
+    ONE_CLIENT,
+    ROOT,
+    Case,
+    Tproxyd,
+    install,
+    loadgen,
+    pin,
+    rate_run,
+    run_once,
+    side_by_side,
+)
 from bench.domains import random_names
 from lab import Lab
 from tproxyd.relay.loop import read_stats
@@ -69,15 +86,53 @@ class Named(Tproxyd):
         return read_stats(self.stats)["route_named0_connections"] - self.before
 
 
+def side_by_side_runs(args: argparse.Namespace) -> int:
+    """The rate case with no routes and with each --domains count at the same time, in two
+    labs sharing the cores (bench.__main__.side_by_side), each repeat with the named relay in
+    the other lab: the ratio of their rates is the sniff's cost, free of the machine's drift."""
+    counts = [int(n) for n in args.domains.split(",")]
+    ratios: dict[int, list[float]] = {n: [] for n in counts}
+    cpu: dict[int, list[float]] = {n: [] for n in counts}
+    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
+        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
+
+        def rate(v) -> dict:
+            row = rate_run(v.lab, gens[v.lab.tmp], 64, args.seconds, 0, HELLO)
+            return {**row, "value": row["conn_per_s"]}
+
+        for i in range(args.repeat):
+            for n in counts:
+                x, y = (a, b) if i % 2 == 0 else (b, a)
+                base, named = Tproxyd(x), Named(y, n)
+                r_base, r_named = side_by_side(rate, base, named)
+                assert named.sniffed() >= r_named["done"], (named.sniffed(), r_named)
+                ratios[n].append(r_named["value"] / r_base["value"])
+                cpu[n].append((r_named["relay_cpu_s"] / r_named["done"])
+                              / (r_base["relay_cpu_s"] / r_base["done"]))
+                print(f"run {i} none {r_base['value']:6.0f} conn/s, {named.name} "
+                      f"{r_named['value']:6.0f} conn/s: x{ratios[n][-1]:.3f}", file=sys.stderr,
+                      flush=True)
+    for n in counts:
+        rs = sorted(ratios[n])
+        print(f"side by side, {len(rs)} runs: {n} names / none: conn/s median "
+              f"x{statistics.median(rs):.3f} (runs {[round(r, 3) for r in rs]}); relay CPU a "
+              f"connection x{statistics.median(cpu[n]):.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sniffing")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--domains", default="1000,100000")
     p.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="rates only: no routes and named at the same time, sharing the cores")
     args = p.parse_args(argv)
     install()
     pin(not args.no_pin)
+    if args.side_by_side:
+        return side_by_side_runs(args)
     with Lab(forwarding=True) as lab:
         gen = loadgen(lab)
         variants = [Tproxyd(lab), *(Named(lab, int(n)) for n in args.domains.split(","))]
@@ -95,7 +150,9 @@ def main(argv=None) -> int:
         rows: dict[tuple[str, str], list[dict]] = {}
         for i in range(args.repeat):
             for case in cases:
-                for v in variants:  # interleaved
+                # interleaved, each repeat in another order (none, 1k, 100k; 1k, 100k, none; ...)
+                # so that no variant always runs first or last
+                for v in variants[i % len(variants):] + variants[:i % len(variants)]:
                     row = run_once(v, case)
                     rows.setdefault((case.name, v.name), []).append(row)
                     print(f"run {i} {case.name:24} {v.name:13} {row['value']:8.0f} conn/s "
@@ -110,12 +167,16 @@ def main(argv=None) -> int:
             p50 = statistics.median(r["p50_us"] for r in rs)
             p99 = statistics.median(r["p99_us"] for r in rs)
             cpu = statistics.median(r["relay_cpu_s"] / r["done"] * 1e6 for r in rs)
-            base = base or (rate, p50, cpu)
-            print(f"{case.name:24} {v.name:13} {rate:8.0f} conn/s ({rate / base[0]:.2f}x) "
+            base = base or (rate, p50, cpu, rs)
+            # each repeat's runs are next to each other: their ratio leaves out the drift
+            pairs = [r["value"] / b["value"] for r, b in zip(rs, base[3])]
+            print(f"{case.name:24} {v.name:13} {rate:8.0f} conn/s ({rate / base[0]:.2f}x; "
+                  f"paired {statistics.median(pairs):.3f}x) "
                   f"p50 {p50:7.1f} us ({p50 - base[1]:+.1f}) p99 {p99:8.1f} us "
                   f"relay CPU {cpu:6.1f} us/conn ({100 * (cpu - base[2]) / base[2]:+.1f}%) "
                   f"[{len(rs)} runs: {min(r['value'] for r in rs):.0f}-"
-                  f"{max(r['value'] for r in rs):.0f} conn/s]")
+                  f"{max(r['value'] for r in rs):.0f} conn/s; pairs "
+                  f"{min(pairs):.2f}-{max(pairs):.2f}]")
     return 0
 
 
