@@ -98,6 +98,8 @@ def side_by_side_runs(args: argparse.Namespace) -> int:
 
         def rate(v) -> dict:
             row = rate_run(v.lab, gens[v.lab.tmp], 64, args.seconds, 0, HELLO)
+            if isinstance(v, Named):  # proof, while it runs: each connection was read for its name
+                assert v.sniffed() >= row["done"], (v.sniffed(), row)
             return {**row, "value": row["conn_per_s"]}
 
         for i in range(args.repeat):
@@ -105,7 +107,6 @@ def side_by_side_runs(args: argparse.Namespace) -> int:
                 x, y = (a, b) if i % 2 == 0 else (b, a)
                 base, named = Tproxyd(x), Named(y, n)
                 r_base, r_named = side_by_side(rate, base, named)
-                assert named.sniffed() >= r_named["done"], (named.sniffed(), r_named)
                 ratios[n].append(r_named["value"] / r_base["value"])
                 cpu[n].append((r_named["relay_cpu_s"] / r_named["done"])
                               / (r_base["relay_cpu_s"] / r_base["done"]))
