@@ -90,8 +90,8 @@ class Sniffer:
                 return
         conn.sniff = StreamSniff(relay.now + relay.settings.sniff_timeout)
         conn.deadline = conn.sniff.deadline
-        if first:  # the start of a message: the rest is waited for
-            conn.sniff.feed(first)
+        if first:  # the start of a message, parsed above: the rest is waited for
+            conn.sniff.seed(first, NEED_MORE)
         if not relay.watched(conn):
             return
         relay._schedule(conn, conn.deadline)

@@ -273,3 +273,23 @@ def test_python_ssl_hellos_for_any_name(labels, tld, alpns):
     stream = python_client_hello(name, [chr(97 + i) * 250 for i in range(alpns)] or None)
     assert sniff_stream(stream) == name.lower()
     assert sniff_stream(records(unrecord(stream), 300)) == name.lower()
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURES))
+def test_a_seeded_sniff_parses_its_first_segment_once_and_settles_on_the_rest(name, monkeypatch):
+    """The relay parses a connection's first read itself (relay/sniffing.py's begin()); a
+    ClientHello that spans two segments (post-quantum key shares) is seeded with that read and
+    its answer, so the first segment is not parsed again, and the second settles the name."""
+    import tproxyd.relay.sniff as sniff_module
+
+    stream = capture(name)
+    first, rest = stream[:60], stream[60:]  # cut inside the ClientHello's random
+    assert sniff_stream(first) is NEED_MORE
+    calls = []
+    real = sniff_module.sniff_stream
+    monkeypatch.setattr(sniff_module, "sniff_stream", lambda data: calls.append(len(data)) or real(data))
+    sniff = sniff_module.StreamSniff(deadline=1.0)
+    sniff.seed(first, NEED_MORE)
+    assert sniff.result is NEED_MORE and calls == []
+    assert sniff.feed(rest) == CAPTURES[name]
+    assert calls == [len(stream)] and bytes(sniff.data) == stream
