@@ -629,9 +629,11 @@ def side_by_side(run: Callable[[Variant], dict], a: Variant, b: Variant) -> tupl
         except BaseException as exc:  # raised again in the caller's thread
             errors.append(exc)
 
-    for v in variants:
-        v.up()
+    started: list[Variant] = []
     try:
+        for v in variants:
+            v.up()
+            started.append(v)
         cpu0 = [v.relay_cpu() for v in variants]
         threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
         for t in threads:
@@ -645,7 +647,7 @@ def side_by_side(run: Callable[[Variant], dict], a: Variant, b: Variant) -> tupl
             row.update(relay_cpu_s=round(user1 - user0 + sys1 - sys0, 3),
                        relay_user_s=round(user1 - user0, 3), relay_sys_s=round(sys1 - sys0, 3))
     finally:
-        for v in variants:
+        for v in started:
             v.down()
     return rows[0], rows[1]
 

@@ -66,3 +66,19 @@ def test_quick_upstreams_bench_runs_every_variant_and_cleans_up(lab, tmp_path):
     assert all(r["carried_connections"] >= r["connections"] for r in rows if r["variant"] != "kernel")
     assert "tproxyd / redsocks" in result.stdout and "100k / none" in result.stdout
     assert left == []
+
+
+def test_side_by_side_runs_two_labs_at_once_and_cleans_up(lab):
+    """bench.percore and bench.accesslog --side-by-side: two labs, both proxies running at the
+    same time (each carried connections, the log logged every one of them), a ratio printed,
+    nothing left."""
+    result, left = run_own_lab([sys.executable, "-m", "bench.percore", "--repeat", "1",
+                                "--seconds", "1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tproxyd / haproxy conn/s median x" in result.stdout, result.stdout
+    assert left == []
+    result, left = run_own_lab([sys.executable, "-m", "bench.accesslog", "--side-by-side",
+                                "--repeat", "1", "--seconds", "1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "side by side, 1 runs: conn/s to a file / off median" in result.stdout, result.stdout
+    assert left == []
