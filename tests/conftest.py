@@ -45,6 +45,12 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
+# curl's exit codes for a connection the far end reset: it could not connect (7: the RST beat
+# the handshake's end), failed sending its request (55) or reading the answer (56); which one
+# is a race between the RST and curl's own steps.
+CURL_RESET = (7, 55, 56)
+
+
 class Tproxy:
     """The `tproxy` command, run inside the lab's gateway namespace as an operator would."""
 
