@@ -1,11 +1,13 @@
-"""relay/selector.py: forget() drops a socket closed right after, without an EPOLL_CTL_DEL, and
-the kernel's epoll agrees: the descriptor, reused, is watched afresh and the old one is never
-reported."""
+"""relay/selector.py: register() and modify() answer as the stdlib's; forget() drops a socket
+closed right after, without an EPOLL_CTL_DEL, and the kernel's epoll agrees: the descriptor,
+reused, is watched afresh and the old one is never reported."""
 
 from __future__ import annotations
 
 import selectors
 import socket
+
+import pytest
 
 from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, recv_all, reset, running, wait_for
 from tproxyd.relay.selector import Selector
@@ -69,3 +71,44 @@ def test_ended_connections_leave_nothing_watched_and_their_descriptors_serve_new
         assert relay.counters.accepted == 60 and relay.counters.internal_errors == 0
         assert relay.counters.register_errors == 0
     assert all(isinstance(e, ConnectionResetError) for e in up.errors)  # the reset half
+
+
+WRITE = selectors.EVENT_WRITE
+
+
+def test_register_and_modify_answer_as_the_stdlibs_do():
+    """The one-call register() and modify() against the stdlib's EpollSelector, step by step:
+    the same keys, the same events reported, the same errors."""
+    a, b = socket.socketpair()
+    b.send(b"x")  # a is readable (and writable)
+    ours, theirs = Selector(), selectors.EpollSelector()
+
+    def same(step) -> None:
+        got = []
+        for sel in (ours, theirs):
+            try:
+                result = step(sel)
+            except Exception as exc:
+                got.append(type(exc))
+            else:
+                got.append(result)
+            got.append([(k.fd, k.events, k.data, m) for k, m in sel.select(0)])
+            got.append(sorted((k.fd, k.events, k.data) for k in sel.get_map().values()))
+        assert got[:3] == got[3:], got
+
+    same(lambda sel: sel.register(a, READ, ("conn", 0))[1:])
+    same(lambda sel: sel.register(a, READ, "again"))  # KeyError: registered already
+    same(lambda sel: sel.modify(a, READ | WRITE, ("conn", 0))[1:])
+    same(lambda sel: sel.modify(a, READ | WRITE, ("conn", 1))[1:])  # data alone changes
+    same(lambda sel: sel.modify(a, READ | WRITE, ("conn", 1))[1:])  # nothing changes
+    same(lambda sel: sel.modify(a, WRITE, ("conn", 1))[1:])
+    same(lambda sel: sel.modify(b, READ, None))  # KeyError: not registered
+    same(lambda sel: sel.register(b, 0, None))  # ValueError: no events
+    same(lambda sel: sel.register(b, 4, None))  # ValueError: not an event
+    with pytest.raises(ValueError):  # stricter than the stdlib's, which takes it silently
+        ours.modify(a, 8, None)
+    same(lambda sel: sel.unregister(a).fd)
+    for s in (a, b):
+        s.close()
+    ours.close()
+    theirs.close()
