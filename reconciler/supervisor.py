@@ -34,7 +34,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # seconds before restarting a worker tha
 CRASH_LOOP = 5  # this many unexpected exits within a minute is reported as a crash loop
 # What workers report "now" rather than "so far": summed over live workers only. Every other
 # integer a worker reports is a running total, kept when the worker ends.
-GAUGES = frozenset({"active", "udp_sessions", "pipe_memory"})
+GAUGES = frozenset({"active", "udp_sessions", "pipe_memory", "udp_held"})
 # per upstream: upstream_<name>_active (connections open through it now) and upstream_<name>_up
 # (1 where that worker has it up: summed, "up in k of n workers")
 UPSTREAM_GAUGES = ("_active", "_up")

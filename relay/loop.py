@@ -982,7 +982,7 @@ class Relay:
         out = self.counters.to_json()
         pool = self.pool
         out.update(pipe_memory=pool.pipe_memory, pipes_small=pool.pipes_small,
-                   pipes_refused=pool.pipes_refused)
+                   pipes_refused=pool.pipes_refused, udp_held=self.udp.sniffer.held())
         for name, n in self.route_counts.items():
             out[f"route_{name}_connections"] = n
         for name, counts in self.upstream_counts.items():

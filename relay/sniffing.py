@@ -164,9 +164,13 @@ class DatagramSniffer:
             relay.udp.open_sniffed(client, dst, sniff)
         return True
 
+    def held(self) -> int:
+        """Datagrams held for a name now (the stats' udp_held)."""
+        return sum(len(sniff.datagrams) for sniff in self.pending.values())
+
     def drop_all(self) -> int:
         """Forget every held session (the relay is closing): the number of datagrams dropped."""
-        held = sum(len(sniff.datagrams) for sniff in self.pending.values())
+        held = self.held()
         self.pending.clear()
         return held
 

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -361,7 +360,7 @@ def test_a_datagram_held_for_its_name_when_the_relay_drains_still_reaches_its_se
         print("answer", s.recv(100).decode(), flush=True)
     """))
     wait_until(lambda: "sent" in lab.log_of(client), "the client's datagram")
-    time.sleep(0.3)  # received and held (sniff_timeout is 2 s)
+    wait_until(lambda: read_stats(stats)["udp_held"] == 1, "the datagram held for its name")
     os.kill(read_stats(stats)["pid"], signal.SIGUSR2)
     wait_until(lambda: "answer" in lab.log_of(client), "the server's answer", timeout=10)
     assert f"answer ok {LAN.peer4}" in lab.log_of(client)  # no name: direct, client's address

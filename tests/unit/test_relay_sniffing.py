@@ -358,9 +358,10 @@ def test_a_quic_hello_over_two_datagrams_is_held_until_the_name_then_sent_in_ord
     sniffer = DatagramSniffer(relay)
     a, b = two_initials(b"late.example.com")
     assert sniffer.hold(CLIENT, SERVER, a) and relay.opened == []  # the name is in b
+    assert sniffer.held() == 1  # the stats' udp_held
     assert sniffer.hold(CLIENT, SERVER, b)
     assert relay.opened == [(CLIENT, SERVER, "late.example.com", [a, b])]
-    assert sniffer.pending == {}
+    assert sniffer.pending == {} and sniffer.held() == 0
     relay.fire()  # the deadline of a settled sniff does nothing
     assert len(relay.opened) == 1
 
@@ -394,6 +395,7 @@ def test_datagrams_still_held_when_the_relay_closes_are_dropped_and_counted():
     sniffer = DatagramSniffer(relay)
     a, _ = two_initials(b"late.example.com")
     assert sniffer.hold(CLIENT, SERVER, a) and sniffer.hold(("198.18.1.3", 5000), SERVER, a)
-    assert sniffer.drop_all() == 2 and sniffer.pending == {}
+    assert sniffer.held() == 2
+    assert sniffer.drop_all() == 2 and sniffer.pending == {} and sniffer.held() == 0
     relay.fire()  # their deadlines open nothing
     assert relay.opened == []

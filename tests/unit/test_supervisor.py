@@ -43,9 +43,9 @@ def test_counters_keep_what_ended_workers_counted(tmp_path: Path):
     sup = supervisor(tmp_path)
     first = stand_in(sup, tmp_path)
     first.last = {"pid": 11, "started": 1.5, "accepted": 5, "active": 2, "bytes_up": 100,
-                  "end_client_reset": 1, "pipe_memory": 65536}
+                  "end_client_reset": 1, "pipe_memory": 65536, "udp_held": 2}
     assert sup.counters() == {"accepted": 5, "active": 2, "bytes_up": 100, "end_client_reset": 1,
-                              "pipe_memory": 65536}
+                              "pipe_memory": 65536, "udp_held": 2}
     first.proc.kill()
     first.proc.wait()
     sup.tick(time.monotonic())  # reaped: its counts are retired, its open connections are gone
@@ -54,7 +54,7 @@ def test_counters_keep_what_ended_workers_counted(tmp_path: Path):
     second.last = {"pid": 12, "accepted": 1, "active": 1, "udp_sessions": 3, "new_counter": 7}
     totals = sup.counters()
     assert totals == {"accepted": 6, "active": 1, "bytes_up": 100, "end_client_reset": 1,
-                      "udp_sessions": 3, "new_counter": 7, "pipe_memory": 0}
+                      "udp_sessions": 3, "new_counter": 7, "pipe_memory": 0, "udp_held": 0}
     sup.stop(timeout=5)
     after = sup.counters()
     assert after["accepted"] == 6 and after["new_counter"] == 7 and after["active"] == 0
