@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 from lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
+from tproxyd.state.config import Marks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "tests", "kernel", "peers.py")
@@ -131,6 +133,10 @@ class Kernel(Variant):
     name = "kernel"
 
 
+# the lab's servers' network (lab.WAN): what every bench's config captures
+SERVERS = str(ipaddress.ip_network(f"{WAN.peer4}/24", strict=False))
+DESTINATIONS = json.dumps([SERVERS])
+
 # the load generator is one client address holding up to 10,000 connections
 ONE_CLIENT = "[relay]\nmax_connections_per_client = 16384\n"
 
@@ -141,7 +147,7 @@ class Tproxyd(Variant):
 
     def __init__(self, lab: Lab):
         super().__init__(lab)
-        self.config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations='["198.18.2.0/24"]'),
+        self.config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations=DESTINATIONS),
                                        "bench.toml")
         self.stats = f"{lab.tmp}/state/relay.sock"
 
@@ -184,12 +190,12 @@ backend original_destination
 # tproxyd's ruleset knows the relay's connections by a conntrack mark its output chain sets
 # from the relay's socket mark (SO_MARK); HAProxy 2.6 cannot mark its server connections
 # (set-bc-mark came in 2.8), so this table marks them in the same hook, at the same cost.
-HAPROXY_NFT = """table inet bench_haproxy {
-    chain output {
+HAPROXY_NFT = f"""table inet bench_haproxy {{
+    chain output {{
         type filter hook output priority mangle; policy accept;
-        ip daddr 198.18.2.0/24 ct mark set ct mark | 0x2
-    }
-}
+        ip daddr {SERVERS} ct mark set ct mark | {Marks().relay:#x}
+    }}
+}}
 """
 
 
@@ -248,7 +254,7 @@ class TproxydWorkers(Variant):
         self.name = f"tproxyd-{workers}w"
         os.makedirs(os.path.join(lab.tmp, self.name), exist_ok=True)
         self.config = lab.write_config(lab.config(
-            extra=f"{ONE_CLIENT}workers = {workers}\n", destinations='["198.18.2.0/24"]',
+            extra=f"{ONE_CLIENT}workers = {workers}\n", destinations=DESTINATIONS,
             protocols='["tcp"]'), f"{self.name}/tproxy.toml")
         self.socket = f"{lab.tmp}/state/tproxyd.sock"
 

@@ -37,6 +37,7 @@ import timeit
 from types import SimpleNamespace
 
 from bench.__main__ import (
+    DESTINATIONS,
     ONE_CLIENT,
     Case,
     Tproxyd,
@@ -58,7 +59,7 @@ class Logged(Tproxyd):
         super().__init__(lab)
         self.log = os.path.join(lab.tmp, "access.log")
         self.config = lab.write_config(lab.config(
-            extra=f'{ONE_CLIENT}[log]\naccess = "{self.log}"\n', destinations='["198.18.2.0/24"]'),
+            extra=f'{ONE_CLIENT}[log]\naccess = "{self.log}"\n', destinations=DESTINATIONS),
             "bench-log.toml")
 
     def lines(self) -> int:

@@ -39,6 +39,7 @@ import sys
 from collections.abc import Callable
 
 from bench.__main__ import (
+    DESTINATIONS,
     ONE_CLIENT,
     TPROXY,
     Tproxyd,
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def config_text(lab: Lab) -> str:
         extra = ONE_CLIENT + (f'[log]\naccess = "{lab.tmp}/access.log"\n' if args.access_log else "")
-        return (lab.config(extra=extra, destinations='["198.18.2.0/24"]')
+        return (lab.config(extra=extra, destinations=DESTINATIONS)
                 + (named_routes(args.domains) if args.domains else ""))
 
     if args.compare and args.side_by_side:

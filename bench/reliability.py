@@ -28,7 +28,7 @@ import time
 from lab.netns import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import Relay, Settings, read_stats
 
-from .__main__ import PEERS, TPROXY, cpu_seconds
+from .__main__ import DESTINATIONS, PEERS, TPROXY, cpu_seconds
 
 # N connections, each sends a line and checks its echo; prints the count held and reset,
 # then holds them for SECONDS.
@@ -100,7 +100,7 @@ def stats_or_none(path: str) -> dict | None:
 def start(lab: Lab, wrap: tuple[str, ...] = (), **relay) -> tuple:
     keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in relay.items())
     config = lab.write_config(lab.config(extra=f"[relay]\n{keys}", protocols='["tcp"]',
-                                         destinations='["198.18.2.0/24"]'))
+                                         destinations=DESTINATIONS))
     lab.run(lab.gw, *TPROXY, "apply", "-c", config)
     old = os.environ.get("RELAY_TREE")  # a directory holding an older tproxyd/relay, state
     python = (sys.executable, "-S") if old else (sys.executable,)  # -S: not the installed one

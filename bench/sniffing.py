@@ -34,6 +34,7 @@ import sys
 import time
 
 from bench.__main__ import (
+    DESTINATIONS,
     ONE_CLIENT,
     ROOT,
     Case,
@@ -70,7 +71,7 @@ class Named(Tproxyd):
         super().__init__(lab)
         self.name = f"tproxyd-{count // 1000}k"
         self.config = lab.write_config(lab.config(extra=ONE_CLIENT,
-                                                  destinations='["198.18.2.0/24"]')
+                                                  destinations=DESTINATIONS)
                                        + named_routes(count), f"bench-named-{count}.toml")
 
     def up(self) -> None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
 
-from .__main__ import ONE_CLIENT, RATE_THREADS, TPROXY, cpu_seconds, loadgen
+from .__main__ import DESTINATIONS, ONE_CLIENT, RATE_THREADS, SERVERS, TPROXY, cpu_seconds, loadgen
 from .routes import random_cidrs
 
 P4, GW_P4 = "198.18.3.2", "198.18.3.1"  # microsocks' namespace and the gateway's side of it
@@ -86,7 +86,7 @@ class Relay(Variant):
         super().__init__(bench)
         self.name, self.proof = name, proof
         self.config = self.lab.write_config(self.lab.config(
-            extra=ONE_CLIENT, destinations='["198.18.2.0/24"]', protocols='["tcp"]') + tail,
+            extra=ONE_CLIENT, destinations=DESTINATIONS, protocols='["tcp"]') + tail,
             f"{name}.toml")
         self.stats = f"{self.lab.tmp}/state/relay.sock"
 
@@ -116,7 +116,7 @@ redsocks {{ local_ip = 0.0.0.0; local_port = {port}; ip = {ip}; port = {upstream
 REDSOCKS_NFT = """table ip bench_redsocks {{
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "lan0" ip daddr 198.18.2.0/24 meta l4proto tcp counter redirect to :{port}
+        iifname "lan0" ip daddr {SERVERS} meta l4proto tcp counter redirect to :{port}
     }}
 }}
 """
@@ -139,7 +139,8 @@ class Redsocks(Variant):
         super().__init__(bench)
         self.conf = self.lab.write_config(REDSOCKS_CONF.format(
             port=REDSOCKS_PORT, ip=P4, upstream_port=SOCKS_PORT), "redsocks.conf")
-        self.nft = self.lab.write_config(REDSOCKS_NFT.format(port=REDSOCKS_PORT), "redsocks.nft")
+        self.nft = self.lab.write_config(REDSOCKS_NFT.format(port=REDSOCKS_PORT, SERVERS=SERVERS),
+                                         "redsocks.nft")
         self.binary = redsocks_binary()
 
     def up(self) -> None:
@@ -169,7 +170,7 @@ def routes_100k(count: int = 100_000, routes: int = 10) -> str:
     nets = [str(c) for c in random_cidrs(random.Random(12), count)]
     out = []
     for i in range(routes):
-        mine = nets[i::routes] + (["198.18.2.0/24"] if i == routes - 1 else [])
+        mine = nets[i::routes] + ([SERVERS] if i == routes - 1 else [])
         name = "big" if i == routes - 1 else f"route{i}"
         listed = ", ".join(f'"{n}"' for n in mine)
         out.append(f'[[route]]\nname = "{name}"\nvia = "direct"\ndestinations = [{listed}]\n')
