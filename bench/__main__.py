@@ -29,7 +29,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lab import WAN, Lab, wait_for_port
@@ -624,7 +624,8 @@ def side_by_side(run: Callable[[Variant], dict], a: Variant, b: Variant) -> tupl
     load generators LOAD_CPU. Two saturated proxies on one core get equal CPU time from the
     scheduler, so the ratio of their rates is the ratio of their costs per operation, measured
     over the same seconds: a machine whose speed drifts (a shared VM, +-15% over minutes) moves
-    both alike. run(v) is a Case's run; each row gets the proxy's CPU, as run_once's."""
+    both alike. run(v) is a Case's run (rate_case()); each row gets the proxy's CPU, as
+    run_once's. The labs: two_labs(), swapped each repeat so a difference between them cancels."""
     variants = (a, b)
     rows: list[dict] = [{}, {}]
     errors: list[BaseException] = []
@@ -656,6 +657,32 @@ def side_by_side(run: Callable[[Variant], dict], a: Variant, b: Variant) -> tupl
         for v in started:
             v.down()
     return rows[0], rows[1]
+
+
+@contextlib.contextmanager
+def two_labs() -> Iterator[tuple[Lab, Lab]]:
+    """Two labs for side_by_side(), each with its load generator's server up. Pinning is the
+    method: unpinned, the scheduler would not split one core between the proxies."""
+    if not PROXY_PIN:
+        raise SystemExit("side by side needs the proxies pinned (two CPUs, no --no-pin)")
+    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
+        loadgen(a)
+        loadgen(b)
+        yield a, b
+
+
+def rate_case(conc: int, seconds: int, size: int, *extra: str) -> Callable[[Variant], dict]:
+    """side_by_side()'s run: one rate_run() in the variant's own lab; value: conn/s."""
+    def run(v: Variant) -> dict:
+        row = rate_run(v.lab, loadgen(v.lab), conc, seconds, size, *extra)
+        return {**row, "value": row["conn_per_s"]}
+    return run
+
+
+def ratios(b: dict, a: dict) -> tuple[float, float]:
+    """b against a, two side_by_side() rows: the rates' ratio and CPU per connection's."""
+    return (b["value"] / a["value"],
+            (b["relay_cpu_s"] / b["done"]) / (a["relay_cpu_s"] / a["done"]))
 
 
 def summary(rows: list[dict]) -> dict[tuple, dict]:

@@ -44,9 +44,12 @@ from bench.__main__ import (
     install,
     loadgen,
     pin,
+    rate_case,
     rate_run,
+    ratios,
     run_once,
     side_by_side,
+    two_labs,
 )
 from lab import Lab
 from tproxyd.relay.accesslog import AccessLog, line, tcp_line
@@ -97,28 +100,23 @@ def formatter() -> None:
 def side_by_side_runs(args: argparse.Namespace) -> int:
     """Off and to a file at the same time (bench.__main__.side_by_side), each repeat with the
     log in the other lab: the ratio of their rates is the log's cost."""
-    ratios, cpu = [], []
-    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
-        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
-
-        def rate(v) -> dict:
-            row = rate_run(v.lab, gens[v.lab.tmp], 64, args.seconds, 100)
-            return {**row, "value": row["conn_per_s"], "bytes": row["done"] * 200}
-
+    rates, cpu = [], []
+    rate = rate_case(64, args.seconds, 100)
+    with two_labs() as (a, b):
         for i in range(args.repeat):
             off, on = (Tproxyd(a), Logged(b)) if i % 2 == 0 else (Tproxyd(b), Logged(a))
             before = on.lines() if os.path.exists(on.log) else 0
             r_off, r_on = side_by_side(rate, off, on)
             assert on.lines() - before >= r_on["done"], (on.lines() - before, r_on)
-            ratios.append(r_on["value"] / r_off["value"])
-            cpu.append((r_on["relay_cpu_s"] / r_on["done"]) / (r_off["relay_cpu_s"] / r_off["done"]))
+            r, c = ratios(r_on, r_off)
+            rates.append(r)
+            cpu.append(c)
             print(f"run {i} off {r_off['value']:6.0f} conn/s, to a file {r_on['value']:6.0f} "
-                  f"conn/s: x{ratios[-1]:.3f}; relay CPU a connection x{cpu[-1]:.3f}",
-                  file=sys.stderr, flush=True)
-    ratios.sort()
-    print(f"side by side, {len(ratios)} runs: conn/s to a file / off median "
-          f"{statistics.median(ratios):.3f} (cost {100 * (1 - statistics.median(ratios)):.1f}%; "
-          f"runs {[round(r, 3) for r in ratios]}); relay CPU a connection "
+                  f"conn/s: x{r:.3f}; relay CPU a connection x{c:.3f}", file=sys.stderr, flush=True)
+    rates.sort()
+    print(f"side by side, {len(rates)} runs: conn/s to a file / off median "
+          f"{statistics.median(rates):.3f} (cost {100 * (1 - statistics.median(rates)):.1f}%; "
+          f"runs {[round(r, 3) for r in rates]}); relay CPU a connection "
           f"x{statistics.median(cpu):.3f}")
     return 0
 

@@ -18,8 +18,7 @@ import argparse
 import statistics
 import sys
 
-from bench.__main__ import Haproxy, Tproxyd, install, loadgen, pin, rate_run, side_by_side
-from lab import Lab
+from bench.__main__ import Haproxy, Tproxyd, install, pin, rate_case, ratios, side_by_side, two_labs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,26 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     install()
     if not pin(True):
         raise SystemExit("bench.percore needs two CPUs")
-    ratios: list[float] = []
+    rates: list[float] = []
     cpu: list[tuple[float, float]] = []
-    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
-        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
-
-        def rate(v: Tproxyd) -> dict:
-            row = rate_run(v.lab, gens[v.lab.tmp], 64, args.seconds, 100)
-            return {**row, "value": row["conn_per_s"], "ops": row["done"]}
-
+    rate = rate_case(64, args.seconds, 100)
+    with two_labs() as (a, b):
         for i in range(args.repeat):
             x, y = (a, b) if i % 2 == 0 else (b, a)
             r_t, r_h = side_by_side(rate, Tproxyd(x), Haproxy(y, args.splice))
-            ratios.append(r_t["value"] / r_h["value"])
-            cpu.append((r_t["relay_cpu_s"] / r_t["ops"] * 1e6, r_h["relay_cpu_s"] / r_h["ops"] * 1e6))
+            rates.append(ratios(r_t, r_h)[0])
+            cpu.append((r_t["relay_cpu_s"] / r_t["done"] * 1e6, r_h["relay_cpu_s"] / r_h["done"] * 1e6))
             print(f"run {i}: tproxyd {r_t['value']:6.0f} conn/s ({cpu[-1][0]:.1f} us CPU a "
                   f"connection), haproxy {r_h['value']:6.0f} ({cpu[-1][1]:.1f} us): "
-                  f"x{ratios[-1]:.3f}", file=sys.stderr, flush=True)
-    print(f"per core, {len(ratios)} runs side by side: tproxyd / haproxy"
-          f"{'-splice' if args.splice else ''} conn/s median x{statistics.median(ratios):.3f} "
-          f"(runs {sorted(round(r, 3) for r in ratios)}); CPU a connection "
+                  f"x{rates[-1]:.3f}", file=sys.stderr, flush=True)
+    print(f"per core, {len(rates)} runs side by side: tproxyd / haproxy"
+          f"{'-splice' if args.splice else ''} conn/s median x{statistics.median(rates):.3f} "
+          f"(runs {sorted(round(r, 3) for r in rates)}); CPU a connection "
           f"{statistics.median(c for c, _ in cpu):.1f} against "
           f"{statistics.median(h for _, h in cpu):.1f} us")
     return 0

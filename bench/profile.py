@@ -47,10 +47,12 @@ from bench.__main__ import (
     install,
     loadgen,
     pin,
-    rate_run,
+    rate_case,
+    ratios,
     side_by_side,
     strace_counts,
     traced_child,
+    two_labs,
 )
 from bench.sniffing import HELLO, named_routes
 from lab import WAN, Lab, wait_for_port
@@ -115,32 +117,41 @@ class Checkout(Tproxyd):
         self.config = config
 
 
+def logged(lab: Lab) -> int:
+    """Lines in the lab's access log (--access-log) so far."""
+    path = f"{lab.tmp}/access.log"
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
 def compare_side_by_side(args: argparse.Namespace, config_text: Callable[[Lab], str]) -> None:
     """--compare --side-by-side: the two checkouts' relays at the same time, pinned to one core
     (bench.__main__.side_by_side), each repeat with A and B in the other lab; the ratio of
     their rates is the ratio of their costs, free of the machine's drift."""
     pin(True)
     first, second = args.compare
-    ratios, cpu = [], []
-    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
-        configs = {lab.tmp: lab.write_config(config_text(lab), "bench.toml") for lab in (a, b)}
-        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
-
-        def rate(v: Tproxyd) -> dict:
-            row = rate_run(v.lab, gens[v.lab.tmp], args.concurrency, args.seconds,
-                           0 if args.request else 100, *args.request)
-            return {**row, "value": row["conn_per_s"]}
-
+    rates, cpu = [], []
+    rate = rate_case(args.concurrency, args.seconds, 0 if args.request else 100, *args.request)
+    with two_labs() as (a, b):
+        # not "bench.toml": Tproxyd() writes its own default there
+        configs = {lab.tmp: lab.write_config(config_text(lab), "bench-profile.toml")
+                   for lab in (a, b)}
         for i in range(args.repeat):
             x, y = (a, b) if i % 2 == 0 else (b, a)
+            before = [logged(x), logged(y)]
             r1, r2 = side_by_side(rate, Checkout(x, first, configs[x.tmp]),
                                   Checkout(y, second, configs[y.tmp]))
-            ratios.append(r2["value"] / r1["value"])
-            cpu.append((r2["relay_cpu_s"] / r2["done"]) / (r1["relay_cpu_s"] / r1["done"]))
-            print(f"run {i}: A {r1['value']:6.0f} conn/s, B {r2['value']:6.0f} conn/s: "
-                  f"x{ratios[-1]:.3f}", file=sys.stderr, flush=True)
-    print(f"A {first}\nB {second}\nside by side, {len(ratios)} runs: conn/s B/A median "
-          f"x{statistics.median(ratios):.3f} (runs {sorted(round(r, 3) for r in ratios)}); "
+            if args.access_log:  # proof that each relay ran this config: it logged every one
+                assert logged(x) - before[0] >= r1["done"] and logged(y) - before[1] >= r2["done"]
+            r, c = ratios(r2, r1)
+            rates.append(r)
+            cpu.append(c)
+            print(f"run {i}: A {r1['value']:6.0f} conn/s, B {r2['value']:6.0f} conn/s: x{r:.3f}",
+                  file=sys.stderr, flush=True)
+    print(f"A {first}\nB {second}\nside by side, {len(rates)} runs: conn/s B/A median "
+          f"x{statistics.median(rates):.3f} (runs {sorted(round(r, 3) for r in rates)}); "
           f"relay CPU a connection B/A x{statistics.median(cpu):.3f}")
 
 

@@ -42,9 +42,12 @@ from bench.__main__ import (
     install,
     loadgen,
     pin,
+    rate_case,
     rate_run,
+    ratios,
     run_once,
     side_by_side,
+    two_labs,
 )
 from bench.domains import random_names
 from lab import Lab
@@ -92,30 +95,29 @@ def side_by_side_runs(args: argparse.Namespace) -> int:
     labs sharing the cores (bench.__main__.side_by_side), each repeat with the named relay in
     the other lab: the ratio of their rates is the sniff's cost, free of the machine's drift."""
     counts = [int(n) for n in args.domains.split(",")]
-    ratios: dict[int, list[float]] = {n: [] for n in counts}
+    rates: dict[int, list[float]] = {n: [] for n in counts}
     cpu: dict[int, list[float]] = {n: [] for n in counts}
-    with Lab(forwarding=True) as a, Lab(forwarding=True) as b:
-        gens = {a.tmp: loadgen(a), b.tmp: loadgen(b)}
+    hello = rate_case(64, args.seconds, 0, HELLO)
 
-        def rate(v) -> dict:
-            row = rate_run(v.lab, gens[v.lab.tmp], 64, args.seconds, 0, HELLO)
-            if isinstance(v, Named):  # proof, while it runs: each connection was read for its name
-                assert v.sniffed() >= row["done"], (v.sniffed(), row)
-            return {**row, "value": row["conn_per_s"]}
+    def rate(v: Tproxyd) -> dict:
+        row = hello(v)
+        if isinstance(v, Named):  # proof, while it runs: each connection was read for its name
+            assert v.sniffed() >= row["done"], (v.sniffed(), row)
+        return row
 
+    with two_labs() as (a, b):
         for i in range(args.repeat):
+            x, y = (a, b) if i % 2 == 0 else (b, a)
             for n in counts:
-                x, y = (a, b) if i % 2 == 0 else (b, a)
-                base, named = Tproxyd(x), Named(y, n)
-                r_base, r_named = side_by_side(rate, base, named)
-                ratios[n].append(r_named["value"] / r_base["value"])
-                cpu[n].append((r_named["relay_cpu_s"] / r_named["done"])
-                              / (r_base["relay_cpu_s"] / r_base["done"]))
+                named = Named(y, n)
+                r_base, r_named = side_by_side(rate, Tproxyd(x), named)
+                r, c = ratios(r_named, r_base)
+                rates[n].append(r)
+                cpu[n].append(c)
                 print(f"run {i} none {r_base['value']:6.0f} conn/s, {named.name} "
-                      f"{r_named['value']:6.0f} conn/s: x{ratios[n][-1]:.3f}", file=sys.stderr,
-                      flush=True)
+                      f"{r_named['value']:6.0f} conn/s: x{r:.3f}", file=sys.stderr, flush=True)
     for n in counts:
-        rs = sorted(ratios[n])
+        rs = sorted(rates[n])
         print(f"side by side, {len(rs)} runs: {n} names / none: conn/s median "
               f"x{statistics.median(rs):.3f} (runs {[round(r, 3) for r in rs]}); relay CPU a "
               f"connection x{statistics.median(cpu[n]):.3f}")

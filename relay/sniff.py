@@ -90,12 +90,11 @@ class StreamSniff:
         self.result = sniff_stream(bytes(self.data) if before else chunk)  # first: no copy
         return self.result
 
-    def seed(self, chunk: bytes, result: Result) -> None:
-        """Start with bytes the caller already parsed (result: what sniff_stream() said of
-        them, NEED_MORE): the next feed() does not parse them again unless more came."""
+    def seed(self, chunk: bytes) -> None:
+        """Start with bytes the caller already parsed to NEED_MORE: the next feed() does not
+        parse them again unless more came."""
         self.data += chunk
         self._parsed = len(self.data)
-        self.result = result
 
     def _may_be_complete(self, before: int) -> bool:
         data = self.data

@@ -91,7 +91,7 @@ class Sniffer:
         conn.sniff = StreamSniff(relay.now + relay.settings.sniff_timeout)
         conn.deadline = conn.sniff.deadline
         if first:  # the start of a message, parsed above: the rest is waited for
-            conn.sniff.seed(first, NEED_MORE)
+            conn.sniff.seed(first)
         if not relay.watched(conn):
             return
         relay._schedule(conn, conn.deadline)

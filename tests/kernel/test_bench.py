@@ -69,16 +69,20 @@ def test_quick_upstreams_bench_runs_every_variant_and_cleans_up(lab, tmp_path):
 
 
 def test_side_by_side_runs_two_labs_at_once_and_cleans_up(lab):
-    """bench.percore and bench.accesslog --side-by-side: two labs, both proxies running at the
-    same time (each carried connections, the log logged every one of them), a ratio printed,
-    nothing left."""
-    result, left = run_own_lab([sys.executable, "-m", "bench.percore", "--repeat", "1",
-                                "--seconds", "1"], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "tproxyd / haproxy conn/s median x" in result.stdout, result.stdout
-    assert left == []
-    result, left = run_own_lab([sys.executable, "-m", "bench.accesslog", "--side-by-side",
-                                "--repeat", "1", "--seconds", "1"], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "side by side, 1 runs: conn/s to a file / off median" in result.stdout, result.stdout
-    assert left == []
+    """bench.percore, bench.accesslog / bench.sniffing --side-by-side and bench.profile
+    --compare --side-by-side: two labs, both proxies running at the same time (each carried
+    connections; the log logged every one of them; the named relay read every name), a ratio
+    printed, nothing left."""
+    python = sys.executable
+    for cmd, printed in (
+            (["bench.percore"], "tproxyd / haproxy conn/s median x"),
+            (["bench.accesslog", "--side-by-side"], "side by side, 1 runs: conn/s to a file / off"),
+            (["bench.sniffing", "--side-by-side", "--domains", "1000"],
+             "side by side, 1 runs: 1000 names / none: conn/s median x"),
+            (["bench.profile", "--compare", python, python, "--side-by-side", "--access-log"],
+             "side by side, 1 runs: conn/s B/A median x")):
+        result, left = run_own_lab([python, "-m", *cmd, "--repeat", "1", "--seconds", "1"],
+                                   timeout=300)
+        assert result.returncode == 0, (cmd, result.stderr[-3000:])
+        assert printed in result.stdout, (cmd, result.stdout)
+        assert left == [], cmd

@@ -289,7 +289,7 @@ def test_a_seeded_sniff_parses_its_first_segment_once_and_settles_on_the_rest(na
     real = sniff_module.sniff_stream
     monkeypatch.setattr(sniff_module, "sniff_stream", lambda data: calls.append(len(data)) or real(data))
     sniff = sniff_module.StreamSniff(deadline=1.0)
-    sniff.seed(first, NEED_MORE)
+    sniff.seed(first)
     assert sniff.result is NEED_MORE and calls == []
     assert sniff.feed(rest) == CAPTURES[name]
     assert calls == [len(stream)] and bytes(sniff.data) == stream
