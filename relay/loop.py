@@ -318,6 +318,8 @@ class Relay:
                     except Exception:  # a bug costs one connection, never the relay
                         self._internal_error(key.data[0])
                 self._run_timers()
+                if self.access is not None:  # this turn's lines, in one write
+                    self.access.flush()
                 if self.drain_requested and not self.draining:
                     try:
                         self._drain()

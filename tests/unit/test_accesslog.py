@@ -1,5 +1,6 @@
-"""The access log: the pure line formatter, the writer (one write a line, reopen after rotation,
-drops counted, never raises), [log] validation, and lines written by a loopback relay."""
+"""The access log: the pure line formatter, the writer (one write of whole lines a loop turn,
+reopen after rotation, drops counted, never raises), [log] validation, and lines written by a
+loopback relay."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import os
 import socket
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.unit.test_relay_loop import DEADLINE, Upstream, echo, running, wait_for
 from tproxyd.relay import accesslog
-from tproxyd.relay.accesslog import AccessLog, line, rfc3339, tcp_line
+from tproxyd.relay.accesslog import AccessLog, batches, line, rfc3339, tcp_line
 from tproxyd.relay.connection import Connection
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import loads
@@ -118,9 +121,11 @@ def test_a_rotated_file_is_reopened_checked_at_most_once_a_second(tmp_path):
     now = [100.0]
     log = AccessLog(path, Drops(), clock=lambda: now[0])
     log.write(b"1\n")
+    log.flush()  # the loop's turn ends
     os.rename(path, path + ".1")  # logrotate without copytruncate
     now[0] += 0.5
     log.write(b"2\n")  # within the second: still the old file
+    log.flush()
     now[0] += 0.6
     log.write(b"3\n")
     log.close()
@@ -133,8 +138,75 @@ def test_a_full_disk_drops_and_counts_lines_never_raises():
     log = AccessLog("/dev/full", drops)
     for _ in range(3):
         log.write(b"x\n")
+        log.flush()
+    log.write(b"y\n")
+    log.write(b"z\n")
+    log.close()  # a turn of two lines
+    assert drops.n == 5
+
+
+def test_a_turns_lines_go_out_in_one_write_of_whole_lines(tmp_path, monkeypatch):
+    path = str(tmp_path / "access.log")
+    log = AccessLog(path, Drops())
+    writes = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or real(fd, data))
+    log.flush()  # nothing pending: no write
+    for n in range(3):
+        log.write(b'{"n":%d}\n' % n)
+    log.flush()
+    log.write(b'{"n":3}\n')
     log.close()
-    assert drops.n == 3
+    assert writes == [b'{"n":0}\n{"n":1}\n{"n":2}\n', b'{"n":3}\n']
+    assert read(path) == b"".join(writes)
+
+
+@given(st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"") + b"\n")),
+       st.integers(1, 1000))
+def test_batches_keep_every_line_whole_and_in_order_within_the_limit(lines, limit):
+    out = batches(lines, limit)
+    assert b"".join(data for data, _ in out) == b"".join(lines)
+    assert sum(n for _, n in out) == len(lines)
+    for data, n in out:
+        assert data.count(b"\n") == n and data.endswith(b"\n")
+        assert len(data) <= limit or n == 1  # only a line longer than the limit goes over it
+
+
+def test_stderr_lines_of_a_turn_go_out_in_writes_of_at_most_pipe_buf(monkeypatch):
+    r, w = os.pipe()
+    saved = os.dup(2)
+    os.dup2(w, 2)
+    writes = []
+    try:
+        log = AccessLog("stderr", drops := Drops())
+        real = os.write
+        monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or real(fd, data))
+        lines = [b"%04d" % n + b"x" * 995 + b"\n" for n in range(12)]  # 12,000 bytes, one turn
+        for one in lines:
+            log.write(one)
+        log.close()
+        monkeypatch.undo()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+    got = b""
+    while chunk := os.read(r, 65536):
+        got += chunk
+    os.close(r)
+    assert got == b"".join(lines) and drops.n == 0
+    assert [len(data) for data in writes] == [4000, 4000, 4000]  # cut between lines
+
+
+def test_a_write_cut_short_counts_every_line_not_written_whole(tmp_path, monkeypatch):
+    log = AccessLog(str(tmp_path / "access.log"), drops := Drops())
+    monkeypatch.setattr(os, "write", lambda fd, data: 10)  # the disk filled after 10 bytes
+    for n in range(3):
+        log.write(b'{"n":%d}\n' % n)  # 8 bytes each: one whole line written, two lost
+    log.flush()
+    assert drops.n == 2
+    monkeypatch.undo()
+    log.close()
 
 
 def test_an_unopenable_file_drops_lines_and_is_tried_again(tmp_path, caplog):
@@ -143,8 +215,10 @@ def test_an_unopenable_file_drops_lines_and_is_tried_again(tmp_path, caplog):
     drops = Drops()
     log = AccessLog(path, drops, clock=lambda: now[0])
     log.write(b"1\n")
+    log.flush()
     now[0] += 1.5
     log.write(b"1\n")  # tried again, failed again: logged once
+    log.flush()
     assert sum("lines are dropped" in r.message for r in caplog.records) == 1
     os.mkdir(tmp_path / "later")
     now[0] += 1.5
@@ -162,8 +236,9 @@ def test_a_full_stderr_pipe_drops_lines_without_blocking(monkeypatch):
         log = AccessLog("stderr", drops)
         assert os.get_blocking(2)  # fd 2 itself is left blocking: it is shared
         chunk = b"y" * 4095 + b"\n"
-        for _ in range(64):  # 256 KiB into a 64 KiB pipe nobody reads
+        for _ in range(64):  # 256 KiB into a 64 KiB pipe nobody reads, a line a turn
             log.write(chunk)
+            log.flush()
         log.close()
     finally:
         os.dup2(saved, 2)
