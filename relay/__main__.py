@@ -21,6 +21,7 @@ from tproxyd.state.config import DEFAULT_CONFIG_PATH, TPROXY, Config
 from tproxyd.state.errors import ConfigError
 from tproxyd.state.loader import from_bytes, load
 
+from . import native
 from .loop import FDS_PER_CONNECTION, Relay, Settings, log
 from .sockopts import raise_nofile
 
@@ -132,10 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on port %s: %s", settings.port, exc)
         return 1
-    log.info("relaying TCP%s on %s (mode %s, spoof_source %s, max_connections %s, open files %s); "
-             "stats on %s", " and UDP" if settings.udp else "",
+    log.info("relaying TCP%s on %s (mode %s, spoof_source %s, max_connections %s, open files %s, "
+             "%s); stats on %s", " and UDP" if settings.udp else "",
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
-             settings.spoof_source, settings.max_connections, limit, stats)
+             settings.spoof_source, settings.max_connections, limit,
+             "compiled" if native.compiled() else "pure Python", stats)
+    if native.stale():
+        log.warning("relay modules %s are older than their sources, which do not run: build "
+                    "them again (python3 setup.py build_ext --inplace --force)",
+                    ", ".join(native.stale()))
     freeze_for_life()
     relay.run()
     final = json.dumps(relay.stats())

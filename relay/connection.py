@@ -40,7 +40,7 @@ import socket
 from tproxyd.state.health import FAILED
 from tproxyd.state.upstreams import REJECT, RouteRule
 
-from .ends import End, connect_end
+from .ends import ConnectFailed, End, connect_end
 from .flow import DST, SRC, Flow, Pool
 from .handshake import Handshake, HandshakeError
 from .sniff import StreamSniff
@@ -59,10 +59,6 @@ class State(enum.Enum):
     CLIENT_DONE = "client done sending"  # half-closed: server -> client still flows
     SERVER_DONE = "server done sending"  # half-closed: client -> server still flows
     CLOSED = "closed"
-
-
-class ConnectFailed(OSError):
-    """The server refused, was unreachable, or did not answer in time."""
 
 
 OPENING = (State.CONNECTING, State.UPSTREAM_CONNECTING, State.HANDSHAKING)  # connect deadline
@@ -114,7 +110,8 @@ class Connection:
         self.attempt_started = 0.0
         self.error = ""  # the last upstream's failure (reply code, status line) for the log
         # for the access log: when accepted, and when the server's handshake was done
-        self.started, self.connected_at = now, None
+        self.started = now
+        self.connected_at: float | None = None
         # issue 13: the routes it could take (RouteTable.candidates), the sniff while SNIFFING,
         # the bytes it read (to send on first) and the name found (log, `top`, the upstream)
         self.candidates = 0

@@ -45,3 +45,8 @@ RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 def connect_end(err: int | None) -> End:
     return CONNECT_ERRORS.get(err or 0, End.UPSTREAM_ERROR)
+
+
+class ConnectFailed(OSError):
+    """The server refused, was unreachable, or did not answer in time. (Here rather than in
+    connection.py, which is compiled: mypyc cannot compile a subclass of OSError.)"""

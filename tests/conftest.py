@@ -12,6 +12,20 @@ from typing import Iterator
 import pytest
 
 from lab import Lab
+from tproxyd.relay import native
+
+
+def _build_stale_relay() -> None:
+    """The relay's compiled modules run instead of their sources (relay/native.py): build them
+    again when a source is newer, before a test imports them, so that no test runs an old relay.
+    --force: a source touched but not changed leaves the C files as they were, and a build
+    without it would leave the shared library's time, which stale() reads, as it was."""
+    if native.stale():
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
+                       cwd=native.HERE.parent, check=True, stdout=subprocess.DEVNULL)
+
+
+_build_stale_relay()
 
 
 def _kernel_unavailable() -> str:

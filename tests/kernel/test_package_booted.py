@@ -8,6 +8,7 @@ network but its own veths)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +22,8 @@ from tests.kernel.conftest import REPO, _skip_or_fail, build
 
 pytestmark = pytest.mark.kernel
 CONF = "/etc/tproxyd/tproxy.toml"
+ARCH = subprocess.run(["dpkg", "--print-architecture"], text=True, capture_output=True,
+                      check=True).stdout.strip()  # the .debs' names (the relay is compiled)
 # client (c0, namespace tpc) -- (lan0) the container (wan0) -- (s0, namespace tps) server
 LAB = """
 ip netns add tpc; ip netns add tps
@@ -83,7 +86,7 @@ def active(box: nspawn.Booted) -> str:
 
 
 def test_apt_installs_it_from_debian_alone_enabling_and_starting_nothing(box):
-    out = box.run("apt-get", "install", "-y", "/var/tmp/debs/tproxyd_0.1.0-1_all.deb")
+    out = box.run("apt-get", "install", "-y", f"/var/tmp/debs/tproxyd_0.1.0-1_{ARCH}.deb")
     assert "tproxyd" in out.stdout
     assert active(box) == "inactive"
     assert box.run("systemctl", "is-enabled", "tproxyd", check=False).stdout.strip() == "disabled"
@@ -174,7 +177,7 @@ def test_the_running_gateway_as_an_operator_checks_it(box):
 
 def test_an_upgrade_while_running_keeps_it_running_and_the_admins_edit(box):
     before = box.run("systemctl", "show", "-P", "MainPID", "tproxyd").stdout.strip()
-    box.run("apt-get", "install", "-y", "/var/tmp/debs/tproxyd_0.1.0-2_all.deb",
+    box.run("apt-get", "install", "-y", f"/var/tmp/debs/tproxyd_0.1.0-2_{ARCH}.deb",
             timeout=300)
     assert box.run("dpkg-query", "-W", "-f=${Version}", "tproxyd").stdout == "0.1.0-2"
     assert active(box) == "active", box.journal()
@@ -198,7 +201,7 @@ def test_a_package_change_leaves_a_disabled_stopped_gateway_stopped(box):
     """Restarted after an upgrade only when enabled or running: the admin's stop holds."""
     box.run("systemctl", "disable", "--now", "tproxyd", timeout=120)
     box.run("apt-get", "install", "-y", "--allow-downgrades",
-            "/var/tmp/debs/tproxyd_0.1.0-1_all.deb", timeout=300)
+            f"/var/tmp/debs/tproxyd_0.1.0-1_{ARCH}.deb", timeout=300)
     assert active(box) == "inactive"
     box.run("systemctl", "enable", "--now", "tproxyd", timeout=120)  # running for the removal
     assert active(box) == "active", box.journal()

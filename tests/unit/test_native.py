@@ -1,0 +1,42 @@
+"""The relay's compiled modules (setup.py, mypyc): in force where mypyc is, and never stale."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+
+import pytest
+
+from tproxyd.relay import native
+
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypyc") is None,
+                    reason="no mypyc (python3-mypy): the relay runs as pure Python")
+def test_the_relay_that_runs_is_the_compiled_one_of_these_sources():
+    """.ci/setup builds the relay as the package does: a build that fell back to pure Python,
+    or one older than its sources, would have the tests measure something else."""
+    from tproxyd.relay import connection, flow, loop
+
+    assert native.compiled() and native.stale() == []
+    for module in (loop, connection, flow):
+        assert module.__file__ is not None and module.__file__.endswith(SUFFIX), module.__file__
+
+
+def test_stale_names_a_module_whose_source_is_newer_than_its_build(tmp_path, monkeypatch):
+    relay = tmp_path / "relay"
+    relay.mkdir()
+    monkeypatch.setattr(native, "HERE", relay)
+    assert not native.compiled() and native.stale() == []  # pure Python: nothing to be stale
+    for name in native.COMPILED:
+        (relay / f"{name}.py").write_text("")
+        (relay / f"{name}{SUFFIX}").write_bytes(b"")  # a stub: never rebuilt, so never newer
+        os.utime(relay / f"{name}.py", (1_000, 1_000))
+    assert not native.compiled()  # not without the group's shared library, the code itself
+    (relay / f"{native.GROUP}__mypyc{SUFFIX}").write_bytes(b"")
+    os.utime(relay / "flow.py", (2_000_000_000, 2_000_000_000))  # edited after the build
+    assert native.compiled() and native.stale() == []  # installed: never stale
+    (tmp_path / "setup.py").write_text("")  # a working tree
+    assert native.stale() == ["flow"]
