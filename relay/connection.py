@@ -88,7 +88,7 @@ class Connection:
                  "hs_out", "last_active", "masks", "pool", "route", "server", "sniff", "started",
                  "state", "timer_at", "tried", "up", "upstream", "use_splice")
 
-    def __init__(self, client: socket.socket, client_addr: Address, server: socket.socket,
+    def __init__(self, client: socket.SocketType, client_addr: Address, server: socket.SocketType,
                  dst: Address, now: float, use_splice: bool, pool: Pool | None = None):
         self.client, self.server = client, server
         self.client_addr, self.dst = client_addr, dst
@@ -190,7 +190,7 @@ class Connection:
             if sent:
                 self.state = State.RELAYING
 
-    def via_upstream(self, server: socket.socket, upstream: str, address: Address | None,
+    def via_upstream(self, server: socket.SocketType, upstream: str, address: Address | None,
                      handshake: Handshake, now: float) -> None:
         """Start (or, after a failed upstream, restart on a new server socket) the way through
         an upstream proxy at address: connect, then the handshake for dst. Nothing has moved

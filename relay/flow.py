@@ -66,7 +66,7 @@ class Flow:
     __slots__ = ("buffer", "bytes", "can_splice", "dst", "eof", "failed", "leftover", "pending",
                  "pipe", "pipe_size", "pool", "shut", "src")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, use_splice: bool = SPLICE,
+    def __init__(self, src: socket.SocketType, dst: socket.SocketType, use_splice: bool = SPLICE,
                  pool: Pool | None = None):
         self.src, self.dst = src, dst
         self.pool = pool or Pool()

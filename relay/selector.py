@@ -54,7 +54,7 @@ class Selector(selectors.EpollSelector):
         key = keys[fd] = SelectorKey(fileobj, fd, events, data)
         return key
 
-    def forget(self, sock: socket.socket) -> None:
+    def forget(self, sock: socket.SocketType) -> None:
         """Stop reporting sock, whose close() follows at once (see the module's docstring).
         Never raises: a socket not registered is left as it is."""
         self._fd_to_key.pop(sock.fileno(), None)  # type: ignore[attr-defined]

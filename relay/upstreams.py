@@ -34,11 +34,11 @@ def resolve(upstream: Upstream) -> Address | None:
     return host, port
 
 
-def outbound(address: Address, mark: int) -> socket.socket:
+def outbound(address: Address, mark: int) -> socket.SocketType:
     """A socket towards an upstream: from the gateway's own address (no IP_TRANSPARENT, no
     bind: the upstream must see the gateway), with the relay's mark so it is not captured."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -82,7 +82,7 @@ class Check:
         self.handshake = Handshake(upstream, check=True)
         self.out = b""
         self.connecting = True
-        self.sock: socket.socket | None = None
+        self.sock: socket.SocketType | None = None
 
     def start(self, mark: int) -> None:
         """Open the socket and start connecting. Raises HandshakeError (or OSError) when the
