@@ -5,12 +5,16 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tproxyd.relay import native
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypyc") is None,
@@ -40,3 +44,18 @@ def test_stale_names_a_module_whose_source_is_newer_than_its_build(tmp_path, mon
     assert native.compiled() and native.stale() == []  # installed: never stale
     (tmp_path / "setup.py").write_text("")  # a working tree
     assert native.stale() == ["flow"]
+
+
+def test_the_relays_tests_pass_on_its_sources_too():
+    """Where mypyc was missing when the package was built, the same modules run as source:
+    the relay's unit tests pass that way as well (tests/pure_relay.py loads them so)."""
+    tests = ["test_relay_loop.py", "test_relay_flow.py", "test_relay_routes.py",
+             "test_relay_sniffing.py", "test_relay_hardening.py", "test_relay_ends.py",
+             "test_relay_selector.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.pure_relay",
+                          "-p", "no:cacheprovider", *[f"tests/unit/{t}" for t in tests]],
+                         cwd=REPO, text=True, capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    sources = [line.split(": ", 1)[1] for line in out.stdout.splitlines()
+               if line.startswith("relay module from: ")]
+    assert len(sources) == 3 and all(s.endswith(".py") for s in sources), out.stdout[-2000:]
