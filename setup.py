@@ -12,7 +12,10 @@ mypy names a module by the folders with an __init__.py above it, and this tree's
 subpackages of `tproxyd` only through setuptools' package-dir: so mypyc reads them through a
 `tproxyd/` of symlinks under build/, and the modules come out as tproxyd.relay.*. They go in
 one group (native calls between them), whose shared library, tproxyd.relay._native__mypyc,
-holds their code, inside the package rather than at the top level of site-packages.
+holds their code, inside the package rather than at the top level of site-packages. A build
+records what it was made from (relay/native.py), so that a checkout knows when to build again.
+TPROXYD_PURE=1 decides the build only: in a checkout, compiled modules already built stay
+(`git clean -fX relay/` removes them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
 
 
 def native(here: Path) -> Any:
@@ -41,12 +47,14 @@ def extensions() -> list:
         from mypyc.build import mypycify
     except ImportError:
         return []
-    here = Path(__file__).resolve().parent
+    here = HERE
     tree = here / "build" / "mypyc-src" / "tproxyd"
     tree.mkdir(parents=True, exist_ok=True)
     (tree / "__init__.py").touch()
     for package in ("relay", "state", "reconciler"):
         link = tree / package
+        if link.is_symlink() and os.readlink(link) != str(here / package):
+            link.unlink()  # build/ copied or moved with a checkout: this tree's sources only
         if not link.is_symlink():
             link.symlink_to(here / package, target_is_directory=True)
     what = native(here)
@@ -60,4 +68,13 @@ def extensions() -> list:
                     target_dir="build/mypyc")
 
 
-setup(ext_modules=extensions())
+class BuildExt(build_ext):
+    """build_ext, then the record of what the compiled modules were built from."""
+
+    def run(self) -> None:
+        super().run()
+        if self.extensions:
+            native(HERE).record()
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

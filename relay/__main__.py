@@ -138,10 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              ", ".join(f"{h} port {p}" for h, p in bound), settings.mode,
              settings.spoof_source, settings.max_connections, limit,
              "compiled" if native.compiled() else "pure Python", stats)
-    if native.stale():
-        log.warning("relay modules %s are older than their sources, which do not run: build "
-                    "them again (python3 setup.py build_ext --inplace --force)",
-                    ", ".join(native.stale()))
+    stale = native.stale()
+    if stale:
+        log.warning("the compiled relay was built from other sources than these (%s), which do "
+                    "not run: build it again (python3 setup.py build_ext --inplace)",
+                    ", ".join(stale))
     freeze_for_life()
     relay.run()
     final = json.dumps(relay.stats())

@@ -1,23 +1,28 @@
 """Which of the relay's modules run compiled (setup.py builds them with mypyc when it can).
 
-A compiled module is a shared object beside its source, and Python prefers it: so a source
-edited after the build would not run. stale() finds that case in a working tree (setup.py
-beside the package's folders), for tests/conftest.py to build again and for the relay to warn
-at start. An installed package is built whole and its files' times say nothing (an installer
-may write a source after its build), so there it is never stale. No imports of the relay
-here: setup.py reads COMPILED from this file.
+A compiled module is a shared object beside its source, and Python prefers it: a source edited
+after the build would not run. And the compiled code holds the types it read from the modules
+it imports (an Address is an unboxed pair, a result is checked against its annotation), so an
+edit there can be stale too. So a build records what it was made from (record(), called by
+setup.py's build_ext): every source of relay/ and state/, by content; stale() names what
+differs now. That is a working tree's question (setup.py beside the package's folders), asked
+by tests/conftest.py, which builds again, and by the relay, which warns at start. An installed
+package is built whole: never stale. No imports of the relay here: setup.py loads this file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
+import json
 from pathlib import Path
 
 COMPILED = ("loop", "connection", "flow")  # relay/NAME.py: the per-connection path
 # mypyc's group: the compiled code of all of COMPILED, in relay/_native__mypyc.*.so; each
-# module's own .so is a stub that hands over to it (and is not rebuilt when a source changes)
+# module's own .so is a stub that hands over to it
 GROUP = "_native"
 HERE = Path(__file__).resolve().parent
+READ = ("relay", "state")  # the folders whose sources mypy reads for the compiled modules
 
 
 def _built(name: str) -> Path | None:
@@ -29,16 +34,37 @@ def _built(name: str) -> Path | None:
 
 
 def compiled() -> bool:
-    """True when every module of COMPILED has its compiled form beside it (it is what runs)."""
+    """True when the group and every module of COMPILED are built beside their sources: what
+    runs is the compiled code."""
     return _built(f"{GROUP}__mypyc") is not None and all(_built(n) is not None for n in COMPILED)
 
 
+def _record_path() -> Path:
+    return HERE.parent / "build" / "mypyc" / "sources.json"
+
+
+def _sources() -> dict[str, str]:
+    root = HERE.parent
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for folder in READ for path in sorted((root / folder).glob("*.py"))}
+
+
+def record() -> None:
+    """After a build in a working tree: what it was made from (stale() compares with it)."""
+    path = _record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_sources(), indent=0, sort_keys=True))
+
+
 def stale() -> list[str]:
-    """The modules of COMPILED whose source is newer than their compiled form (which runs), in a
-    working tree; [] in an installed package."""
-    group = _built(f"{GROUP}__mypyc")
-    if group is None or not (HERE.parent / "setup.py").exists():
+    """The sources that differ from those the compiled modules were built from, in a working
+    tree ("(no record of the build)" when there is none); [] in an installed package, or
+    when nothing is compiled."""
+    if _built(f"{GROUP}__mypyc") is None or not (HERE.parent / "setup.py").exists():
         return []
-    built = group.stat().st_mtime
-    return [name for name in COMPILED
-            if (HERE / f"{name}.py").exists() and (HERE / f"{name}.py").stat().st_mtime > built]
+    try:
+        built = json.loads(_record_path().read_text())
+    except (OSError, ValueError):
+        return ["(no record of the build)"]
+    now = _sources()
+    return sorted(name for name in now.keys() | built.keys() if now.get(name) != built.get(name))

@@ -17,12 +17,18 @@ from tproxyd.relay import native
 
 def _build_stale_relay() -> None:
     """The relay's compiled modules run instead of their sources (relay/native.py): build them
-    again when a source is newer, before a test imports them, so that no test runs an old relay.
-    --force: a source touched but not changed leaves the C files as they were, and a build
-    without it would leave the shared library's time, which stale() reads, as it was."""
-    if native.stale():
-        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
-                       cwd=native.HERE.parent, check=True, stdout=subprocess.DEVNULL)
+    again when a source differs from what they were built from, before a test imports them,
+    so that no test runs an old relay. A build that fails, or that leaves them stale (no mypyc
+    now, TPROXYD_PURE=1), stops the session with its output."""
+    if not native.stale():
+        return
+    built = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],
+                           cwd=native.HERE.parent, text=True, capture_output=True)
+    left = native.stale()
+    if built.returncode or left:
+        pytest.exit(f"the relay's compiled modules are stale ({', '.join(left)}) and building "
+                    f"them again failed:\n{built.stdout[-6000:]}{built.stderr[-4000:]}",
+                    returncode=3)
 
 
 _build_stale_relay()

@@ -29,21 +29,29 @@ def test_the_relay_that_runs_is_the_compiled_one_of_these_sources():
         assert module.__file__ is not None and module.__file__.endswith(SUFFIX), module.__file__
 
 
-def test_stale_names_a_module_whose_source_is_newer_than_its_build(tmp_path, monkeypatch):
-    relay = tmp_path / "relay"
+def test_stale_names_what_changed_since_the_build_by_content(tmp_path, monkeypatch):
+    relay, state = tmp_path / "relay", tmp_path / "state"
     relay.mkdir()
+    state.mkdir()
     monkeypatch.setattr(native, "HERE", relay)
-    assert not native.compiled() and native.stale() == []  # pure Python: nothing to be stale
     for name in native.COMPILED:
-        (relay / f"{name}.py").write_text("")
-        (relay / f"{name}{SUFFIX}").write_bytes(b"")  # a stub: never rebuilt, so never newer
-        os.utime(relay / f"{name}.py", (1_000, 1_000))
-    assert not native.compiled()  # not without the group's shared library, the code itself
+        (relay / f"{name}.py").write_text("x = 1\n")
+    (state / "routes.py").write_text("y = 2\n")
+    assert not native.compiled() and native.stale() == []  # nothing built: nothing stale
+    for name in native.COMPILED:
+        (relay / f"{name}{SUFFIX}").write_bytes(b"")
+    assert not native.compiled()  # not without the group's library, which holds the code
     (relay / f"{native.GROUP}__mypyc{SUFFIX}").write_bytes(b"")
-    os.utime(relay / "flow.py", (2_000_000_000, 2_000_000_000))  # edited after the build
-    assert native.compiled() and native.stale() == []  # installed: never stale
+    assert native.compiled() and native.stale() == []  # installed: no setup.py beside, never stale
     (tmp_path / "setup.py").write_text("")  # a working tree
-    assert native.stale() == ["flow"]
+    assert native.stale() == ["(no record of the build)"]
+    native.record()
+    assert native.stale() == []
+    os.utime(relay / "flow.py", (2_000_000_000, 2_000_000_000))  # times alone say nothing
+    assert native.stale() == []
+    (state / "routes.py").write_text("y = 3\n")  # a module whose types the compiled code read
+    (relay / "new.py").write_text("")
+    assert native.stale() == ["relay/new.py", "state/routes.py"]
 
 
 def test_the_relays_tests_pass_on_its_sources_too():
