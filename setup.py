@@ -47,20 +47,19 @@ def extensions() -> list:
         from mypyc.build import mypycify
     except ImportError:
         return []
-    here = HERE
-    tree = here / "build" / "mypyc-src" / "tproxyd"
+    tree = HERE / "build" / "mypyc-src" / "tproxyd"
     tree.mkdir(parents=True, exist_ok=True)
     (tree / "__init__.py").touch()
     for package in ("relay", "state", "reconciler"):
         link = tree / package
-        if link.is_symlink() and os.readlink(link) != str(here / package):
+        if link.is_symlink() and os.readlink(link) != str(HERE / package):
             link.unlink()  # build/ copied or moved with a checkout: this tree's sources only
         if not link.is_symlink():
-            link.symlink_to(here / package, target_is_directory=True)
-    what = native(here)
+            link.symlink_to(HERE / package, target_is_directory=True)
+    what = native(HERE)
     paths = [str(tree / "relay" / f"{name}.py") for name in what.COMPILED]
     # relative to here: the C files and mypy's cache under build/, whatever the caller's cwd
-    os.chdir(here)
+    os.chdir(HERE)
     # only the compiled modules are held to mypy's checks: the rest is read for their types
     options = ["--ignore-missing-imports", "--follow-imports=silent",
                "--cache-dir", "build/mypy-cache"]
