@@ -594,9 +594,9 @@ class Relay:
             client.setblocking(False)  # accept4 without SOCK_NONBLOCK: Python has no flags for it
             server = (self._outbound(family, client_addr) if upstream is None
                       else self._upstream_socket(upstream))
-        except OSError as exc:
-            self.note("start", f"{client_text(client_addr)}: {exc}")
-            self._refuse(client, End.OVER_LIMIT if exc.errno in RESOURCE_ERRORS
+        except OSError as err:  # not `exc`: see tests/unit/test_native.py
+            self.note("start", f"{client_text(client_addr)}: {err}")
+            self._refuse(client, End.OVER_LIMIT if err.errno in RESOURCE_ERRORS
                          else End.UPSTREAM_ERROR)
             return
         conn = Connection(client, client_addr, server, dst, self.now, self.settings.splice,
@@ -863,8 +863,8 @@ class Relay:
         upstream_step = conn.state in OPENING and not connecting
         try:
             conn.on_event(side, mask, self.now)
-        except HandshakeError as exc:
-            self._upstream_failed(conn, exc)
+        except HandshakeError as failed:  # its own name: see tests/unit/test_native.py
+            self._upstream_failed(conn, failed)
             return
         except OSError as exc:
             if conn.state is State.CONNECTING:  # the connect itself failed

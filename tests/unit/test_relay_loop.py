@@ -205,6 +205,7 @@ def test_refused_connect_resets_the_client():
         expect_reset(addr)
         wait_for(lambda: relay.counters.failed == 1 and relay.counters.active == 0,
                  "the failure to be counted and the connection released")
+        assert relay.counters.internal_errors == 0  # an OSError, handled as one
 
 
 def test_idle_connections_are_reset():
