@@ -20,6 +20,12 @@ Pinning (default; --no-pin to leave it to the scheduler): the proxy under test o
 load generator, the servers and microsocks on CPU 1.
 
     python -m bench.upstreams [--quick] [--repeat N] [--only rate,routes,...] [--out FILE]
+    python -m bench.upstreams --routes-side-by-side [--repeat N]
+
+--routes-side-by-side weighs the routes figure alone the way bench.percore weighs HAProxy: the
+relay with no routes and the relay with 100,000 CIDRs at the same time, in two labs, both on
+CPU 0 (the generators on CPU 1): the ratio of their rates, free of the machine's drift (which
+moves interleaved runs by more than the 5% the goal allows).
 
 Prints a Markdown table (medians of N with min and max; ratios and added latencies are medians
 of per-round pairs: each round's proxy run against the same round's baseline run) and writes
@@ -44,7 +50,22 @@ from dataclasses import dataclass
 from lab import WAN, Lab, wait_for_port
 from tproxyd.relay.loop import read_stats
 
-from .__main__ import DESTINATIONS, ONE_CLIENT, RATE_THREADS, SERVERS, TPROXY, cpu_seconds, loadgen
+from .__main__ import (
+    DESTINATIONS,
+    ONE_CLIENT,
+    RATE_THREADS,
+    SERVERS,
+    TPROXY,
+    Tproxyd,
+    cpu_seconds,
+    install,
+    loadgen,
+    pin,
+    rate_case,
+    ratios,
+    side_by_side,
+    two_labs,
+)
 from .routes import random_cidrs
 
 P4, GW_P4 = "198.18.3.2", "198.18.3.1"  # microsocks' namespace and the gateway's side of it
@@ -394,6 +415,52 @@ def cpu_model() -> str:
     return "?"
 
 
+class Cidrs(Tproxyd):
+    """bench.__main__'s relay with routes_100k(): every connection matched against them all."""
+
+    name = "tproxyd-100k"
+
+    def __init__(self, lab: Lab):
+        super().__init__(lab)
+        self.config = lab.write_config(lab.config(extra=ONE_CLIENT, destinations=DESTINATIONS)
+                                       + routes_100k(), "bench-100k.toml")
+
+    def up(self) -> None:
+        super().up()
+        self.before = read_stats(self.stats).get("route_big_connections", 0)
+
+    def matched(self) -> int:
+        return read_stats(self.stats)["route_big_connections"] - self.before
+
+
+def routes_side_by_side(repeat: int, seconds: int = 10) -> int:
+    """No routes and 100,000 CIDRs at the same time (bench.__main__.side_by_side), each repeat
+    with the big routes in the other lab."""
+    pin(True)
+    rate = rate_case(CONC, seconds, 100)
+
+    def run(v: Tproxyd) -> dict:
+        row = rate(v)
+        if isinstance(v, Cidrs):  # proof: every connection was matched to the last route
+            assert v.matched() >= row["done"], (v.matched(), row)
+        return row
+
+    rates, cpu = [], []
+    with two_labs() as (a, b):
+        for i in range(repeat):
+            x, y = (a, b) if i % 2 == 0 else (b, a)
+            r_none, r_big = side_by_side(run, Tproxyd(x), Cidrs(y))
+            r, c = ratios(r_big, r_none)
+            rates.append(r)
+            cpu.append(c)
+            print(f"run {i}: no routes {r_none['value']:6.0f} conn/s, 100,000 CIDRs "
+                  f"{r_big['value']:6.0f}: x{r:.3f}", file=sys.stderr, flush=True)
+    print(f"side by side, {len(rates)} runs: 100,000 CIDRs / no routes: conn/s median "
+          f"x{statistics.median(rates):.3f} (runs {sorted(round(r, 3) for r in rates)}); relay "
+          f"CPU a connection x{statistics.median(cpu):.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.upstreams")
     p.add_argument("--quick", action="store_true", help="short runs, 2 rounds: a smoke check")
@@ -401,7 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated figures: throughput,rate,latency,routes")
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--out", default=f"bench-upstreams-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    p.add_argument("--routes-side-by-side", action="store_true",
+                   help="the routes figure only: no routes and 100,000 CIDRs at the same time")
     args = p.parse_args(argv)
+    if args.routes_side_by_side:
+        install()
+        return routes_side_by_side(args.repeat)
     repeat = 2 if args.quick else args.repeat
     only = set(args.only.split(",")) if args.only else None
     rows: list[dict] = []
