@@ -3,6 +3,7 @@
 
     python -m bench.sniffing [--seconds S] [--repeat N] [--domains 1000,100000]   (root: a lab)
     python -m bench.sniffing --side-by-side [...]    (rates: none and named at the same time)
+    python -m bench.sniffing --gap [--repeat N]      (where an idle relay's added latency goes)
 
 The connections scenario of `python -m bench` (per core, as there: the relay on CPU 0, the
 load generator and its server on CPU 1; --no-pin to leave it to the scheduler), with curl's
@@ -18,6 +19,10 @@ to each other, so the machine's drift over minutes falls out):
 --side-by-side runs the rate case only, no routes and each named variant at the same time in
 two labs sharing the cores (bench.__main__.side_by_side; see bench.accesslog): the median
 ratio of their rates, free of the machine's drift.
+--gap runs the one-at-a-time case, none and 1,000 names, with the gateway's packets
+timestamped by the kernel (bench/wire.py): per connection, the client's handshake ACK to its
+first bytes (the client's own time, which a relay routing by name must wait for), and the
+relay's SYN to the server after each. Medians.
 The relay's counters prove a named variant sniffed every connection (route_named0_connections
 equals the connections done). Rates: 64 connections at once; latency: one at a time (connect,
 ClientHello, echo, close: p50 and p99), where a sniff's wait would show.
@@ -33,6 +38,7 @@ import statistics
 import sys
 import time
 
+from bench import wire
 from bench.__main__ import (
     DESTINATIONS,
     ONE_CLIENT,
@@ -124,6 +130,53 @@ def side_by_side_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def gap_runs(args: argparse.Namespace) -> int:
+    """--gap: what a sniff adds to one connection on an idle relay, taken apart on the wire."""
+    seconds = 3
+
+    def latency(v: Tproxyd) -> dict:
+        out = f"{v.lab.tmp}/wire.json"
+        capture = v.lab.spawn(v.lab.gw, *LOAD_PIN_OF(), sys.executable, "-m", "bench.wire",
+                              str(seconds + 3), "7200", out)
+        time.sleep(1.5)  # the capture's socket is open well before this
+        row = rate_run(v.lab, loadgen(v.lab), 1, seconds, 0, HELLO)  # one thread: conc 1
+        capture.wait(timeout=30)
+        with open(out) as f:
+            row["gaps"] = wire.gaps(json.load(f), 7200)
+        if isinstance(v, Named):
+            assert v.sniffed() >= row["done"], (v.sniffed(), row)
+        return {**row, "value": row["conn_per_s"]}
+
+    rows: dict[str, list[dict]] = {}
+    with Lab(forwarding=True) as lab:
+        loadgen(lab)
+        case = Case("latency, one at a time, on the wire", latency, "conn/s")
+        for i in range(args.repeat):
+            for v in (Tproxyd(lab), Named(lab, 1000))[::1 if i % 2 == 0 else -1]:
+                row = run_once(v, case)
+                rows.setdefault(v.name, []).append(row)
+                print(f"run {i} {v.name:12} p50 {row['p50_us']:6.1f} us, {len(row['gaps'])} "
+                      f"connections seen", file=sys.stderr, flush=True)
+    print("medians over every connection seen (us): client ACK -> its first bytes; the relay's "
+          "SYN to the server after the ACK, and after the first bytes; p50 of the connection, "
+          "median of the runs'; relay CPU a connection")
+    for name, runs in rows.items():
+        every = [g for r in runs for g in r["gaps"]]
+        ack_data, ack_syn, data_syn = (statistics.median(c) * 1e6 for c in zip(*every))
+        print(f"{name:12} ACK->bytes {ack_data:5.1f}  ACK->SYN {ack_syn:5.1f}  bytes->SYN "
+              f"{data_syn:5.1f}  p50 {statistics.median(r['p50_us'] for r in runs):6.1f}  CPU "
+              f"{statistics.median(r['relay_cpu_s'] / r['done'] * 1e6 for r in runs):6.1f} "
+              f"({len(every)} connections)")
+    return 0
+
+
+def LOAD_PIN_OF() -> tuple[str, ...]:
+    """The load generator's CPU (bench.__main__.pin() sets it after import)."""
+    from bench import __main__ as bench_main
+
+    return bench_main.LOAD_PIN
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sniffing")
     p.add_argument("--seconds", type=int, default=10)
@@ -132,11 +185,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler")
     p.add_argument("--side-by-side", action="store_true",
                    help="rates only: no routes and named at the same time, sharing the cores")
+    p.add_argument("--gap", action="store_true",
+                   help="one at a time, none and 1,000 names, timed on the wire (bench/wire.py)")
     args = p.parse_args(argv)
     install()
     pin(not args.no_pin)
     if args.side_by_side:
         return side_by_side_runs(args)
+    if args.gap:
+        return gap_runs(args)
     with Lab(forwarding=True) as lab:
         gen = loadgen(lab)
         variants = [Tproxyd(lab), *(Named(lab, int(n)) for n in args.domains.split(","))]
