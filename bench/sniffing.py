@@ -136,7 +136,7 @@ def gap_runs(args: argparse.Namespace) -> int:
 
     def latency(v: Tproxyd) -> dict:
         out = f"{v.lab.tmp}/wire.json"
-        capture = v.lab.spawn(v.lab.gw, *LOAD_PIN_OF(), sys.executable, "-m", "bench.wire",
+        capture = v.lab.spawn(v.lab.gw, *load_pin(), sys.executable, "-m", "bench.wire",
                               str(seconds + 3), "7200", out)
         time.sleep(1.5)  # the capture's socket is open well before this
         row = rate_run(v.lab, loadgen(v.lab), 1, seconds, 0, HELLO)  # one thread: conc 1
@@ -170,7 +170,7 @@ def gap_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def LOAD_PIN_OF() -> tuple[str, ...]:
+def load_pin() -> tuple[str, ...]:
     """The load generator's CPU (bench.__main__.pin() sets it after import)."""
     from bench import __main__ as bench_main
 
