@@ -13,10 +13,11 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, Final
 
 from tproxyd.state.config import REDIRECT, TPROXY
 from tproxyd.state.health import DECLINED, FAILED, NO_UPSTREAM, OK, UP, Decision, Health, decide
@@ -48,6 +49,9 @@ from .upstreams import Check, UpstreamCounters, outbound, resolve
 log = logging.getLogger("tproxyd.relay")
 
 ACCEPTS_PER_EVENT = 64
+# epoll's flags beyond the one asked for (errors, hang-ups) wake the other direction too
+_NOT_IN: Final = ~select.EPOLLIN
+_NOT_OUT: Final = ~select.EPOLLOUT
 ACCEPT_PAUSE = 0.25  # seconds without accepting when short of descriptors: no 100% CPU spin
 FDS_PER_CONNECTION = 6  # two sockets, two pipes of two ends each
 LISTENER, WAKER, STATS, CHECK = "listener", "waker", "stats", "check"
@@ -309,10 +313,20 @@ class Relay:
                 timeout = None
                 if self.timers:
                     timeout = max(0.0, self.timers[0][0] - time.monotonic())
-                events = self.selector.select(timeout)
+                events = self.selector.poll(timeout)
                 self.now = time.monotonic()
                 self.iterations += 1
-                for key, mask in events:
+                # every key looked up before any handler runs, as the stdlib's select() does: a
+                # handler may close a socket and a later one reuse its descriptor in this batch,
+                # and the closed socket's event must reach its own (ended) connection
+                keys = self.selector.keys
+                batch = [(keys.get(fd), flags) for fd, flags in events]
+                for key, flags in batch:
+                    if key is None:
+                        continue
+                    # as select(): errors and hang-ups wake both directions
+                    mask = ((WRITE if flags & _NOT_IN else 0)
+                            | (READ if flags & _NOT_OUT else 0)) & key.events
                     try:
                         self._dispatch(key.data, mask)
                     except Exception:  # a bug costs one connection, never the relay

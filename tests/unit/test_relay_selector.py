@@ -1,9 +1,11 @@
-"""relay/selector.py: register() and modify() answer as the stdlib's; forget() drops a socket
-closed right after, without an EPOLL_CTL_DEL, and the kernel's epoll agrees: the descriptor,
-reused, is watched afresh and the old one is never reported."""
+"""relay/selector.py: register() and modify() answer as the stdlib's, poll() and keys give what
+select() gives; forget() drops a socket closed right after, without an EPOLL_CTL_DEL, and the
+kernel's epoll agrees: the descriptor, reused, is watched afresh and the old one is never
+reported."""
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
 
@@ -112,3 +114,29 @@ def test_register_and_modify_answer_as_the_stdlibs_do():
         s.close()
     ours.close()
     theirs.close()
+
+
+def test_poll_and_keys_give_what_select_gives():
+    """poll() is epoll's raw answer and keys the registrations: the relay's loop turns them into
+    select()'s (key, events), errors and hang-ups waking both directions as select() does."""
+    a, b = socket.socketpair()
+    sel = Selector()
+    try:
+        sel.register(a, READ | WRITE, "a")
+        assert sel.poll(0) == [(a.fileno(), select.EPOLLOUT)]  # writable, nothing to read
+        b.send(b"x")
+        assert sel.poll(0) == [(a.fileno(), select.EPOLLIN | select.EPOLLOUT)]
+        assert sel.keys[a.fileno()] is sel.get_key(a)
+        assert [(k.data, m) for k, m in sel.select(0)] == [("a", READ | WRITE)]
+        sel.modify(a, READ, "a")
+        b.recv(0)
+        a.recv(1)
+        assert sel.poll(0.01) == []  # the timeout passes: nothing to report
+        b.close()  # a's peer gone: a hang-up, readable
+        (fd, flags), = sel.poll(0)
+        assert fd == a.fileno() and flags & select.EPOLLIN
+    finally:
+        sel.close()
+        a.close()
+        if b.fileno() != -1:
+            b.close()
