@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -40,13 +40,21 @@ def native(here: Path) -> Any:
     return module
 
 
-def extensions() -> list:
+def compiling() -> bool:
+    """Whether this build compiles: mypyc is there and TPROXYD_PURE=1 is not set."""
     if os.environ.get("TPROXYD_PURE") == "1":
-        return []
+        return False
     try:
-        from mypyc.build import mypycify
-    except ImportError:
-        return []
+        return importlib.util.find_spec("mypyc.build") is not None
+    except ImportError:  # find_spec imports the parent package: no mypyc
+        return False
+
+
+def extensions() -> list:
+    """mypyc's extensions: mypy reads and checks the sources and writes the C, so only a
+    build_ext asks for them (BuildExt), not every setup.py command (egg_info, sdist)."""
+    from mypyc.build import mypycify
+
     tree = HERE / "build" / "mypyc-src" / "tproxyd"
     tree.mkdir(parents=True, exist_ok=True)
     (tree / "__init__.py").touch()
@@ -68,7 +76,13 @@ def extensions() -> list:
 
 
 class BuildExt(build_ext):
-    """build_ext, then the record of what the compiled modules were built from."""
+    """build_ext with mypyc's extensions in place of the stand-in below, then the record of what
+    the compiled modules were built from."""
+
+    def finalize_options(self) -> None:
+        if self.distribution.ext_modules:  # the stand-in: mypyc's own, now
+            self.distribution.ext_modules = extensions()
+        super().finalize_options()
 
     def run(self) -> None:
         super().run()
@@ -76,4 +90,7 @@ class BuildExt(build_ext):
             native(HERE).record()
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+# A stand-in until build_ext: with an extension, the build is platform-specific (a wheel for
+# this Python and architecture; the Debian package Architecture: any)
+STAND_IN = [Extension(f"tproxyd.relay.{native(HERE).GROUP}__mypyc", sources=[])] if compiling() else []
+setup(ext_modules=STAND_IN, cmdclass={"build_ext": BuildExt})

@@ -5,6 +5,7 @@ reach them."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tproxyd.relay import native
 
 try:
     import tomllib
@@ -76,3 +79,8 @@ def test_the_wheel_holds_tproxyd_and_nothing_of_the_lab(tmp_path):
                            for n in modules), modules
     assert not [n for n in modules if _is_lab(Path(n).with_suffix("").as_posix().replace("/", "."))]
     assert "tproxyd/reconciler/cli.py" in modules and "tproxyd/reconciler/daemon.py" in modules
+    # with mypyc here, the relay's compiled modules (setup.py puts mypyc's extensions in place
+    # of its stand-in at build_ext): the group's library and one stub a module, nothing else
+    if importlib.util.find_spec("mypyc") is not None and os.environ.get("TPROXYD_PURE") != "1":
+        built = sorted(n.split("/")[-1].split(".")[0] for n in modules if n.endswith(".so"))
+        assert built == sorted([f"{native.GROUP}__mypyc", *native.COMPILED]), built
