@@ -142,7 +142,8 @@ def gap_runs(args: argparse.Namespace) -> int:
         row = rate_run(v.lab, loadgen(v.lab), 1, seconds, 0, HELLO)  # one thread: conc 1
         capture.wait(timeout=30)
         with open(out) as f:
-            row["gaps"] = wire.gaps(json.load(f), 7200)
+            seen = json.load(f)
+        row["gaps"], row["dropped"] = wire.gaps(seen["packets"], 7200), seen["dropped"]
         if isinstance(v, Named):
             assert v.sniffed() >= row["done"], (v.sniffed(), row)
         return {**row, "value": row["conn_per_s"]}
@@ -156,12 +157,15 @@ def gap_runs(args: argparse.Namespace) -> int:
                 row = run_once(v, case)
                 rows.setdefault(v.name, []).append(row)
                 print(f"run {i} {v.name:12} p50 {row['p50_us']:6.1f} us, {len(row['gaps'])} "
-                      f"connections seen", file=sys.stderr, flush=True)
+                      f"of {row['done']} connections seen whole, {row['dropped']} packets "
+                      f"dropped by the capture", file=sys.stderr, flush=True)
     print("medians over every connection seen (us): client ACK -> its first bytes; the relay's "
           "SYN to the server after the ACK, and after the first bytes; p50 of the connection, "
           "median of the runs'; relay CPU a connection")
     for name, runs in rows.items():
         every = [g for r in runs for g in r["gaps"]]
+        if not every:
+            raise SystemExit(f"{name}: the capture saw no connection whole")
         ack_data, ack_syn, data_syn = (statistics.median(c) * 1e6 for c in zip(*every))
         print(f"{name:12} ACK->bytes {ack_data:5.1f}  ACK->SYN {ack_syn:5.1f}  bytes->SYN "
               f"{data_syn:5.1f}  p50 {statistics.median(r['p50_us'] for r in runs):6.1f}  CPU "

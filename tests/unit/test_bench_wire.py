@@ -34,3 +34,16 @@ def test_a_connection_seen_in_part_is_left_out():
     cut = [r for r in rows if r[5] == 0]  # its first bytes were not captured
     assert gaps(cut, PORT) == []
     assert gaps([r for r in rows if r[1] == "lan0"], PORT) == []  # no SYN to the server seen
+
+
+def test_a_lost_handshake_ack_or_relay_syn_never_pairs_other_packets():
+    """The capture may drop packets: a later pure ACK is not the handshake's, and a connection
+    whose relay SYN was lost does not borrow the next connection's."""
+    first = connection(1.0, 1001, 0.000018, 0.000060)
+    no_ack = [r for r in first if not (r[1] == "lan0" and r[2] == 1001 and r[5] == 0
+                                        and r[4] == ACK)]
+    echo_ack = [first[3][0] + 0.0002, "lan0", 1001, PORT, ACK, 0]  # the client ACKs the echo
+    assert gaps([*no_ack, echo_ack], PORT) == []
+    second = connection(1.01, 1002, 0.000011, 0.000050)
+    no_syn = [r for r in first if not (r[1] == "wan0" and r[4] == SYN)]
+    assert [round(g * 1e6) for g in gaps(no_syn + second, PORT)[0]] == [11, 50, 39]
