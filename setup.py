@@ -51,9 +51,14 @@ def compiling() -> bool:
 
 
 def extensions() -> list:
-    """mypyc's extensions: mypy reads and checks the sources and writes the C, so only a
-    build_ext asks for them (BuildExt), not every setup.py command (egg_info, sdist)."""
-    from mypyc.build import mypycify
+    """mypyc's extensions (mypy reads and checks the sources and writes the C), asked for by
+    build_ext's options (BuildExt): the commands that finalize those (build_ext, bdist_wheel,
+    and egg_info, whose file list asks build_ext) run it; the others (--version, clean) do not.
+    [] when mypyc is found but cannot be imported: the build is pure, as without it."""
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        return []
 
     tree = HERE / "build" / "mypyc-src" / "tproxyd"
     tree.mkdir(parents=True, exist_ok=True)
@@ -80,7 +85,7 @@ class BuildExt(build_ext):
     the compiled modules were built from."""
 
     def finalize_options(self) -> None:
-        if self.distribution.ext_modules:  # the stand-in: mypyc's own, now
+        if self.distribution.ext_modules is STAND_IN:  # mypyc's own now, once a process
             self.distribution.ext_modules = extensions()
         super().finalize_options()
 
