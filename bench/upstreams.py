@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the routes figure only: no routes and 100,000 CIDRs at the same time")
     args = p.parse_args(argv)
     if args.routes_side_by_side:
+        if args.quick or args.only or not args.pin:
+            p.error("--routes-side-by-side takes --repeat only: pinned, 10 s runs, routes alone")
         install()
         return routes_side_by_side(args.repeat)
     repeat = 2 if args.quick else args.repeat
