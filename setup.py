@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from setuptools import Extension, setup
+from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -40,26 +40,15 @@ def native(here: Path) -> Any:
     return module
 
 
-def compiling() -> bool:
-    """Whether this build compiles: mypyc is there and TPROXYD_PURE=1 is not set."""
-    if os.environ.get("TPROXYD_PURE") == "1":
-        return False
-    try:
-        return importlib.util.find_spec("mypyc.build") is not None
-    except ImportError:  # find_spec imports the parent package: no mypyc
-        return False
-
-
 def extensions() -> list:
-    """mypyc's extensions (mypy reads and checks the sources and writes the C), asked for by
-    build_ext's options (BuildExt): the commands that finalize those (build_ext, bdist_wheel,
-    and egg_info, whose file list asks build_ext) run it; the others (--version, clean) do not.
-    [] when mypyc is found but cannot be imported: the build is pure, as without it."""
+    """mypyc's extensions (mypy reads and checks the sources and writes the C); [] without
+    mypyc, when it cannot be imported, or with TPROXYD_PURE=1: the build is pure Python."""
+    if os.environ.get("TPROXYD_PURE") == "1":
+        return []
     try:
         from mypyc.build import mypycify
     except ImportError:
         return []
-
     tree = HERE / "build" / "mypyc-src" / "tproxyd"
     tree.mkdir(parents=True, exist_ok=True)
     (tree / "__init__.py").touch()
@@ -81,13 +70,7 @@ def extensions() -> list:
 
 
 class BuildExt(build_ext):
-    """build_ext with mypyc's extensions in place of the stand-in below, then the record of what
-    the compiled modules were built from."""
-
-    def finalize_options(self) -> None:
-        if self.distribution.ext_modules is STAND_IN:  # mypyc's own now, once a process
-            self.distribution.ext_modules = extensions()
-        super().finalize_options()
+    """build_ext, then the record of what the compiled modules were built from."""
 
     def run(self) -> None:
         super().run()
@@ -95,7 +78,4 @@ class BuildExt(build_ext):
             native(HERE).record()
 
 
-# A stand-in until build_ext: with an extension, the build is platform-specific (a wheel for
-# this Python and architecture; the Debian package Architecture: any)
-STAND_IN = [Extension(f"tproxyd.relay.{native(HERE).GROUP}__mypyc", sources=[])] if compiling() else []
-setup(ext_modules=STAND_IN, cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

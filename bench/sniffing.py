@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 
+from bench import __main__ as bench_main  # LOAD_PIN, as pin() sets it
 from bench import wire
 from bench.__main__ import (
     DESTINATIONS,
@@ -136,7 +137,7 @@ def gap_runs(args: argparse.Namespace) -> int:
 
     def latency(v: Tproxyd) -> dict:
         out = f"{v.lab.tmp}/wire.json"
-        capture = v.lab.spawn(v.lab.gw, *load_pin(), sys.executable, "-m", "bench.wire",
+        capture = v.lab.spawn(v.lab.gw, *bench_main.LOAD_PIN, sys.executable, "-m", "bench.wire",
                               str(seconds + 3), "7200", out)
         time.sleep(1.5)  # the capture's socket is open well before this
         row = rate_run(v.lab, loadgen(v.lab), 1, seconds, 0, HELLO)  # one thread: conc 1
@@ -172,13 +173,6 @@ def gap_runs(args: argparse.Namespace) -> int:
               f"{statistics.median(r['relay_cpu_s'] / r['done'] * 1e6 for r in runs):6.1f} "
               f"({len(every)} connections)")
     return 0
-
-
-def load_pin() -> tuple[str, ...]:
-    """The load generator's CPU (bench.__main__.pin() sets it after import)."""
-    from bench import __main__ as bench_main
-
-    return bench_main.LOAD_PIN
 
 
 def main(argv=None) -> int:
