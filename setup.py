@@ -5,8 +5,9 @@ Python and the relay runs the same modules as source.
 Compiled, the relay makes x1.08 the connections a second on one core (8 side-by-side runs
 1.072-1.098, relay CPU a connection x0.920: `python -m bench.profile --compare PURE COMPILED
 --side-by-side`, 2026-12-03). Only the per-connection path is compiled: the event loop, the
-connection's states and its flows. Everything else (config, control plane, handshakes,
-sniffers) stays source: it is not where a connection's time goes.
+connection's states and its flows, and the TLS and HTTP parsers that read a name (see
+relay/native.py). Everything else (config, control plane, handshakes, the SNIFFING state's own
+steps) stays source: it is not where a connection's time goes.
 
 mypy names a module by the folders with an __init__.py above it, and this tree's folders are
 subpackages of `tproxyd` only through setuptools' package-dir: so mypyc reads them through a

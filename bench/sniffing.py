@@ -19,10 +19,13 @@ to each other, so the machine's drift over minutes falls out):
 --side-by-side runs the rate case only, no routes and each named variant at the same time in
 two labs sharing the cores (bench.__main__.side_by_side; see bench.accesslog): the median
 ratio of their rates, free of the machine's drift.
---gap runs the one-at-a-time case, none and 1,000 names, with the gateway's packets
-timestamped by the kernel (bench/wire.py): per connection, the client's handshake ACK to its
-first bytes (the client's own time, which a relay routing by name must wait for), and the
-relay's SYN to the server after each. Medians.
+--gap runs the one-at-a-time case, none, 1,000 CIDRs and 1,000 names, with the gateway's
+packets timestamped by the kernel (bench/wire.py): per connection, the client's handshake ACK
+to its first bytes (the client's own time, which a relay routing by name must wait for), and
+the relay's SYN to the server after each. Medians. The CIDRs variant (tproxyd-1k-cidrs: the
+same 10 routes via direct, by `destinations`, the bench's servers in the first) is the baseline
+"no domain routes" proper: it pays the route lookup at accept as the named one does, so the
+named one's difference to it is the sniff alone (read, parse, the name's lookup).
 The relay's counters prove a named variant sniffed every connection (route_named0_connections
 equals the connections done). Rates: 64 connections at once; latency: one at a time (connect,
 ClientHello, echo, close: p50 and p99), where a sniff's wait would show.
@@ -44,6 +47,7 @@ from bench.__main__ import (
     DESTINATIONS,
     ONE_CLIENT,
     ROOT,
+    SERVERS,
     Case,
     Tproxyd,
     install,
@@ -57,6 +61,7 @@ from bench.__main__ import (
     two_labs,
 )
 from bench.domains import random_names
+from bench.routes import random_cidrs
 from lab import Lab
 from tproxyd.relay.loop import read_stats
 
@@ -74,15 +79,26 @@ def named_routes(count: int) -> str:
         for i in range(ROUTES))
 
 
+def cidr_routes(count: int) -> str:
+    """named_routes() by `destinations` instead of `domains`: `count` random CIDRs in ROUTES
+    routes via direct, the bench's servers in the first, "named0"."""
+    nets = [str(c) for c in random_cidrs(random.Random(count), count - 1)]
+    return "".join(
+        f'[[route]]\nname = "named{i}"\nvia = "direct"\ndestinations = '
+        f'{json.dumps(([] if i else [SERVERS]) + nets[i::ROUTES])}\n'
+        for i in range(ROUTES))
+
+
 class Named(Tproxyd):
     """tproxyd with `domains` routes of `count` random names; the bench's name is in the first."""
 
-    def __init__(self, lab: Lab, count: int):
+    def __init__(self, lab: Lab, count: int, by_address: bool = False):
         super().__init__(lab)
-        self.name = f"tproxyd-{count // 1000}k"
+        self.name = f"tproxyd-{count // 1000}k" + ("-cidrs" if by_address else "")
+        routes = cidr_routes(count) if by_address else named_routes(count)
         self.config = lab.write_config(lab.config(extra=ONE_CLIENT,
                                                   destinations=DESTINATIONS)
-                                       + named_routes(count), f"bench-named-{count}.toml")
+                                       + routes, f"bench-{self.name}.toml")
 
     def up(self) -> None:
         super().up()
@@ -154,10 +170,11 @@ def gap_runs(args: argparse.Namespace) -> int:
         loadgen(lab)
         case = Case("latency, one at a time, on the wire", latency, "conn/s")
         for i in range(args.repeat):
-            for v in (Tproxyd(lab), Named(lab, 1000))[::1 if i % 2 == 0 else -1]:
+            variants = [Tproxyd(lab), Named(lab, 1000, by_address=True), Named(lab, 1000)]
+            for v in variants[i % 3:] + variants[:i % 3]:  # each first in turn
                 row = run_once(v, case)
                 rows.setdefault(v.name, []).append(row)
-                print(f"run {i} {v.name:12} p50 {row['p50_us']:6.1f} us, {len(row['gaps'])} "
+                print(f"run {i} {v.name:16} p50 {row['p50_us']:6.1f} us, {len(row['gaps'])} "
                       f"of {row['done']} connections seen whole, {row['dropped']} packets "
                       f"dropped by the capture", file=sys.stderr, flush=True)
     print("medians over every connection seen (us): client ACK -> its first bytes; the relay's "
@@ -168,7 +185,7 @@ def gap_runs(args: argparse.Namespace) -> int:
         if not every:
             raise SystemExit(f"{name}: the capture saw no connection whole")
         ack_data, ack_syn, data_syn = (statistics.median(c) * 1e6 for c in zip(*every))
-        print(f"{name:12} ACK->bytes {ack_data:5.1f}  ACK->SYN {ack_syn:5.1f}  bytes->SYN "
+        print(f"{name:16} ACK->bytes {ack_data:5.1f}  ACK->SYN {ack_syn:5.1f}  bytes->SYN "
               f"{data_syn:5.1f}  p50 {statistics.median(r['p50_us'] for r in runs):6.1f}  CPU "
               f"{statistics.median(r['relay_cpu_s'] / r['done'] * 1e6 for r in runs):6.1f} "
               f"({len(every)} connections)")

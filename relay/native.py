@@ -17,7 +17,10 @@ import importlib.machinery
 import json
 from pathlib import Path
 
-COMPILED = ("loop", "connection", "flow")  # relay/NAME.py: the per-connection path
+# relay/NAME.py: the per-connection path, and the parsers of a connection routed by name (their
+# parse on an idle relay, one connection at a time, took the name's SYN to the server 13.1 us
+# after a route by address, 6.7 us compiled: bench.sniffing --gap, 2026-12-03)
+COMPILED = ("loop", "connection", "flow", "sniff", "sniff_tls", "sniff_http")
 # mypyc's group: the compiled code of all of COMPILED, in relay/_native__mypyc.*.so; each
 # module's own .so is a stub that hands over to it
 GROUP = "_native"

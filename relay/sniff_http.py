@@ -10,16 +10,12 @@ import re
 
 from tproxyd.state.domains import sniffed
 
-from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
+from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, HttpError, Result
 
 _METHOD = re.compile(rb"[A-Z][A-Z_-]{0,23}")  # GET, POST, PROPFIND, M-SEARCH ...; not a token in full
 _REQUEST = re.compile(rb"([A-Z][A-Z_-]{0,23}) ([!-~]+) HTTP/1\.[01]\r?")
 _ABSOLUTE = re.compile(rb"(?i:[a-z][a-z0-9+.-]*)://(?:[^/?#@]*@)?([^/?#]*)")
 _PORT = re.compile(r":\d{0,5}")
-
-
-class HttpError(SniffError):
-    pass
 
 
 def sniff_http(data: bytes) -> Result:

@@ -15,21 +15,13 @@ from typing import Tuple
 
 from tproxyd.state.domains import sniffed
 
-from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, SniffError
+from .sniff_base import MAX_SNIFF, NEED_MORE, NO_NAME, Result, Short, TlsError
 
 HANDSHAKE = 0x16  # record content type
 CLIENT_HELLO = 1
 SERVER_NAME = 0x0000  # extension type
 HOST_NAME = 0  # server_name's NameType
 MAX_RECORD = (1 << 14) + 256  # RFC 8446 5.1 plaintext limit, with the slack old stacks use
-
-
-class TlsError(SniffError):
-    pass
-
-
-class _Short(Exception):
-    """The bytes end inside a field: more may come (not an error)."""
 
 
 def handshake_bytes(data: bytes) -> Tuple[bytes, bool]:
@@ -77,7 +69,7 @@ def client_hello_name(hs: bytes, complete: bool = True) -> Result:
     with QUIC, whose CRYPTO frames carry the same message without records."""
     try:
         return _client_hello(hs)
-    except _Short:
+    except Short:
         if complete:
             raise TlsError("the ClientHello ends inside a field") from None
         return NEED_MORE
@@ -86,55 +78,55 @@ def client_hello_name(hs: bytes, complete: bool = True) -> Result:
 def _client_hello(data: bytes) -> Result:
     """Field by field, with the position in a local and no slice but the server_name's: this
     runs once per sniffed connection (a reader object with a method call and a copy per field
-    cost three times as much). Each `n < pos` is a field that is not all there yet: _Short."""
+    cost three times as much). Each `n < pos` is a field that is not all there yet: Short."""
     n = len(data)
     if n < 1:
-        raise _Short
+        raise Short
     if data[0] != CLIENT_HELLO:
         raise TlsError(f"handshake type {data[0]}, not a ClientHello")
     if n < 6:
-        raise _Short
+        raise Short
     end = 4 + int.from_bytes(data[1:4], "big")
     if data[4] != 3:
         raise TlsError(f"ClientHello version {data[4] << 8 | data[5]:#06x}")
     pos = 6 + 32  # random
     if n < pos + 1:
-        raise _Short
+        raise Short
     session = data[pos]
     if session > 32:
         raise TlsError(f"session id of {session} bytes")
     pos += 1 + session
     if n < pos + 2:
-        raise _Short
+        raise Short
     suites = data[pos] << 8 | data[pos + 1]
     if suites < 2 or suites % 2:
         raise TlsError(f"cipher suites of {suites} bytes")
     pos += 2 + suites
     if n < pos + 1:
-        raise _Short
+        raise Short
     compressions = data[pos]
     if compressions < 1:
         raise TlsError("no compression methods")
     pos += 1 + compressions
     if n < pos:
-        raise _Short
+        raise Short
     if pos == end:
         return NO_NAME  # no extensions (SSL 3.0 style): no name
     if n < pos + 2:
-        raise _Short
+        raise Short
     extensions_end = pos + 2 + (data[pos] << 8 | data[pos + 1])
     if extensions_end > end:
         raise TlsError("extensions run past the ClientHello")
     pos += 2
     while pos < extensions_end:
         if n < pos + 4:
-            raise _Short
+            raise Short
         kind, size = data[pos] << 8 | data[pos + 1], data[pos + 2] << 8 | data[pos + 3]
         pos += 4
         if pos + size > extensions_end:
             raise TlsError(f"extension {kind:#06x} runs past the extensions")
         if n < pos + size:
-            raise _Short
+            raise Short
         if kind == SERVER_NAME:
             return _server_name(data[pos:pos + size])
         pos += size

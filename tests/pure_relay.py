@@ -3,6 +3,7 @@ sources instead, as they run where mypyc was missing when the package was built.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -27,7 +28,6 @@ sys.meta_path.insert(0, _FromSource())
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from tproxyd.relay import connection, flow, loop
-
-    for module in (loop, connection, flow):
+    for name in native.COMPILED:
+        module = importlib.import_module(PREFIX + name)
         terminalreporter.write_line(f"relay module from: {module.__file__}")
