@@ -5,9 +5,9 @@ Python and the relay runs the same modules as source.
 Compiled, the relay makes x1.08 the connections a second on one core (8 side-by-side runs
 1.072-1.098, relay CPU a connection x0.920: `python -m bench.profile --compare PURE COMPILED
 --side-by-side`, 2026-12-03). Only the per-connection path is compiled: the event loop, the
-connection's states and its flows, and the TLS and HTTP parsers that read a name (see
-relay/native.py). Everything else (config, control plane, handshakes, the SNIFFING state's own
-steps) stays source: it is not where a connection's time goes.
+connection's states and its flows, the TLS and HTTP parsers that read a name, and the route
+and name lookups (see relay/native.py). Everything else (config, control plane, handshakes,
+the SNIFFING state's own steps) stays source: it is not where a connection's time goes.
 
 mypy names a module by the folders with an __init__.py above it, and this tree's folders are
 subpackages of `tproxyd` only through setuptools' package-dir: so mypyc reads them through a
@@ -16,7 +16,7 @@ one group (native calls between them), whose shared library, tproxyd.relay._nati
 holds their code, inside the package rather than at the top level of site-packages. A build
 records what it was made from (relay/native.py), so that a checkout knows when to build again.
 TPROXYD_PURE=1 decides the build only: in a checkout, compiled modules already built stay
-(`git clean -fX relay/` removes them).
+(`git clean -fX relay/ state/` removes them).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def extensions() -> list:
         if not link.is_symlink():
             link.symlink_to(HERE / package, target_is_directory=True)
     what = native(HERE)
-    paths = [str(tree / "relay" / f"{name}.py") for name in what.COMPILED]
+    paths = [str(tree / f"{name}.py") for name in what.COMPILED]
     # relative to here: the C files and mypy's cache under build/, whatever the caller's cwd
     os.chdir(HERE)
     # only the compiled modules are held to mypy's checks: the rest is read for their types

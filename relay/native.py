@@ -1,4 +1,4 @@
-"""Which of the relay's modules run compiled (setup.py builds them with mypyc when it can).
+"""Which modules run compiled (setup.py builds them with mypyc when it can): the relay's hot path.
 
 A compiled module is a shared object beside its source, and Python prefers it: a source edited
 after the build would not run. And the compiled code holds the types it read from the modules
@@ -17,10 +17,13 @@ import importlib.machinery
 import json
 from pathlib import Path
 
-# relay/NAME.py: the per-connection path, and the parsers of a connection routed by name (their
-# parse on an idle relay, one connection at a time, took the name's SYN to the server 13.1 us
-# after a route by address, 6.7 us compiled: bench.sniffing --gap, 2026-12-03)
-COMPILED = ("loop", "connection", "flow", "sniff", "sniff_tls", "sniff_http")
+# NAME.py under the package's root: the relay's per-connection path; the parsers of a
+# connection routed by name (their parse on an idle relay, one connection at a time, took the
+# name's SYN to the server 13.1 us after a route by address, 6.7 us compiled: bench.sniffing
+# --gap, 2026-12-03); and the route and name lookups every routed connection makes (with them,
+# 5.2 us against 8.1 in the same hour: bench.sniffing --gap)
+COMPILED = ("relay/loop", "relay/connection", "relay/flow", "relay/sniff", "relay/sniff_tls",
+            "relay/sniff_http", "state/routes", "state/domains")
 # mypyc's group: the compiled code of all of COMPILED, in relay/_native__mypyc.*.so; each
 # module's own .so is a stub that hands over to it
 GROUP = "_native"
@@ -29,8 +32,9 @@ READ = ("relay", "state")  # the folders whose sources mypy reads for the compil
 
 
 def _built(name: str) -> Path | None:
+    """NAME's extension module under the package's root ("relay/loop"), if built."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = HERE / f"{name}{suffix}"
+        path = HERE.parent / f"{name}{suffix}"
         if path.exists():
             return path
     return None
@@ -39,7 +43,8 @@ def _built(name: str) -> Path | None:
 def compiled() -> bool:
     """True when the group and every module of COMPILED are built beside their sources: what
     runs is the compiled code."""
-    return _built(f"{GROUP}__mypyc") is not None and all(_built(n) is not None for n in COMPILED)
+    return _built(f"relay/{GROUP}__mypyc") is not None and all(_built(n) is not None
+                                                              for n in COMPILED)
 
 
 def _record_path() -> Path:
@@ -63,7 +68,7 @@ def stale() -> list[str]:
     """The sources that differ from those the compiled modules were built from, in a working
     tree ("(no record of the build)" when there is none); [] in an installed package, or
     when nothing is compiled."""
-    if _built(f"{GROUP}__mypyc") is None or not (HERE.parent / "setup.py").exists():
+    if _built(f"relay/{GROUP}__mypyc") is None or not (HERE.parent / "setup.py").exists():
         return []
     try:
         built = json.loads(_record_path().read_text())
@@ -71,3 +76,8 @@ def stale() -> list[str]:
         return ["(no record of the build)"]
     now = _sources()
     return sorted(name for name in now.keys() | built.keys() if now.get(name) != built.get(name))
+
+
+def module_name(name: str) -> str:
+    """The import name of a COMPILED entry: "relay/loop" -> "tproxyd.relay.loop"."""
+    return "tproxyd." + name.replace("/", ".")

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 try:  # Debian's python3-idna (IDNA 2008); config with non-ASCII names needs it
     import idna as _idna
 except ImportError:  # pragma: no cover - exercised only without python3-idna
-    _idna = None
+    _idna = None  # type: ignore[assignment]
 
 EXACT = "="  # prefix of an entry that matches the name only, not the names under it
 MAX_NAME = 253

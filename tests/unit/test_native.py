@@ -26,7 +26,7 @@ def test_the_relay_that_runs_is_the_compiled_one_of_these_sources():
     or one older than its sources, would have the tests measure something else."""
     assert native.compiled() and native.stale() == []
     for name in native.COMPILED:
-        module = importlib.import_module(f"tproxyd.relay.{name}")
+        module = importlib.import_module(native.module_name(name))
         assert module.__file__ is not None and module.__file__.endswith(SUFFIX), module.__file__
 
 
@@ -48,7 +48,7 @@ def test_no_compiled_function_binds_one_except_name_to_two_types():
     exc` was an internal error). Each handler of other types takes a name of its own."""
     clashes = []
     for name in native.COMPILED:
-        tree = ast.parse((REPO / "relay" / f"{name}.py").read_text())
+        tree = ast.parse((REPO / f"{name}.py").read_text())
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -56,7 +56,7 @@ def test_no_compiled_function_binds_one_except_name_to_two_types():
             for node in _own_nodes(func):
                 if isinstance(node, ast.ExceptHandler) and node.name and node.type is not None:
                     types.setdefault(node.name, set()).add(ast.unparse(node.type))
-            clashes += [f"relay/{name}.py {func.name}(): {var} is {sorted(kinds)}"
+            clashes += [f"{name}.py {func.name}(): {var} is {sorted(kinds)}"
                         for var, kinds in types.items() if len(kinds) > 1]
     assert clashes == []
 
@@ -67,11 +67,11 @@ def test_stale_names_what_changed_since_the_build_by_content(tmp_path, monkeypat
     state.mkdir()
     monkeypatch.setattr(native, "HERE", relay)
     for name in native.COMPILED:
-        (relay / f"{name}.py").write_text("x = 1\n")
-    (state / "routes.py").write_text("y = 2\n")
+        (tmp_path / f"{name}.py").write_text("x = 1\n")
+    (state / "config.py").write_text("y = 2\n")
     assert not native.compiled() and native.stale() == []  # nothing built: nothing stale
     for name in native.COMPILED:
-        (relay / f"{name}{SUFFIX}").write_bytes(b"")
+        (tmp_path / f"{name}{SUFFIX}").write_bytes(b"")
     assert not native.compiled()  # not without the group's library, which holds the code
     (relay / f"{native.GROUP}__mypyc{SUFFIX}").write_bytes(b"")
     assert native.compiled() and native.stale() == []  # installed: no setup.py beside, never stale
@@ -81,9 +81,9 @@ def test_stale_names_what_changed_since_the_build_by_content(tmp_path, monkeypat
     assert native.stale() == []
     os.utime(relay / "flow.py", (2_000_000_000, 2_000_000_000))  # times alone say nothing
     assert native.stale() == []
-    (state / "routes.py").write_text("y = 3\n")  # a module whose types the compiled code read
+    (state / "config.py").write_text("y = 3\n")  # a module whose types the compiled code read
     (relay / "new.py").write_text("")
-    assert native.stale() == ["relay/new.py", "state/routes.py"]
+    assert native.stale() == ["relay/new.py", "state/config.py"]
 
 
 def test_the_relays_tests_pass_on_its_sources_too():
@@ -91,7 +91,8 @@ def test_the_relays_tests_pass_on_its_sources_too():
     the relay's unit tests pass that way as well (tests/pure_relay.py loads them so)."""
     tests = ["test_relay_loop.py", "test_relay_flow.py", "test_relay_routes.py",
              "test_relay_sniffing.py", "test_relay_hardening.py", "test_relay_ends.py",
-             "test_relay_selector.py", "test_sniff_tls.py", "test_sniff_http.py"]
+             "test_relay_selector.py", "test_sniff_tls.py", "test_sniff_http.py",
+             "test_routes.py", "test_domains.py"]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.pure_relay",
                           "-p", "no:cacheprovider", *[f"tests/unit/{t}" for t in tests]],
                          cwd=REPO, text=True, capture_output=True, timeout=600)
